@@ -1,0 +1,84 @@
+"""Metrics of the paper: error rates and the RMS ("stddev") distortion.
+
+Usage::
+
+    import functools
+    from intriguing_jax import metrics
+    logits_fn = functools.partial(model.apply, params)
+    err = metrics.error_rate(logits_fn, images, labels)           # fraction in [0, 1]
+    d = metrics.rms_distortion(images, adversarial_images)         # (N,) per example
+
+Evaluation streams over the data in fixed-size batches (the last one padded), so one compiled program
+serves any dataset size.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from intriguing_jax.types import Array, LogitsFn
+
+
+def rms_distortion(x: Array, x_adv: Array) -> Array:
+  """Per-example RMS pixel change sqrt(mean((x_adv - x)^2)), the paper's distortion (paper.md §4.2, A8).
+
+  Args:
+    x, x_adv: [batch, ...] arrays of the same shape.
+
+  Returns:
+    [batch] distortions.
+  """
+  x = jnp.asarray(x)
+  x_adv = jnp.asarray(x_adv)
+  if x.shape != x_adv.shape:
+    raise ValueError(f"rms_distortion: shapes differ, x {x.shape} vs x_adv {x_adv.shape}")
+  diff = (x_adv - x).reshape(x.shape[0], -1)
+  return jnp.sqrt(jnp.mean(diff * diff, axis=1))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_predict(logits_fn: Callable) -> Callable:
+  return jax.jit(lambda xb: jnp.argmax(logits_fn(xb), axis=-1).astype(jnp.int32))
+
+
+def predict(logits_fn: LogitsFn, x: Array, *, batch_size: int = 1000) -> np.ndarray:
+  """Predicted labels argmax(logits_fn(x)) for a dataset of any size, batched and jitted.
+
+  ``logits_fn`` should be a stable object (e.g. one ``functools.partial(model.apply, params)`` reused
+  across calls) so the compiled program is reused.
+
+  Returns:
+    [N] int32 numpy array.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  x = np.asarray(x)
+  n = x.shape[0]
+  if n == 0:
+    return np.zeros((0,), np.int32)
+  bs = min(batch_size, n)
+  fn = _jitted_predict(logits_fn)
+  out = []
+  for start in range(0, n, bs):
+    xb = x[start:start + bs]
+    k = xb.shape[0]
+    if k < bs:  # pad the ragged last batch so the compiled shape is reused
+      xb = np.concatenate([xb, np.zeros((bs - k,) + xb.shape[1:], xb.dtype)], axis=0)
+    out.append(np.asarray(fn(jnp.asarray(xb)))[:k])
+  return np.concatenate(out)
+
+
+def error_rate(logits_fn: LogitsFn, x: Array, labels: Array, *, batch_size: int = 1000) -> float:
+  """Fraction of examples whose predicted label differs from ``labels`` (paper.md A9: plain error rate)."""
+  labels = np.asarray(labels)
+  if labels.shape != (np.shape(x)[0],):
+    raise ValueError(f"error_rate: labels shape {labels.shape} does not match {np.shape(x)[0]} examples")
+  if labels.shape[0] == 0:
+    raise ValueError("error_rate: empty dataset")
+  pred = predict(logits_fn, x, batch_size=batch_size)
+  return float(np.mean(pred != labels))

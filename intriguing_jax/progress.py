@@ -1,0 +1,88 @@
+"""Progress reporting: absl log lines plus a JSON-lines metrics file in the workdir.
+
+Usage::
+
+    writer = progress.MetricWriter(workdir)          # appends to workdir/metrics.jsonl
+    writer.write(step=epoch, train_loss=0.1, test_error=0.02)
+    with progress.Timer() as t:
+      ...
+    logging.info("took %.1fs", t.seconds)
+
+No ``print`` in the library: everything goes through absl logging; scripts may add tqdm bars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from absl import logging
+import numpy as np
+
+
+def _to_py(v: Any) -> Any:
+  if isinstance(v, (np.generic,)):
+    return v.item()
+  if hasattr(v, "__array__"):
+    a = np.asarray(v)
+    return a.item() if a.ndim == 0 else a.tolist()
+  return v
+
+
+class MetricWriter:
+  """Logs metrics with absl and appends one JSON object per call to ``workdir/<filename>``."""
+
+  def __init__(self, workdir: Optional[str], filename: str = "metrics.jsonl", prefix: str = ""):
+    self.path = None
+    self.prefix = prefix
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+      self.path = os.path.join(workdir, filename)
+
+  def write(self, **metrics: Any) -> None:
+    record = {k: _to_py(v) for k, v in metrics.items()}
+    record.setdefault("time", time.time())
+    parts = []
+    for k, v in record.items():
+      if k == "time":
+        continue
+      parts.append(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}")
+    logging.info("%s%s", self.prefix, ", ".join(parts))
+    if self.path:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+class Timer:
+  """Context manager measuring wall time in seconds (``.seconds``)."""
+
+  def __enter__(self) -> "Timer":
+    self._start = time.perf_counter()
+    self.seconds = 0.0
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.seconds = time.perf_counter() - self._start
+
+
+def itstime(step: int, every_n_steps: int, total_steps: Optional[int] = None) -> bool:
+  """True every ``every_n_steps`` steps (1-based) and at the last step."""
+  is_last = total_steps is not None and step == total_steps
+  return is_last or (every_n_steps > 0 and step % every_n_steps == 0)
+
+
+def log_run_start(workdir: Optional[str], flag_values: Any = None) -> None:
+  """Shared script start-up: log devices and save the flags used to ``workdir/flags.txt``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  logging.info("JAX %s, backend %s, devices: %s", jax.__version__, jax.default_backend(), jax.devices())
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    if flag_values is not None:
+      from intriguing_jax import checkpoint  # pylint: disable=g-import-not-at-top
+      text = flag_values.flags_into_string() if hasattr(flag_values, "flags_into_string") else str(flag_values)
+      checkpoint.atomic_write_bytes(os.path.join(workdir, "flags.txt"),
+                                    (" ".join(sys.argv) + "\n" + text).encode())

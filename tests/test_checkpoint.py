@@ -1,0 +1,73 @@
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from intriguing_jax import checkpoint
+
+
+def _tree():
+  return {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}, "step": jnp.asarray(7)}
+
+
+def test_round_trip_with_and_without_target(tmp_path):
+  tree = _tree()
+  checkpoint.save_pytree(tmp_path / "a.msgpack", tree)
+  raw = checkpoint.load_pytree(tmp_path / "a.msgpack")
+  np.testing.assert_array_equal(raw["params"]["w"], tree["params"]["w"])
+  restored = checkpoint.load_pytree(tmp_path / "a.msgpack", target=jax_zeros_like(tree))
+  np.testing.assert_array_equal(restored["params"]["b"], tree["params"]["b"])
+  assert int(restored["step"]) == 7
+
+
+def jax_zeros_like(tree):
+  import jax
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def test_corrupted_and_truncated_files_are_named(tmp_path):
+  path = tmp_path / "c.msgpack"
+  checkpoint.save_pytree(path, _tree())
+  data = path.read_bytes()
+  path.write_bytes(data[:-5])
+  with pytest.raises(checkpoint.CheckpointError, match="c.msgpack.*checksum"):
+    checkpoint.load_pytree(path)
+  path.write_bytes(b"garbage")
+  with pytest.raises(checkpoint.CheckpointError, match="not an intriguing_jax checkpoint"):
+    checkpoint.load_pytree(path)
+  with pytest.raises(FileNotFoundError, match="missing.msgpack"):
+    checkpoint.load_pytree(tmp_path / "missing.msgpack")
+
+
+def test_checkpoint_dir_keeps_latest_and_last_pointer(tmp_path):
+  d = tmp_path / "ckpt"
+  assert checkpoint.restore_checkpoint(d, target=None) == (None, None)
+  for step in (1, 2, 3):
+    checkpoint.save_checkpoint(d, {"x": jnp.full((2,), step)}, step, keep=2)
+  assert checkpoint.all_steps(d) == [2, 3]
+  assert (d / "LAST").read_text().strip() == "ckpt_00000003.msgpack"
+  tree, step = checkpoint.restore_checkpoint(d)
+  assert step == 3 and np.all(tree["x"] == 3)
+  tree, step = checkpoint.restore_checkpoint(d, step=2)
+  assert step == 2 and np.all(tree["x"] == 2)
+
+
+def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
+  path = tmp_path / "r.json"
+  checkpoint.atomic_write_json(path, {"a": 1})
+
+  def boom(*args, **kwargs):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(os, "replace", boom)
+  with pytest.raises(OSError, match="disk full"):
+    checkpoint.atomic_write_json(path, {"a": 2})
+  assert json.loads(path.read_text()) == {"a": 1}
+  assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def test_json_accepts_arrays(tmp_path):
+  checkpoint.atomic_write_json(tmp_path / "j.json", {"e": np.float32(0.5), "v": jnp.arange(3)})
+  assert checkpoint.read_json(tmp_path / "j.json") == {"e": 0.5, "v": [0, 1, 2]}
