@@ -1,0 +1,254 @@
+"""Reading and validating MNIST IDX files with numpy only (no TensorFlow, no network).
+
+Usage::
+
+    from intriguing_jax import _idx
+    images, labels = _idx.read_split("/path/to/mnist", "test")   # uint8 [N,28,28], uint8 [N]
+    _idx.verify_sha256sums("/path/to/mnist")                      # raises MnistChecksumError on mismatch
+
+The IDX format (http://yann.lecun.com/exdb/mnist/) is a big-endian header -- a 4-byte magic number whose
+low byte is the number of dimensions (2051 = 0x00000803 for 3-d uint8 images, 2049 = 0x00000801 for 1-d
+uint8 labels), then one uint32 per dimension -- followed by the raw uint8 payload. Files may be gzipped
+(``*.gz``, the canonical distribution) or plain. Validation is on the *decoded content* (magic number,
+dimensions, payload length, label range, image/label count agreement), so files whose gzip bytes differ
+from the canonical archives (e.g. recompressed) are accepted; a ``SHA256SUMS`` file in the directory, when
+present, is checked for every file it lists that this module reads.
+
+Every problem raises a subclass of :class:`MnistError` whose message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import zlib
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+IMAGES_MAGIC = 2051
+LABELS_MAGIC = 2049
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+SPLITS = ("train", "test")
+# Canonical file names (as distributed by LeCun et al. and mirrored by tfds) and example counts.
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+CANONICAL_COUNTS = {"train": 60000, "test": 10000}
+SHA256SUMS = "SHA256SUMS"
+
+WHERE_TO_GET = (
+    "Download the four files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (e.g. from "
+    "https://storage.googleapis.com/cvdf-datasets/mnist/ or http://yann.lecun.com/exdb/mnist/) into one "
+    "directory and point INTRIGUING_JAX_MNIST_DIR (or the scripts' --data_dir flag) at it.")
+
+
+class MnistError(Exception):
+  """Base class of every MNIST data-layer error (the message names the file and the problem)."""
+
+  def __init__(self, path: Optional[PathLike], problem: str):
+    self.path = None if path is None else os.fspath(path)
+    self.problem = problem
+    super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+
+class MnistNotFoundError(MnistError, FileNotFoundError):
+  """A directory or file is missing, or no data source is reachable (no local data and no network)."""
+
+  def __str__(self):  # FileNotFoundError's __str__ would drop our message format.
+    return self.args[0] if self.args else ""
+
+
+class MnistFormatError(MnistError, ValueError):
+  """A file is not gzip, truncated, has a wrong IDX magic/dimensions, or images and labels disagree."""
+
+
+class MnistChecksumError(MnistFormatError):
+  """A file's SHA-256 does not match its entry in SHA256SUMS (or the canonical checksum)."""
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+  """Hex SHA-256 of a file's bytes."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while True:
+      block = f.read(chunk)
+      if not block:
+        break
+      h.update(block)
+  return h.hexdigest()
+
+
+def resolve_file(directory: PathLike, name: str) -> str:
+  """Path of ``name`` in ``directory``; falls back to the uncompressed name (without ``.gz``).
+
+  Raises:
+    MnistNotFoundError: the directory or both variants of the file are missing.
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise MnistNotFoundError(directory, f"MNIST directory does not exist or is not a directory. {WHERE_TO_GET}")
+  path = os.path.join(directory, name)
+  if os.path.isfile(path):
+    return path
+  if name.endswith(".gz") and os.path.isfile(path[:-3]):
+    return path[:-3]
+  raise MnistNotFoundError(path, f"MNIST file is missing (nor is an uncompressed {os.path.basename(path[:-3])!r} "
+                           f"there). {WHERE_TO_GET}")
+
+
+def _read_bytes(path: str) -> bytes:
+  """The decompressed content of ``path`` (gzip if it starts with the gzip magic or ends in .gz)."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise MnistNotFoundError(path, f"cannot read file: {e}") from e
+  if raw[:2] == b"\x1f\x8b":
+    try:
+      return gzip.decompress(raw)
+    except EOFError as e:
+      raise MnistFormatError(path, f"truncated gzip file ({len(raw)} bytes): {e}") from e
+    except (gzip.BadGzipFile, zlib.error, OSError) as e:
+      raise MnistFormatError(path, f"corrupt gzip file ({len(raw)} bytes): {e}") from e
+  if path.endswith(".gz"):
+    raise MnistFormatError(path, f"not a gzip file (first bytes {raw[:4]!r}, expected b'\\x1f\\x8b')")
+  return raw
+
+
+def parse_idx(data: bytes, path: str, expected_magic: int) -> np.ndarray:
+  """Parses IDX bytes into a read-only uint8 array of the header's shape.
+
+  Args:
+    data: decompressed IDX bytes.
+    path: file name used in error messages.
+    expected_magic: 2051 (images) or 2049 (labels).
+
+  Returns:
+    uint8 array, e.g. [N, 28, 28] for images or [N] for labels (a view on ``data``).
+
+  Raises:
+    MnistFormatError: short header, wrong magic number, or payload length not equal to the product of the
+      header dimensions (truncated or trailing bytes).
+  """
+  if len(data) < 4:
+    raise MnistFormatError(path, f"truncated IDX file: {len(data)} bytes, no room for the 4-byte magic number")
+  (magic,) = struct.unpack(">i", data[:4])
+  if magic != expected_magic:
+    kind = "images" if expected_magic == IMAGES_MAGIC else "labels"
+    raise MnistFormatError(path, f"wrong IDX magic number {magic} (expected {expected_magic} for MNIST {kind})")
+  ndim = magic & 0xFF
+  header = 4 + 4 * ndim
+  if len(data) < header:
+    raise MnistFormatError(path, f"truncated IDX header: {len(data)} bytes, need {header}")
+  dims = struct.unpack(f">{ndim}I", data[4:header])
+  expected = int(np.prod(dims, dtype=np.int64))
+  got = len(data) - header
+  if got != expected:
+    what = "truncated" if got < expected else "trailing bytes after"
+    raise MnistFormatError(path, f"{what} IDX payload: header dims {dims} need {expected} bytes, file has {got}")
+  return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_images(path: PathLike) -> np.ndarray:
+  """Reads an IDX3 image file -> uint8 [N, 28, 28] (raises MnistError naming ``path``)."""
+  path = os.fspath(path)
+  arr = parse_idx(_read_bytes(path), path, IMAGES_MAGIC)
+  if arr.ndim != 3 or tuple(arr.shape[1:]) != IMAGE_SHAPE:
+    raise MnistFormatError(path, f"images have shape {arr.shape}, expected (N, 28, 28)")
+  return arr
+
+
+def read_labels(path: PathLike) -> np.ndarray:
+  """Reads an IDX1 label file -> uint8 [N] with values in [0, 10) (raises MnistError naming ``path``)."""
+  path = os.fspath(path)
+  arr = parse_idx(_read_bytes(path), path, LABELS_MAGIC)
+  if arr.ndim != 1:
+    raise MnistFormatError(path, f"labels have shape {arr.shape}, expected (N,)")
+  if arr.size and int(arr.max()) >= NUM_CLASSES:
+    raise MnistFormatError(path, f"label value {int(arr.max())} out of range [0, {NUM_CLASSES})")
+  return arr
+
+
+def read_sha256sums(directory: PathLike) -> Dict[str, str]:
+  """Parses ``directory/SHA256SUMS`` (``sha256sum`` format) -> {file name: hex digest}; {} if absent."""
+  path = os.path.join(os.fspath(directory), SHA256SUMS)
+  if not os.path.isfile(path):
+    return {}
+  sums = {}
+  with open(path, "r", encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.strip()
+      if not line or line.startswith("#"):
+        continue
+      parts = line.split(None, 1)
+      if len(parts) != 2 or len(parts[0]) != 64:
+        raise MnistFormatError(path, f"line {lineno} is not '<sha256>  <file name>': {line!r}")
+      digest, name = parts
+      sums[os.path.basename(name.lstrip("*"))] = digest.lower()
+  return sums
+
+
+def verify_sha256sums(directory: PathLike, names=None) -> Dict[str, str]:
+  """Checks the files listed in ``directory/SHA256SUMS`` that exist (restricted to ``names`` if given).
+
+  Returns:
+    {file name: digest} of the files verified ({} when there is no SHA256SUMS file).
+
+  Raises:
+    MnistChecksumError: a listed file's digest differs (message names file, expected and actual digest).
+  """
+  directory = os.fspath(directory)
+  sums = read_sha256sums(directory)
+  verified = {}
+  for name, expected in sums.items():
+    if names is not None and name not in names:
+      continue
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      continue
+    actual = sha256_file(path)
+    if actual != expected:
+      raise MnistChecksumError(path, f"SHA-256 mismatch: SHA256SUMS says {expected}, file has {actual}")
+    verified[name] = actual
+  return verified
+
+
+def read_split(directory: PathLike, split: str, *, verify: bool = True,
+               expected_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """Reads one split from an IDX directory.
+
+  Args:
+    directory: directory holding the IDX files (gzipped or plain).
+    split: "train" or "test".
+    verify: check the files against ``SHA256SUMS`` when that file is present.
+    expected_count: if given, the number of examples the split must have.
+
+  Returns:
+    (images uint8 [N, 28, 28], labels uint8 [N]).
+
+  Raises:
+    ValueError: ``split`` is not "train"/"test".
+    MnistNotFoundError / MnistFormatError / MnistChecksumError: see module docstring.
+  """
+  if split not in FILES:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  img_path = resolve_file(directory, FILES[split][0])
+  lbl_path = resolve_file(directory, FILES[split][1])
+  if verify:
+    verify_sha256sums(directory, names={os.path.basename(img_path), os.path.basename(lbl_path)})
+  images = read_images(img_path)
+  labels = read_labels(lbl_path)
+  if images.shape[0] != labels.shape[0]:
+    raise MnistFormatError(img_path, f"image/label count mismatch: {images.shape[0]} images in {img_path} "
+                           f"but {labels.shape[0]} labels in {lbl_path}")
+  if expected_count is not None and images.shape[0] != expected_count:
+    raise MnistFormatError(img_path, f"{split} split has {images.shape[0]} examples, expected {expected_count}")
+  return images, labels

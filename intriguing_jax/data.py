@@ -1,0 +1,250 @@
+"""MNIST for the experiments: loading (offline IDX or tfds), P1/P2 and validation splits, synthetic data.
+
+Usage::
+
+    from intriguing_jax import data
+    x_train, y_train = data.load_mnist("train")            # float32 [60000,28,28,1] in [0,1], int32 [60000]
+    x_test, y_test = data.load_mnist("test", data_dir="/path/to/idx")   # the four *-ubyte.gz files
+    (x1, y1), (x2, y2) = data.split_p1_p2(x_train, y_train)            # paper's P1/P2: 30000 + 30000
+    (xt, yt), (xv, yv) = data.train_val_split(x_train, y_train, num_val=5000, seed=0)
+    xs, ys = data.synthetic_mnist(256, seed=0)                          # tiny learnable data for tests
+
+Where the data comes from (``load_mnist``):
+
+1. ``data_dir`` if given: a local directory with the four canonical IDX files (gzipped or plain). Never
+   falls back to the network. Files are validated on their decoded content (IDX magic numbers 2051/2049,
+   28x28 images, payload length, label range, image/label counts) and against ``SHA256SUMS`` when the
+   directory has one, so recompressed-but-identical files are accepted.
+2. else ``$INTRIGUING_JAX_MNIST_DIR`` (same as 1).
+3. else the TensorFlow Datasets builder :mod:`intriguing_jax.mnist_tfds` (array_record files read back
+   with ``tfds.data_source``, no TensorFlow needed), which downloads the canonical files with their
+   checksums on first use -- or fails within seconds, saying what to set, when there is no network.
+
+Decoded arrays are cached in-process (keyed on the files' path, size and mtime), so repeated calls are
+free; the returned arrays are read-only views of that cache (copy before writing in place). A cold load of
+the real 60000-image training set takes well under two seconds (see notes/data.md).
+
+All errors derive from :class:`MnistError` and name the file and the problem:
+:class:`MnistNotFoundError` (a ``FileNotFoundError``) for missing directories/files or no reachable
+source; :class:`MnistFormatError` (a ``ValueError``) for non-gzip, truncated, wrong-magic or inconsistent
+files; :class:`MnistChecksumError` for SHA-256 mismatches.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+from absl import logging
+import numpy as np
+
+from intriguing_jax import _idx
+from intriguing_jax._idx import (MnistChecksumError, MnistError, MnistFormatError,  # noqa: F401 (re-export)
+                                 MnistNotFoundError)
+
+PathLike = Union[str, os.PathLike]
+ENV_VAR = "INTRIGUING_JAX_MNIST_DIR"
+SPLITS = _idx.SPLITS
+NUM_CLASSES = _idx.NUM_CLASSES
+IMAGE_SHAPE = (28, 28, 1)
+P1_P2_SIZE = 30000
+
+ArrayPair = Tuple[np.ndarray, np.ndarray]
+
+
+def _readonly(*arrays):
+  for a in arrays:
+    a.setflags(write=False)
+  return arrays
+
+
+def _to_float(images_u8: np.ndarray) -> np.ndarray:
+  """uint8 [N,28,28] -> float32 [N,28,28,1] in [0,1]."""
+  out = np.empty(images_u8.shape + (1,), np.float32)
+  np.multiply(images_u8[..., None], np.float32(1.0 / 255.0), out=out, dtype=np.float32)
+  return out
+
+
+def _file_key(directory: str, split: str):
+  """(name, size, mtime_ns) of the files that ``_idx.read_split`` would read: the cache key."""
+  key = []
+  for name in _idx.FILES[split] + (_idx.SHA256SUMS,):
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path) and name.endswith(".gz"):
+      path = path[:-3]
+    try:
+      st = os.stat(path)
+      key.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
+    except OSError:
+      key.append((os.path.basename(path), None, None))
+  return tuple(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_idx_cached(directory: str, split: str, verify: bool, key) -> ArrayPair:
+  del key  # Only part of the cache key: a changed file (size/mtime) is re-read.
+  images, labels = _idx.read_split(directory, split, verify=verify)
+  if images.shape[0] != _idx.CANONICAL_COUNTS[split]:
+    logging.warning("MNIST %s split in %s has %d examples (canonical: %d).", split, directory,
+                    images.shape[0], _idx.CANONICAL_COUNTS[split])
+  return _readonly(_to_float(images), labels.astype(np.int32))
+
+
+def load_mnist_idx(directory: PathLike, split: str, *, verify: bool = True) -> ArrayPair:
+  """Loads one split from a local IDX directory (no network, ever).
+
+  Args:
+    directory: directory with ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
+    split: "train" or "test".
+    verify: check ``SHA256SUMS`` when present in ``directory``.
+
+  Returns:
+    (images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N]); read-only, cached in-process.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  directory = os.path.realpath(os.path.expanduser(os.fspath(directory)))
+  if not os.path.isdir(directory):
+    raise MnistNotFoundError(directory, f"MNIST directory does not exist or is not a directory. "
+                             f"{_idx.WHERE_TO_GET}")
+  return _load_idx_cached(directory, split, bool(verify), _file_key(directory, split))
+
+
+def load_mnist(split: str, data_dir: Optional[PathLike] = None, *, verify: bool = True,
+               tfds_data_dir: Optional[PathLike] = None, download: bool = True) -> ArrayPair:
+  """Loads an MNIST split as float arrays.
+
+  Args:
+    split: "train" (60000 examples) or "test" (10000).
+    data_dir: local directory with the four IDX files. None: ``$INTRIGUING_JAX_MNIST_DIR`` if set, else
+      the tfds builder (:mod:`intriguing_jax.mnist_tfds`).
+    verify: check ``SHA256SUMS`` when the local directory has one.
+    tfds_data_dir: tfds data directory for the tfds path (None: tfds default, ~/tensorflow_datasets).
+    download: tfds path only; allow downloading the canonical files when the dataset is not built yet.
+
+  Returns:
+    (images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N]); read-only arrays.
+
+  Raises:
+    ValueError: bad ``split``.
+    MnistNotFoundError: missing directory/file, or no local data and no network (the message says which
+      flag/variable to set and where to get the files).
+    MnistFormatError, MnistChecksumError: invalid files (the message names the file).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  if data_dir is None:
+    env = os.environ.get(ENV_VAR)
+    if env:
+      if not os.path.isdir(os.path.expanduser(env)):
+        raise MnistNotFoundError(env, f"${ENV_VAR} points to a missing directory. {_idx.WHERE_TO_GET}")
+      data_dir = env
+  if data_dir is not None:
+    return load_mnist_idx(data_dir, split, verify=verify)
+  from intriguing_jax import mnist_tfds  # Lazy: tfds is heavy to import.
+  return mnist_tfds.load(split, data_dir=tfds_data_dir, download=download)
+
+
+def flatten(images) -> np.ndarray:
+  """[N, H, W, C] (or already [N, D]) -> [N, H*W*C]; works for numpy and jax arrays."""
+  if images.ndim < 2:
+    raise ValueError(f"images must have a batch dimension, got shape {images.shape}")
+  return images.reshape(images.shape[0], -1)
+
+
+def _check_pair(images, labels):
+  if images.ndim < 1 or labels.ndim != 1:
+    raise ValueError(f"labels must be 1-d and images batched; got images {images.shape}, labels {labels.shape}")
+  if images.shape[0] != labels.shape[0]:
+    raise ValueError(f"images and labels disagree on the number of examples: {images.shape[0]} vs "
+                     f"{labels.shape[0]}")
+
+
+def p1_p2_indices(num: int, *, seed: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """Indices of the two disjoint halves P1, P2 of ``num`` examples (paper §9 A15).
+
+  ``seed=None``: P1 = the first ``num // 2`` examples, P2 = the rest (for MNIST train: first/last 30000).
+  Otherwise a permutation drawn with ``np.random.default_rng(seed)``; same seed -> same split.
+  """
+  if num < 2:
+    raise ValueError(f"num must be >= 2 to split into two halves, got {num}")
+  idx = np.arange(num) if seed is None else np.random.default_rng(seed).permutation(num)
+  half = num // 2
+  return idx[:half], idx[half:]
+
+
+def split_p1_p2(images, labels, *, seed: Optional[int] = None) -> Tuple[ArrayPair, ArrayPair]:
+  """Splits a training set into the paper's two disjoint halves P1 and P2 (30000 + 30000 for MNIST).
+
+  Args:
+    images: [N, ...] array.
+    labels: [N] array.
+    seed: None for first/last half (deterministic, paper §9 A15), else the seed of a random permutation.
+
+  Returns:
+    ((x1, y1), (x2, y2)): disjoint, together covering all N examples.
+  """
+  _check_pair(images, labels)
+  i1, i2 = p1_p2_indices(images.shape[0], seed=seed)
+  if seed is None:  # Contiguous halves: slicing avoids a 94 MB copy on MNIST.
+    h = i1.shape[0]
+    return (images[:h], labels[:h]), (images[h:], labels[h:])
+  return (images[i1], labels[i1]), (images[i2], labels[i2])
+
+
+def train_val_split(images, labels, *, num_val: int, seed: Optional[int] = 0) -> Tuple[ArrayPair, ArrayPair]:
+  """Holds out ``num_val`` examples for validation.
+
+  Args:
+    images: [N, ...] array.
+    labels: [N] array.
+    num_val: size of the validation set, 0 < num_val < N.
+    seed: permutation seed; None holds out the last ``num_val`` examples.
+
+  Returns:
+    ((x_train, y_train), (x_val, y_val)) with N - num_val and num_val examples, disjoint.
+  """
+  _check_pair(images, labels)
+  n = images.shape[0]
+  if not 0 < num_val < n:
+    raise ValueError(f"num_val must be in (0, {n}) for {n} examples, got {num_val}")
+  if seed is None:
+    return (images[:n - num_val], labels[:n - num_val]), (images[n - num_val:], labels[n - num_val:])
+  perm = np.random.default_rng(seed).permutation(n)
+  tr, va = np.sort(perm[num_val:]), np.sort(perm[:num_val])
+  return (images[tr], labels[tr]), (images[va], labels[va])
+
+
+def synthetic_mnist(num: int, *, seed: int = 0, num_classes: int = 10,
+                    image_shape: Sequence[int] = IMAGE_SHAPE) -> ArrayPair:
+  """Tiny deterministic, learnable MNIST stand-in for unit tests.
+
+  Every class has a fixed sparse "stroke" prototype (independent of ``seed``, so different seeds give
+  train/test samples of the same distribution); an example is its class prototype with a random
+  brightness plus Gaussian noise, clipped to [0, 1]. A linear classifier separates the classes easily.
+
+  Args:
+    num: number of examples (>= 1).
+    seed: seed of the labels and noise.
+    num_classes: number of classes (>= 2).
+    image_shape: per-example shape, e.g. (28, 28, 1) or (784,).
+
+  Returns:
+    (images float32 [num, *image_shape] in [0, 1], labels int32 [num]) with balanced labels.
+  """
+  image_shape = tuple(int(d) for d in image_shape)
+  if num < 1:
+    raise ValueError(f"num must be >= 1, got {num}")
+  if num_classes < 2:
+    raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+  if not image_shape or min(image_shape) < 1:
+    raise ValueError(f"image_shape must be non-empty with positive dims, got {image_shape}")
+  proto_rng = np.random.default_rng(1_000_003 + num_classes)
+  protos = (proto_rng.uniform(size=(num_classes,) + image_shape) < 0.25).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  labels = rng.permutation(np.arange(num) % num_classes).astype(np.int32)
+  brightness = rng.uniform(0.6, 1.0, size=(num,) + (1,) * len(image_shape)).astype(np.float32)
+  noise = rng.normal(0.0, 0.1, size=(num,) + image_shape).astype(np.float32)
+  images = np.clip(protos[labels] * brightness + noise, 0.0, 1.0).astype(np.float32)
+  return images, labels

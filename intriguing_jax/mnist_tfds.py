@@ -1,0 +1,245 @@
+"""A TensorFlow-free tensorflow-datasets builder for MNIST (array_record files, read with ``tfds.data_source``).
+
+Usage::
+
+    from intriguing_jax import mnist_tfds
+    images, labels = mnist_tfds.load("test")                     # builds on first use (download), then reads
+    builder = mnist_tfds.build(data_dir="/tmp/tfds", manual_dir="/path/to/idx")   # offline build
+    source = mnist_tfds.data_source("train", data_dir="/tmp/tfds")                # random access, lazy
+
+    # Or through tfds itself once this module is imported (the builder registers itself):
+    #   tfds.data_source("intriguing_jax_mnist", split="test", data_dir=...)
+
+Why a custom builder: tfds' own ``mnist`` stores PNG-encoded ``tfds.features.Image``s in TFRecord files
+and is read through ``tf.data`` -- both need TensorFlow. This builder stores each image as a raw
+``uint8 [28, 28, 1]`` ``tfds.features.Tensor`` (no image codec) in ``array_record`` files; writing goes
+through tfds' pure-Python writer (``tf.train.Example`` protos come from tfds' bundled ``tf_example_pb2``,
+no TF) and reading through ``tfds.data_source`` (numpy example parser, no TF). Apache Beam is not used.
+
+Where the IDX files come from (``_split_generators``):
+
+* ``manual_dir`` (``DownloadConfig(manual_dir=...)``, here the ``manual_dir`` argument of :func:`build`/
+  :func:`load`, defaulting to ``$INTRIGUING_JAX_MNIST_DIR``) holding the four IDX files: read offline, validated on decoded content and against the
+  directory's ``SHA256SUMS`` when present (recompressed files are accepted).
+* otherwise downloaded from ``storage.googleapis.com/cvdf-datasets/mnist/`` by tfds' download manager,
+  which checks size and SHA-256 against :data:`URL_INFOS` (tfds' canonical checksums for mnist).
+
+Offline with no manual dir, :func:`load` fails within ~``connect_timeout`` seconds with a
+:class:`~intriguing_jax._idx.MnistNotFoundError` telling which variable/flag to set -- it never hangs on
+DNS or TCP timeouts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import socket
+from typing import Optional, Tuple, Union
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import checksums as tfds_checksums
+
+from intriguing_jax import _idx
+from intriguing_jax._idx import MnistFormatError, MnistNotFoundError
+
+PathLike = Union[str, os.PathLike]
+
+NAME = "intriguing_jax_mnist"
+URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+# (size in bytes, SHA-256) of the canonical archives, as registered by tfds for its own mnist builder
+# (tensorflow_datasets/url_checksums/mnist.txt).
+CANONICAL = {
+    "train-images-idx3-ubyte.gz": (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    "train-labels-idx1-ubyte.gz": (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    "t10k-images-idx3-ubyte.gz": (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    "t10k-labels-idx1-ubyte.gz": (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+}
+URL_INFOS = {
+    URL + name: tfds_checksums.UrlInfo(size=size, checksum=sha, filename=name)
+    for name, (size, sha) in CANONICAL.items()
+}
+FILE_FORMAT = "array_record"
+ENV_VAR = "INTRIGUING_JAX_MNIST_DIR"
+
+
+class IntriguingJaxMnist(tfds.core.GeneratorBasedBuilder):
+  """MNIST as raw uint8 tensors in array_record files; buildable and readable without TensorFlow."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Raw uint8 [28,28,1] images, int64 class labels, array_record."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Optional (offline builds): place train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+      "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (gzipped or plain) in the manual dir. "
+      "Without them the canonical files are downloaded from " + URL)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def url_infos(cls):  # Registered checksums without a checksums.tsv file next to this module.
+    return dict(URL_INFOS)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="The MNIST database of handwritten digits (raw uint8 pixels, no image codec).",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=_idx.NUM_CLASSES),
+        }),
+        supervised_keys=("image", "label"),
+        # Keep the canonical IDX order (tfds would otherwise shuffle by key hash): P1/P2 = first/last half.
+        disable_shuffling=True,
+        homepage="http://yann.lecun.com/exdb/mnist/",
+    )
+
+  def _split_generators(self, dl_manager):
+    manual = _manual_dir_with_files(dl_manager)
+    if manual is not None:
+      logging.info("Building %s offline from the IDX files in %s.", NAME, manual)
+      _idx.verify_sha256sums(manual)
+      paths = {name: _idx.resolve_file(manual, name) for name in CANONICAL}
+    else:
+      logging.info("Downloading the MNIST IDX files from %s.", URL)
+      paths = dl_manager.download({name: URL + name for name in CANONICAL})
+    return {
+        split: self._generate_examples(os.fspath(paths[img]), os.fspath(paths[lbl]))
+        for split, (img, lbl) in _idx.FILES.items()
+    }
+
+  def _generate_examples(self, images_path: str, labels_path: str):
+    images = _idx.read_images(images_path)
+    labels = _idx.read_labels(labels_path)
+    if images.shape[0] != labels.shape[0]:
+      raise MnistFormatError(images_path, f"image/label count mismatch: {images.shape[0]} images but "
+                             f"{labels.shape[0]} labels in {labels_path}")
+    for i in range(images.shape[0]):
+      yield i, {"image": images[i, :, :, None], "label": int(labels[i])}
+
+
+def _manual_dir_with_files(dl_manager) -> Optional[str]:
+  """The manual dir if one was given and exists, else None (then the files are downloaded)."""
+  try:
+    manual = dl_manager.manual_dir  # Raises AssertionError when the configured dir does not exist.
+  except AssertionError:
+    return None
+  if manual is None or not os.path.isdir(os.fspath(manual)):
+    return None
+  return os.fspath(manual)
+
+
+def network_reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
+  """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (DNS included).
+
+  DNS lookups have no timeout of their own, so the check runs in a daemon thread that is abandoned
+  after ``timeout`` seconds: the answer never takes longer than that.
+  """
+  def _connect():
+    with socket.create_connection((host, port), timeout=timeout):
+      return True
+
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  try:
+    return bool(pool.submit(_connect).result(timeout=timeout))
+  except Exception:  # pylint: disable=broad-except  (timeout, DNS failure, refused, unreachable)
+    return False
+  finally:
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _builder(data_dir: Optional[PathLike]) -> IntriguingJaxMnist:
+  return IntriguingJaxMnist(data_dir=None if data_dir is None else os.fspath(data_dir), file_format=FILE_FORMAT)
+
+
+def is_built(data_dir: Optional[PathLike] = None) -> bool:
+  """Whether the dataset has already been prepared under ``data_dir`` (tfds default if None)."""
+  return _builder(data_dir).is_prepared()
+
+
+def build(data_dir: Optional[PathLike] = None, *, manual_dir: Optional[PathLike] = None,
+          download: bool = True, connect_timeout: float = 3.0) -> IntriguingJaxMnist:
+  """Prepares the dataset (no-op if already built) and returns the builder.
+
+  Args:
+    data_dir: tfds data directory (None: tfds default, ``~/tensorflow_datasets``).
+    manual_dir: directory with the four IDX files for an offline build (None: ``$INTRIGUING_JAX_MNIST_DIR``
+      if set, else download).
+    download: allow downloading the canonical files when no manual dir is given.
+    connect_timeout: seconds to wait for the download host before failing.
+
+  Raises:
+    MnistNotFoundError: ``manual_dir`` missing; or not built, no manual dir, and downloads disabled or
+      the network unreachable (the message says what to set).
+    MnistFormatError, MnistChecksumError: invalid local files.
+  """
+  builder = _builder(data_dir)
+  if builder.is_prepared():
+    return builder
+  if manual_dir is None:
+    manual_dir = os.environ.get(ENV_VAR) or None
+  if manual_dir is not None:
+    manual_dir = os.fspath(manual_dir)
+    if not os.path.isdir(manual_dir):
+      raise MnistNotFoundError(manual_dir, f"manual_dir does not exist or is not a directory. {_idx.WHERE_TO_GET}")
+    for name in CANONICAL:  # Fail on missing files before tfds creates anything.
+      _idx.resolve_file(manual_dir, name)
+  else:
+    where = f"{NAME} is not built in {builder.data_dir}"
+    if not download:
+      raise MnistNotFoundError(None, f"{where} and download=False. {_idx.WHERE_TO_GET}")
+    host = URL.split("/")[2]
+    if not network_reachable(host, 443, connect_timeout):
+      raise MnistNotFoundError(None, f"{where} and {host} is unreachable within {connect_timeout:g} s "
+                               f"(no network?). {_idx.WHERE_TO_GET}")
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+  builder.download_and_prepare(download_config=config)
+  return builder
+
+
+def data_source(split: str, data_dir: Optional[PathLike] = None, **build_kwargs):
+  """``tfds.data_source`` for ``split`` (random access to {"image": uint8 [28,28,1], "label": int64})."""
+  if split not in _idx.SPLITS:
+    raise ValueError(f"split must be one of {_idx.SPLITS}, got {split!r}")
+  builder = build(data_dir, **build_kwargs)
+  return tfds.data_source(NAME, split=split, data_dir=builder.data_dir_root, download=False)
+
+
+def _read_all(source) -> Tuple[np.ndarray, np.ndarray]:
+  n = len(source)
+  images = np.empty((n, 28, 28, 1), np.float32)
+  labels = np.empty((n,), np.int32)
+  step = 4096
+  for start in range(0, n, step):
+    batch = source.__getitems__(range(start, min(n, start + step)))
+    images[start:start + len(batch)] = np.stack([ex["image"] for ex in batch]) * np.float32(1.0 / 255.0)
+    labels[start:start + len(batch)] = [ex["label"] for ex in batch]
+  return images, labels
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(split: str, data_root: str, fingerprint) -> Tuple[np.ndarray, np.ndarray]:
+  del fingerprint  # Cache key only.
+  source = tfds.data_source(NAME, split=split, data_dir=data_root, download=False)
+  images, labels = _read_all(source)
+  images.setflags(write=False)
+  labels.setflags(write=False)
+  return images, labels
+
+
+def load(split: str, data_dir: Optional[PathLike] = None, *, manual_dir: Optional[PathLike] = None,
+         download: bool = True, connect_timeout: float = 3.0) -> Tuple[np.ndarray, np.ndarray]:
+  """Loads a split through the tfds builder (building it first if needed).
+
+  Returns:
+    (images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N]), read-only and cached in-process.
+  """
+  if split not in _idx.SPLITS:
+    raise ValueError(f"split must be one of {_idx.SPLITS}, got {split!r}")
+  builder = build(data_dir, manual_dir=manual_dir, download=download, connect_timeout=connect_timeout)
+  info_file = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")
+  try:
+    fingerprint = os.stat(info_file).st_mtime_ns
+  except OSError:
+    fingerprint = None
+  return _load_cached(split, os.fspath(builder.data_dir_root), fingerprint)
