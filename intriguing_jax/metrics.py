@@ -9,7 +9,9 @@ Usage::
     d = metrics.rms_distortion(images, adversarial_images)         # (N,) per example
 
 Evaluation streams over the data in fixed-size batches (the last one padded), so one compiled program
-serves any dataset size.
+serves any dataset size; each batch is sharded over all devices (``distributed.stream_map``: a 1-D
+``jax.sharding`` mesh, batch size rounded up to a multiple of the device count; multi-host: every
+process passes the full data, feeds its own rows and receives all predictions).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from intriguing_jax import distributed
 from intriguing_jax.types import Array, LogitsFn
 
 
@@ -42,15 +45,16 @@ def rms_distortion(x: Array, x_adv: Array) -> Array:
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_predict(logits_fn: Callable) -> Callable:
-  return jax.jit(lambda xb: jnp.argmax(logits_fn(xb), axis=-1).astype(jnp.int32))
+def _argmax_fn(logits_fn: Callable) -> Callable:
+  return lambda xb: jnp.argmax(logits_fn(xb), axis=-1).astype(jnp.int32)
 
 
 def predict(logits_fn: LogitsFn, x: Array, *, batch_size: int = 1000) -> np.ndarray:
-  """Predicted labels argmax(logits_fn(x)) for a dataset of any size, batched and jitted.
+  """Predicted labels argmax(logits_fn(x)) for a dataset of any size, batched, jitted, sharded over devices.
 
   ``logits_fn`` should be a stable object (e.g. one ``functools.partial(model.apply, params)`` reused
-  across calls) so the compiled program is reused.
+  across calls) so the compiled program is reused. ``batch_size`` is rounded up to a multiple of the
+  number of devices.
 
   Returns:
     [N] int32 numpy array.
@@ -58,19 +62,12 @@ def predict(logits_fn: LogitsFn, x: Array, *, batch_size: int = 1000) -> np.ndar
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   x = np.asarray(x)
+  if x.ndim < 1:
+    raise ValueError(f"predict: x must be [N, ...], got shape {x.shape}")
   n = x.shape[0]
   if n == 0:
     return np.zeros((0,), np.int32)
-  bs = min(batch_size, n)
-  fn = _jitted_predict(logits_fn)
-  out = []
-  for start in range(0, n, bs):
-    xb = x[start:start + bs]
-    k = xb.shape[0]
-    if k < bs:  # pad the ragged last batch so the compiled shape is reused
-      xb = np.concatenate([xb, np.zeros((bs - k,) + xb.shape[1:], xb.dtype)], axis=0)
-    out.append(np.asarray(fn(jnp.asarray(xb)))[:k])
-  return np.concatenate(out)
+  return distributed.stream_map(_argmax_fn(logits_fn), x, chunk_size=min(batch_size, n), name="predict")
 
 
 def error_rate(logits_fn: LogitsFn, x: Array, labels: Array, *, batch_size: int = 1000) -> float:
