@@ -1,0 +1,437 @@
+"""The attack program: objective, c search, refinement, input checks and ``lbfgs_attack``.
+
+Usage::
+
+    from intriguing_jax import attack
+    res = attack.lbfgs_attack(model.apply, x, target, params=variables)
+
+See the package docstring (``intriguing_jax.attack``) for the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from intriguing_jax.attack.solver import box_lbfgs, boundary_projection
+from intriguing_jax.types import Array
+
+PENALTIES = ("l2_squared", "l2")
+LOSSES = ("cross_entropy", "margin")
+SOLVERS = ("jaxopt", "projected")
+DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
+
+
+class AttackResult(NamedTuple):
+  """Result of ``lbfgs_attack`` (a pytree).
+
+  Attributes:
+    x_adv: [B, *input_shape] adversarial images, in the box. For a failed example, the attempt with
+      the smallest c (the most aggressive one).
+    success: [B] bool, the model's prediction on ``x_adv`` is the target (untargeted: differs from the
+      label) with at least ``success_margin`` logits to spare. Checked on ``x_adv``, never assumed.
+    c: [B] the penalty weight of the returned solution (nan when no c succeeded).
+    distortion: [B] RMS distortion sqrt(mean((x_adv - x)^2)) (paper.md §4.2).
+    pred: [B] int32 argmax of the logits on ``x_adv``.
+    t: [B] refinement scale, x_adv = x + t (x_c - x) with x_c the c search's minimiser (1: no change).
+    num_iter: [B] int32 L-BFGS iterations spent on the example (all c values).
+  """
+  x_adv: Array
+  success: Array
+  c: Array
+  distortion: Array
+  pred: Array
+  t: Array
+  num_iter: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackOptions:
+  """Static options of the attack (hashable; part of the compilation key). See ``lbfgs_attack``."""
+  untargeted: bool = False
+  penalty: str = "l2_squared"
+  loss: str = "cross_entropy"
+  box: Tuple[float, float] = (0.0, 1.0)
+  maxiter: int = 100
+  history_size: int = 10
+  tol: float = 1e-4
+  c_grid: Tuple[float, ...] = DEFAULT_C_GRID
+  num_bisection: int = 10
+  warm_start: bool = True
+  refine: bool = True
+  refine_steps: int = 30
+  refine_rounds: int = 2
+  projection_steps: int = 300
+  ftol: float = 1e-6
+  solver: str = "projected"
+  success_margin: float = 1e-3
+  margin_kappa: float = 0.0
+
+  def validate(self) -> None:
+    if self.penalty not in PENALTIES:
+      raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
+    if self.loss not in LOSSES:
+      raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+    lo, hi = self.box
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+      raise ValueError(f"box must be finite with lower < upper, got {self.box}")
+    for name in ("maxiter", "history_size"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("num_bisection", "refine_steps", "refine_rounds", "projection_steps"):
+      if int(getattr(self, name)) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if not (self.ftol >= 0 and math.isfinite(self.ftol)):
+      raise ValueError(f"ftol must be finite and >= 0, got {self.ftol}")
+    if self.solver not in SOLVERS:
+      raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+    if not self.tol > 0:
+      raise ValueError(f"tol must be > 0, got {self.tol}")
+    if not self.c_grid or any(not (math.isfinite(c) and c > 0) for c in self.c_grid):
+      raise ValueError(f"c_grid must be a non-empty list of finite values > 0, got {self.c_grid}")
+    if not (math.isfinite(self.success_margin) and self.success_margin >= 0):
+      raise ValueError(f"success_margin must be finite and >= 0, got {self.success_margin}")
+    if not (math.isfinite(self.margin_kappa) and self.margin_kappa >= 0):
+      raise ValueError(f"margin_kappa must be finite and >= 0, got {self.margin_kappa}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Objective pieces, for one example (logits [k]).
+
+
+def _other_max(logits: Array, label: Array) -> Array:
+  mask = jax.nn.one_hot(label, logits.shape[-1], dtype=bool)
+  return jnp.max(jnp.where(mask, -jnp.inf, logits), axis=-1)
+
+
+def _margin(logits: Array, label: Array, untargeted: bool) -> Array:
+  """How far the attack's goal is met, in logits: > 0 means reached."""
+  own = jnp.take_along_axis(logits, label[..., None], axis=-1)[..., 0]
+  gap = own - _other_max(logits, label)
+  return -gap if untargeted else gap
+
+
+def _loss(logits: Array, label: Array, opts: AttackOptions) -> Array:
+  """loss_f(x', l) of paper.md A3 (targeted) or its untargeted analogue, for one example."""
+  if opts.loss == "margin":
+    # Drives the margin up to margin_kappa + 2 success_margin, so that its minimisers count as successes.
+    kappa = opts.margin_kappa + 2.0 * opts.success_margin
+    return jnp.maximum(-_margin(logits, label, opts.untargeted), -kappa)
+  logp = jax.nn.log_softmax(logits)
+  own = jnp.take_along_axis(logp, label[..., None], axis=-1)[..., 0]
+  if not opts.untargeted:
+    return -own  # cross-entropy toward the target
+  # Untargeted: cross-entropy toward "any class but the label", -log(1 - p_label).
+  mask = jax.nn.one_hot(label, logits.shape[-1], dtype=bool)
+  return -jax.nn.logsumexp(jnp.where(mask, -jnp.inf, logp), axis=-1)
+
+
+def _penalty(r: Array, opts: AttackOptions) -> Array:
+  sq = jnp.sum(r * r)
+  if opts.penalty == "l2":
+    return jnp.sqrt(sq + 1e-12)  # smoothed at r = 0, where ||r|| has no gradient
+  return sq
+
+
+# ----------------------------------------------------------------------------------------------------
+# The compiled program.
+
+
+def _call(logits_fn, params, has_params, xb):
+  return logits_fn(params, xb) if has_params else logits_fn(xb)
+
+
+def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, label, c_grid):
+  """x: [B, *s]; label: [B]; c_grid: [G]. Returns an AttackResult."""
+  lower, upper = opts.box
+  num_c = c_grid.shape[0]
+  margin_of = lambda xb, lb: _margin(_call(logits_fn, params, has_params, xb), lb, opts.untargeted)
+
+  def objective(z, x0, lb, c):
+    logits = _call(logits_fn, params, has_params, z[None])[0]
+    return c * _penalty(z - x0, opts) + _loss(logits, lb, opts)
+
+  def solve_one(x0, start, lb, c):
+    return box_lbfgs(objective, start, lower, upper, x0, lb, c,
+                     maxiter=opts.maxiter, history_size=opts.history_size, tol=opts.tol,
+                     ftol=opts.ftol, solver=opts.solver)
+
+  def rms(z, x0):
+    d = (z - x0).reshape(z.shape[0], -1)
+    return jnp.sqrt(jnp.mean(d * d, axis=1))
+
+  def evaluate(z, lb):
+    ok = margin_of(z, lb) > opts.success_margin
+    return ok, rms(z, x)
+
+  # 1. The c grid, examples x c in parallel.
+  grid_solve = jax.vmap(jax.vmap(solve_one, in_axes=(None, None, None, 0)), in_axes=(0, 0, 0, None))
+  z_grid, it_grid = grid_solve(x, x, label, c_grid)                    # [B, G, *s], [B, G]
+  flat = z_grid.reshape((-1,) + x.shape[1:])
+  lab_rep = jnp.repeat(label, num_c)
+  ok_grid = (margin_of(flat, lab_rep) > opts.success_margin).reshape(label.shape[0], num_c)
+  d_grid = rms(flat, jnp.repeat(x, num_c, axis=0)).reshape(label.shape[0], num_c)
+
+  # Best success = smallest distortion among succeeding c; bracket [lo, hi] = (its c, next failing c).
+  d_masked = jnp.where(ok_grid, d_grid, jnp.inf)
+  best_i = jnp.argmin(d_masked, axis=1)
+  any_ok = jnp.any(ok_grid, axis=1)
+  take = lambda a, i: jnp.take_along_axis(a, i[:, None], axis=1)[:, 0]
+  sorted_c = jnp.sort(c_grid)
+  ratio = sorted_c[-1] / sorted_c[0] if num_c > 1 else jnp.asarray(10.0, c_grid.dtype)
+  ratio = jnp.where(num_c > 1, ratio ** (1.0 / max(num_c - 1, 1)), 10.0)
+  c_best = c_grid[best_i]
+  fail_above = (~ok_grid) & (c_grid[None, :] > c_best[:, None])
+  c_hi = jnp.min(jnp.where(fail_above, c_grid[None, :], jnp.inf), axis=1)
+  c_hi = jnp.where(jnp.isfinite(c_hi), c_hi, c_best * ratio)
+  c_min = sorted_c[0]
+  lo = jnp.where(any_ok, c_best, c_min / ratio)          # no success: search below the grid
+  hi = jnp.where(any_ok, c_hi, c_min)
+  fallback_i = jnp.argmin(c_grid) * jnp.ones_like(best_i)
+  pick = jnp.where(any_ok, best_i, fallback_i)
+  z_best = jnp.take_along_axis(
+      z_grid, pick.reshape((-1, 1) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+  d_best = jnp.where(any_ok, take(d_grid, best_i), jnp.inf)
+  c_out = jnp.where(any_ok, c_best, jnp.nan)
+  iters = jnp.sum(it_grid, axis=1)
+
+  # 2. Bisection rounds on c (log-space), all examples together.
+  line_solve = jax.vmap(solve_one, in_axes=(0, 0, 0, 0))
+
+  def round_body(_, carry):
+    lo, hi, z_best, d_best, c_out, any_ok, iters = carry
+    mid = jnp.sqrt(lo * hi)
+    start = jnp.where(any_ok.reshape((-1,) + (1,) * (x.ndim - 1)), z_best, x) if opts.warm_start else x
+    z, it = line_solve(x, start, label, mid)
+    ok, d = evaluate(z, label)
+    better = ok & (d < d_best)
+    bshape = (-1,) + (1,) * (x.ndim - 1)
+    z_best = jnp.where(better.reshape(bshape), z, z_best)
+    d_best = jnp.where(better, d, d_best)
+    c_out = jnp.where(better, mid, c_out)
+    lo = jnp.where(ok, mid, lo)
+    hi = jnp.where(ok, hi, mid)
+    return lo, hi, z_best, d_best, c_out, any_ok | ok, iters + it
+
+  carry = (lo, hi, z_best, d_best, c_out, any_ok, iters)
+  if opts.num_bisection:
+    carry = jax.lax.fori_loop(0, opts.num_bisection, round_body, carry)
+  _, _, z_best, d_best, c_out, any_ok, iters = carry
+
+  # 3. Refinement toward the decision boundary (both steps only ever keep points checked to succeed).
+  bshape = (-1,) + (1,) * (x.ndim - 1)
+  ok_fn = lambda z: margin_of(z, label) > opts.success_margin
+
+  def bisect_segment(p0, p1, steps):
+    """Smallest t in [0, 1] (to 2^-steps) with ok(p0 + t (p1 - p0)); p1 (t = 1) is known to succeed."""
+    seg = lambda tt: jnp.clip(p0 + tt.reshape(bshape) * (p1 - p0), lower, upper)
+
+    def body(_, carry):
+      t_lo, t_hi = carry
+      t_mid = 0.5 * (t_lo + t_hi)
+      ok = ok_fn(seg(t_mid))
+      return jnp.where(ok, t_lo, t_mid), jnp.where(ok, t_mid, t_hi)
+
+    ones = jnp.ones(label.shape, x.dtype)
+    _, t_hi = jax.lax.fori_loop(0, steps, body, (0.0 * ones, ones))
+    t_hi = jnp.where(ok_fn(p0), 0.0, t_hi)
+    return seg(t_hi), t_hi
+
+  if opts.refine and opts.refine_rounds:
+    # 3a. Project x onto the target region's boundary linearised at the current point (exact for a
+    # linear model), then pull back along the segment to the current point until it succeeds.
+    def constraints(z, lb):
+      logits = _call(logits_fn, params, has_params, z[None])[0]
+      k = logits.shape[-1]
+      own = logits[lb]
+      if opts.untargeted:
+        j = jnp.argmax(jnp.where(jnp.arange(k) == lb, -jnp.inf, logits))
+        g = jnp.where(jnp.arange(k) == j, logits - own, 1e6)
+      else:
+        g = jnp.where(jnp.arange(k) == lb, 1e6, own - logits)
+      return g
+
+    def jac_fn_of(lb):
+      return lambda z: (constraints(z, lb), jax.jacrev(constraints)(z, lb))
+
+    project = jax.vmap(lambda x0, z, lb: boundary_projection(
+        jac_fn_of(lb), x0, z, lower, upper, 2.0 * opts.success_margin, opts.projection_steps))
+
+    def sqp_round(_, carry):
+      z_cur, d_cur = carry
+      y = project(x, z_cur, label)
+      cand, _ = bisect_segment(y, z_cur, opts.refine_steps)
+      d = rms(cand, x)
+      better = any_ok & (d < d_cur) & ok_fn(cand)
+      return jnp.where(better.reshape(bshape), cand, z_cur), jnp.where(better, d, d_cur)
+
+    z_best, d_best = jax.lax.fori_loop(0, opts.refine_rounds, sqp_round, (z_best, d_best))
+
+  t = jnp.ones(label.shape, x.dtype)
+  x_adv = z_best
+  if opts.refine and opts.refine_steps:
+    # 3b. Back toward x along the segment x -> x_adv: the smallest succeeding scale t.
+    x_seg, t_seg = bisect_segment(x, z_best, opts.refine_steps)
+    t = jnp.where(any_ok, t_seg, 1.0)
+    x_adv = jnp.where(any_ok.reshape(bshape), x_seg, z_best)
+
+  # 4. The final, authoritative check on exactly the returned points.
+  logits = _call(logits_fn, params, has_params, x_adv)
+  success = _margin(logits, label, opts.untargeted) > opts.success_margin
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  success = success & (pred != label if opts.untargeted else pred == label)
+  return AttackResult(x_adv=x_adv, success=success, c=jnp.where(success, c_out, jnp.nan),
+                      distortion=rms(x_adv, x), pred=pred, t=t, num_iter=iters)
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled(logits_fn, has_params: bool, opts: AttackOptions):
+  logging.info("attack: building program for %s (%s)", getattr(logits_fn, "__name__", logits_fn), opts)
+  return jax.jit(functools.partial(_attack_impl, logits_fn, has_params, opts))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (before any compile).
+
+
+@functools.lru_cache(maxsize=256)
+def _out_shape(logits_fn, has_params, params_spec, x_spec):
+  params_tree, leaves = params_spec
+  if has_params:
+    p = jax.tree_util.tree_unflatten(params_tree, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+    out = jax.eval_shape(logits_fn, p, jax.ShapeDtypeStruct(*x_spec))
+  else:
+    out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(*x_spec))
+  return tuple(out.shape)
+
+
+def _num_classes(logits_fn, params, has_params, x) -> int:
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  spec = (treedef, tuple((tuple(np.shape(l)), jnp.asarray(l).dtype) for l in leaves))
+  try:
+    shape = _out_shape(logits_fn, has_params, spec, ((1,) + tuple(x.shape[1:]), x.dtype))
+  except TypeError as e:  # unhashable logits_fn
+    raise ValueError(f"logits_fn must be hashable (it is a static argument): {e}") from e
+  if len(shape) != 2 or shape[0] != 1:
+    raise ValueError(f"logits_fn must map [B, *input_shape] to logits [B, num_classes]; for an input of "
+                     f"shape {(1,) + tuple(x.shape[1:])} it returned shape {shape}")
+  return shape[1]
+
+
+def _check_inputs(x, target, opts: AttackOptions):
+  x = np.asarray(x)
+  target = np.asarray(target)
+  if x.ndim < 2:
+    raise ValueError(f"x must be [batch, *input_shape], got shape {x.shape}")
+  if not np.issubdtype(x.dtype, np.floating):
+    raise ValueError(f"x must be floating point in the box, got dtype {x.dtype}")
+  if x.shape[0] == 0:
+    raise ValueError("x is empty (batch size 0)")
+  if target.shape != (x.shape[0],):
+    raise ValueError(f"target must have shape ({x.shape[0]},) to match x {x.shape}, got {target.shape}")
+  if not np.issubdtype(target.dtype, np.integer):
+    raise ValueError(f"target must be integer labels, got dtype {target.dtype}")
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"x contains {int(np.sum(~np.isfinite(x)))} NaN/inf values")
+  lo, hi = opts.box
+  if np.any(x < lo) or np.any(x > hi):
+    raise ValueError(f"x has values outside the box [{lo}, {hi}]: min {x.min()}, max {x.max()}")
+  return x.astype(np.float32) if x.dtype == np.float64 else x, target.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, params: Any = None,
+                 untargeted: bool = False, penalty: str = "l2_squared", loss: str = "cross_entropy",
+                 box: Tuple[float, float] = (0.0, 1.0), maxiter: int = 100, history_size: int = 10,
+                 tol: float = 1e-4, c_grid: Sequence[float] = DEFAULT_C_GRID, num_bisection: int = 10,
+                 warm_start: bool = True, refine: bool = True, refine_steps: int = 30,
+                 refine_rounds: int = 2, projection_steps: int = 300, ftol: float = 1e-6,
+                 solver: str = "projected",
+                 success_margin: float = 1e-3, margin_kappa: float = 0.0,
+                 shard: Optional[bool] = None) -> AttackResult:
+  """Box-constrained L-BFGS adversarial search with a c search (paper.md §3, A1-A4).
+
+  Args:
+    logits_fn: ``logits_fn(x)`` (or ``logits_fn(params, x)`` when ``params`` is given) mapping a batch
+      [B, *input_shape] to logits [B, num_classes]; any JAX-traceable, hashable function. Reuse the same
+      object across calls to reuse the compiled program.
+    x: [B, *input_shape] float images inside ``box``.
+    target: [B] int labels to reach; with ``untargeted=True`` the TRUE labels to move away from.
+    params: optional pytree passed as the first argument of ``logits_fn`` (traced, not static).
+    untargeted: success = prediction differs from ``target`` (loss -log(1 - p_target)).
+    penalty: "l2_squared" (c ||r||^2, default, paper.md A2) or "l2" (c ||r||, smoothed at 0).
+    loss: "cross_entropy" (default, A3) or "margin" (max(max_{j!=l} z_j - z_l, -kappa) with
+      kappa = margin_kappa + 2 success_margin).
+    box: (lower, upper) pixel bounds.
+    maxiter: L-BFGS-B iteration cap per solve.
+    history_size: L-BFGS memory.
+    tol: L-BFGS-B tolerance on the projected-gradient norm.
+    c_grid: penalty values solved in parallel first (a geometric grid).
+    num_bisection: log-space bisection rounds on c after the grid.
+    warm_start: start each bisection solve at the example's best point so far instead of x.
+    refine: final bisection along x -> x_adv for the point closest to x that still succeeds.
+    refine_steps: bisection steps of the refinement.
+    success_margin: logits margin a success needs (guards the flag against re-evaluation noise).
+    margin_kappa: confidence of the "margin" loss.
+    refine_rounds: rounds of the boundary projection (step 3a; 0 turns it off).
+    projection_steps: FISTA steps of each boundary projection's dual.
+    ftol: relative-decrease stopping tolerance of each L-BFGS solve (scipy's factr analogue).
+    solver: "projected" (default; our two-metric projected L-BFGS, see ``_projected_lbfgs``) or
+      "jaxopt" (``jaxopt.LBFGSB``; its line search stalls on these float32 objectives, notes/attack.md).
+    shard: shard the batch over all devices; None = when more than one device is visible.
+
+  Returns:
+    An AttackResult; arrays on device, sized B.
+
+  Raises:
+    ValueError: NaN/inf or out-of-box x, target shape/dtype/range errors, bad options, or a logits_fn
+      whose output is not [B, num_classes] -- all before compiling anything.
+  """
+  opts = AttackOptions(untargeted=bool(untargeted), penalty=penalty, loss=loss,
+                       box=(float(box[0]), float(box[1])), maxiter=int(maxiter),
+                       history_size=int(history_size), tol=float(tol),
+                       c_grid=tuple(float(c) for c in c_grid), num_bisection=int(num_bisection),
+                       warm_start=bool(warm_start), refine=bool(refine), refine_steps=int(refine_steps),
+                       refine_rounds=int(refine_rounds), projection_steps=int(projection_steps),
+                       ftol=float(ftol), solver=solver,
+                       success_margin=float(success_margin), margin_kappa=float(margin_kappa))
+  opts.validate()
+  x, target = _check_inputs(x, target, opts)
+  has_params = params is not None
+  num_classes = _num_classes(logits_fn, params, has_params, x)
+  if np.any(target < 0) or np.any(target >= num_classes):
+    raise ValueError(f"target values must be in [0, {num_classes}), got min {target.min()}, "
+                     f"max {target.max()}")
+  fn = _compiled(logits_fn, has_params, opts)
+  c_arr = jnp.asarray(opts.c_grid, x.dtype)
+  n = x.shape[0]
+  devices = jax.devices()
+  if shard is None:
+    shard = len(devices) > 1
+  if shard and len(devices) > 1:
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+    nd = len(devices)
+    pad = (-n) % nd
+    if pad:  # pad with copies of the first example; dropped below
+      x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)], axis=0)
+      target = np.concatenate([target, np.repeat(target[:1], pad)], axis=0)
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    rows = NamedSharding(mesh, PartitionSpec("batch"))
+    rep = NamedSharding(mesh, PartitionSpec())
+    x = jax.device_put(x, rows)
+    target = jax.device_put(target, rows)
+    c_arr = jax.device_put(c_arr, rep)
+    params = jax.device_put(params, rep) if has_params else None
+    res = fn(params, x, target, c_arr)
+    return jax.tree_util.tree_map(lambda a: a[:n], res) if pad else res
+  return fn(params, jnp.asarray(x), jnp.asarray(target), c_arr)

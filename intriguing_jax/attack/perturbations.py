@@ -1,0 +1,73 @@
+"""Comparison perturbations of Tables 2 and 4 and the random targets of paper.md A5.
+
+Usage::
+
+    from intriguing_jax import attack
+    noisy = attack.gaussian_noise(key, x, 0.1)                    # unclipped by default (A10)
+    magnified = attack.scale_perturbation(x, x_adv, 0.1)          # per-example RMS 0.1 (A11)
+    targets = attack.random_targets(key, labels)                  # uniform over the wrong labels
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+from intriguing_jax.types import Array, PRNGKey
+
+
+def random_targets(key: PRNGKey, labels: Array, num_classes: int = 10) -> Array:
+  """One target per example drawn uniformly from the ``num_classes - 1`` wrong labels (paper.md A5)."""
+  labels = jnp.asarray(labels, jnp.int32)
+  shift = jax.random.randint(key, labels.shape, 1, num_classes)
+  return (labels + shift) % num_classes
+
+
+def gaussian_noise(key: PRNGKey, x: Array, stddev: float, *, clip: bool = False,
+                   box: Tuple[float, float] = (0.0, 1.0)) -> Array:
+  """x + N(0, stddev^2 I) (paper.md A10: unclipped by default, so the RMS distortion is ~stddev).
+
+  Args:
+    key: PRNG key.
+    x: [B, ...] images.
+    stddev: noise standard deviation (>= 0).
+    clip: clip the result into ``box``.
+
+  Returns:
+    [B, ...] noisy images, x's dtype.
+  """
+  if not (math.isfinite(stddev) and stddev >= 0):
+    raise ValueError(f"stddev must be finite and >= 0, got {stddev}")
+  x = jnp.asarray(x)
+  out = x + stddev * jax.random.normal(key, x.shape, x.dtype)
+  return jnp.clip(out, *box) if clip else out
+
+
+def scale_perturbation(x: Array, x_adv: Array, stddev: float, *, clip: bool = False,
+                       box: Tuple[float, float] = (0.0, 1.0)) -> Array:
+  """x + stddev * (x_adv - x) / RMS(x_adv - x): the perturbation rescaled to a per-example RMS ``stddev``.
+
+  Table 4's "amplified to stddev=0.1" rows (paper.md A11). Examples with x_adv == x are returned as x.
+
+  Args:
+    x, x_adv: [B, ...] originals and perturbed images.
+    stddev: target RMS (>= 0).
+    clip: clip the result into ``box`` (then the RMS can fall below ``stddev``).
+
+  Returns:
+    [B, ...] rescaled images.
+  """
+  if not (math.isfinite(stddev) and stddev >= 0):
+    raise ValueError(f"stddev must be finite and >= 0, got {stddev}")
+  x = jnp.asarray(x)
+  x_adv = jnp.asarray(x_adv)
+  if x.shape != x_adv.shape:
+    raise ValueError(f"x {x.shape} and x_adv {x_adv.shape} must have the same shape")
+  r = x_adv - x
+  rms = jnp.sqrt(jnp.mean(r.reshape(r.shape[0], -1) ** 2, axis=1))
+  scale = jnp.where(rms > 0, stddev / jnp.where(rms > 0, rms, 1.0), 0.0)
+  out = x + scale.reshape((-1,) + (1,) * (x.ndim - 1)) * r
+  return jnp.clip(out, *box) if clip else out

@@ -1,0 +1,215 @@
+r"""Benchmark of the adversarial search engine (issue 4): quality vs the exact optimum, speed vs scipy.
+
+Command (2 shared CPU cores; the trained models come from intriguing_jax.train.get_or_train, which
+restores them from --workdir or trains them there first)::
+
+    nice -n 5 .venv/bin/python -m scripts.bench_attack --data_dir=../shared/data/mnist \
+        --workdir=runs/models --out=runs/bench_attack.json
+
+Parts:
+1. Convex case: FC10(1e-4), the first --num_convex test images, seeded random wrong targets. Our
+   default options (and, for the record, the paper's method alone: refine=False) vs the exact optimum
+   of the box-constrained problem (intriguing_jax.exact, float64 dual QP). Goal: mean distortion within
+   1% of the exact optimum, never below it, 100% success.
+2. FC100-100-10, the first --num_compare test images, seeded random targets: our engine vs a per-example
+   scipy.optimize.fmin_l_bfgs_b baseline with the same objective (c ||r||^2 + cross-entropy), the same
+   c grid, the same number of log-space bisection steps, the same maxiter / tolerances, started at x,
+   with jit-compiled JAX gradients. Prints examples/s, success rate, mean RMS distortion and the ratios.
+   The baseline runs on the first --num_baseline of those images (all by default); the ratios compare
+   the two on those same images.
+
+Expected runtime and result: see notes/attack.md (figures measured there with this command).
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from intriguing_jax import attack
+from intriguing_jax import checkpoint
+from intriguing_jax import data
+from intriguing_jax import exact
+from intriguing_jax import train
+
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default: $INTRIGUING_JAX_MNIST_DIR).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/models", "Where get_or_train keeps the trained models.")
+_OUT = flags.DEFINE_string("out", None, "Optional JSON file for the figures (written atomically).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random targets.")
+_NUM_CONVEX = flags.DEFINE_integer("num_convex", 100, "Test images of part 1.", lower_bound=1)
+_NUM_COMPARE = flags.DEFINE_integer("num_compare", 200, "Test images of part 2.", lower_bound=1)
+_NUM_BASELINE = flags.DEFINE_integer("num_baseline", None,
+                                     "Images of part 2 the scipy baseline attacks (default: all).",
+                                     lower_bound=1)
+_PARTS = flags.DEFINE_list("parts", ["convex", "compare"], "Which parts to run.")
+_RESTORE_ONLY = flags.DEFINE_bool(
+    "restore_only", False, "Load workdir/<name>/final.msgpack directly instead of get_or_train (no "
+    "training, no data-fingerprint check).")
+_VARIANTS = flags.DEFINE_bool("variants", True, "Part 1: also run the paper's method alone (refine=False).")
+
+
+def _scipy_baseline(apply_fn, params, x, target, opts: attack.AttackOptions):
+  """Per-example scipy L-BFGS-B with the engine's objective and c search (no refinement)."""
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  m = int(np.prod(x.shape[1:]))
+
+  @jax.jit
+  def value_and_grad(z, x0, lab, c):
+    def obj(z):
+      logits = apply_fn(params, z.reshape((1,) + x.shape[1:]))[0]
+      return c * jnp.sum((z - x0) ** 2) - jax.nn.log_softmax(logits)[lab]
+    return jax.value_and_grad(obj)(z)
+
+  @jax.jit
+  def margin(z, lab):
+    logits = apply_fn(params, z.reshape((1,) + x.shape[1:]))[0]
+    return logits[lab] - jnp.max(jnp.where(jnp.arange(logits.shape[0]) == lab, -jnp.inf, logits))
+
+  lo, hi = opts.box
+  bounds = [(lo, hi)] * m
+  factr = opts.ftol / np.finfo(np.float64).eps
+
+  def solve(x0, lab, c):
+    def fg(z):
+      v, g = value_and_grad(z.astype(np.float32), x0, lab, np.float32(c))
+      return float(v), np.asarray(g, np.float64)
+    z, _, _ = optimize.fmin_l_bfgs_b(fg, x0.astype(np.float64), bounds=bounds, m=opts.history_size,
+                                     maxiter=opts.maxiter, pgtol=opts.tol, factr=factr)
+    z = z.astype(np.float32)
+    ok = float(margin(z, lab)) > opts.success_margin
+    return z, ok, float(np.sqrt(np.mean((z - x0) ** 2)))
+
+  grid = sorted(opts.c_grid)
+  ratio = (grid[-1] / grid[0]) ** (1.0 / max(len(grid) - 1, 1)) if len(grid) > 1 else 10.0
+  out_x, out_ok, out_d = [], [], []
+  for i in range(x.shape[0]):
+    x0 = np.asarray(x[i]).reshape(-1)
+    lab = int(target[i])
+    best = (None, False, np.inf, None)
+    results = [(c,) + solve(x0, lab, c) for c in grid]
+    for c, z, ok, d in results:
+      if ok and d < best[2]:
+        best = (z, True, d, c)
+    if best[1]:
+      fails = [c for c, _, ok, _ in results if not ok and c > best[3]]
+      c_lo, c_hi = best[3], (min(fails) if fails else best[3] * ratio)
+    else:
+      c_lo, c_hi = grid[0] / ratio, grid[0]
+      best = (results[0][1], False, np.inf, None)
+    for _ in range(opts.num_bisection):
+      mid = float(np.sqrt(c_lo * c_hi))
+      z, ok, d = solve(x0, lab, mid)
+      if ok and d < best[2]:
+        best = (z, True, d, mid)
+      c_lo, c_hi = (mid, c_hi) if ok else (c_lo, mid)
+    z = best[0]
+    out_x.append(z)
+    out_ok.append(best[1])
+    out_d.append(float(np.sqrt(np.mean((z - x0) ** 2))))
+  return np.stack(out_x), np.asarray(out_ok), np.asarray(out_d)
+
+
+def _model(name, model_name):
+  if _RESTORE_ONLY.value:
+    import os  # pylint: disable=g-import-not-at-top
+    from intriguing_jax import models  # pylint: disable=g-import-not-at-top
+    path = os.path.join(_WORKDIR.value, name, "final.msgpack")
+    logging.warning("restoring %s directly (--restore_only)", path)
+    return models.get_model(model_name), checkpoint.load_pytree(path)
+  x_train, y_train = data.load_mnist("train", _DATA_DIR.value)
+  return train.get_or_train(name, x_train, y_train, workdir=_WORKDIR.value)
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, time.perf_counter() - t0
+
+
+def part_convex(images, labels, figures):
+  model, variables = _model("fc10-1e-4", "fc10")
+  x = images[:_NUM_CONVEX.value]
+  target = np.asarray(attack.random_targets(jax.random.PRNGKey(_SEED.value), labels[:x.shape[0]]))
+  kernel, bias = exact.dense_kernel_bias(variables)
+  sol, t_exact = _timed(lambda: exact.linear_min_norm(kernel, bias, x, target))
+  keep = sol.distortion > 0  # examples the model already classifies as the target need no attack
+  print(f"[convex] FC10(1e-4), {x.shape[0]} test images, seed {_SEED.value}: exact optimum "
+        f"(float64 dual QP, {t_exact:.1f} s): mean RMS {sol.distortion.mean():.5f}, max duality gap "
+        f"{np.max(sol.distortion - sol.lower_bound):.2e}, {int((~keep).sum())} already at the target")
+  variants = [("default", {})]
+  if _VARIANTS.value:
+    variants.append(("paper method only (refine=False)", {"refine": False}))
+  for name, kw in variants:
+    res, t1 = _timed(lambda: attack.lbfgs_attack(model.apply, x, target, params=variables, **kw))
+    res, t2 = _timed(lambda: attack.lbfgs_attack(model.apply, x, target, params=variables, **kw))
+    d = np.asarray(res.distortion)
+    succ = np.asarray(res.success)
+    pred = np.argmax(np.asarray(model.apply(variables, res.x_adv)), -1)
+    rechecked = float(np.mean(pred == target))
+    ratio = d.mean() / sol.distortion.mean()
+    per = d[keep] / sol.distortion[keep]
+    below = int(np.sum(d < sol.lower_bound * (1 - 1e-6)))
+    print(f"[convex] {name}: success {succ.mean():.1%} (re-checked with model.apply: {rechecked:.1%}), "
+          f"mean RMS {d.mean():.5f}, ratio to exact {ratio:.5f}, per-example ratio min {per.min():.5f} "
+          f"max {per.max():.5f}, below the certified lower bound: {below}; time {t1:.1f} s first call "
+          f"(with compile), {t2:.1f} s second")
+    figures[f"convex/{name}"] = dict(success=float(succ.mean()), rechecked=rechecked, mean_rms=float(d.mean()),
+                                     exact_mean_rms=float(sol.distortion.mean()), ratio=float(ratio),
+                                     per_example_min=float(per.min()), per_example_max=float(per.max()),
+                                     below_lower_bound=below, time_first_s=t1, time_second_s=t2)
+
+
+def part_compare(images, labels, figures):
+  model, variables = _model("fc100-100-10", "fc100-100-10")
+  n = _NUM_COMPARE.value
+  x = images[:n]
+  target = np.asarray(attack.random_targets(jax.random.PRNGKey(_SEED.value), labels[:n]))
+  res, t1 = _timed(lambda: attack.lbfgs_attack(model.apply, x, target, params=variables))
+  res, t2 = _timed(lambda: attack.lbfgs_attack(model.apply, x, target, params=variables))
+  d = np.asarray(res.distortion)
+  succ = np.asarray(res.success)
+  print(f"[compare] engine, FC100-100-10, {n} images: {n / t2:.1f} examples/s warm ({t2:.1f} s; first "
+        f"call {t1:.1f} s incl. compile = {n / t1:.1f} examples/s), success {succ.mean():.1%}, mean RMS "
+        f"{d.mean():.5f}")
+  nb = min(_NUM_BASELINE.value or n, n)
+  opts = attack.AttackOptions()
+  (bx, bok, bd), tb = _timed(lambda: _scipy_baseline(model.apply, variables, x[:nb], target[:nb], opts))
+  print(f"[compare] scipy baseline on the first {nb}: {nb / tb:.2f} examples/s ({tb:.1f} s), success "
+        f"{bok.mean():.1%}, mean RMS {bd[bok].mean() if bok.any() else float('nan'):.5f}")
+  both = bok & succ[:nb]
+  thr = (n / t2) / (nb / tb)
+  d_ratio = d[:nb][both].mean() / bd[both].mean()
+  print(f"[compare] ratios (engine / baseline, same {nb} images): throughput {thr:.1f}x warm, "
+        f"{(n / t1) / (nb / tb):.1f}x incl. compile; mean RMS {d_ratio:.4f} (on the {int(both.sum())} "
+        f"attacked successfully by both); success {succ[:nb].mean():.1%} vs {bok.mean():.1%}")
+  figures["compare"] = dict(n=n, n_baseline=nb, engine_examples_per_s=n / t2,
+                            engine_examples_per_s_with_compile=n / t1, engine_success=float(succ.mean()),
+                            engine_mean_rms=float(d.mean()), baseline_examples_per_s=nb / tb,
+                            baseline_success=float(bok.mean()), baseline_mean_rms=float(bd[bok].mean()),
+                            throughput_ratio=thr, rms_ratio=float(d_ratio),
+                            engine_success_on_baseline_set=float(succ[:nb].mean()))
+
+
+def main(argv):
+  del argv
+  for part in _PARTS.value:
+    if part not in ("convex", "compare"):
+      raise app.UsageError(f"--parts: unknown part {part!r} (choose from convex, compare)")
+  logging.info("devices: %s", jax.devices())
+  images, labels = data.load_mnist("test", _DATA_DIR.value)
+  figures = {"devices": [str(d) for d in jax.devices()]}
+  if "convex" in _PARTS.value:
+    part_convex(images, labels, figures)
+  if "compare" in _PARTS.value:
+    part_compare(images, labels, figures)
+  if _OUT.value:
+    checkpoint.atomic_write_json(_OUT.value, figures)
+
+
+if __name__ == "__main__":
+  app.run(main)
