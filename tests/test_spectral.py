@@ -1,0 +1,316 @@
+"""Tests for intriguing_jax.spectral: exact norms against dense operator matrices, bounds attained and sound."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from intriguing_jax import spectral
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _dense_matrix(kernel, hw, strides, padding):
+  """The layer's matrix [in, out], built independently of the library: lax conv applied to basis vectors."""
+  kernel = jnp.asarray(kernel)
+  c = kernel.shape[2]
+
+  def op(x):
+    if padding == "CIRCULAR":
+      pads = tuple(((k - 1) // 2, k // 2) for k in kernel.shape[:2])  # as Flax padding="CIRCULAR"
+      x = jnp.pad(x, pads + ((0, 0),), mode="wrap")
+      pad = "VALID"
+    else:
+      pad = padding
+    return lax.conv_general_dilated(x[None], kernel, strides, pad, dimension_numbers=_DIMS)[0]
+
+  eye = jnp.eye(hw[0] * hw[1] * c, dtype=kernel.dtype).reshape(-1, hw[0], hw[1], c)
+  return np.asarray(jax.vmap(op)(eye).reshape(hw[0] * hw[1] * c, -1))
+
+
+# (H, W, kh, kw, C_in, C_out, sh, sw): strides 1, 2, 4, odd/even kernels, C_in != C_out, k < s, k = s,
+# k > N (folded taps), rectangular kernels/inputs/strides.
+_CIRC_CASES = [
+    (8, 8, 3, 3, 2, 3, 1, 1),
+    (8, 8, 4, 4, 3, 2, 2, 2),
+    (16, 16, 5, 5, 2, 3, 4, 4),
+    (16, 16, 11, 11, 3, 4, 4, 4),
+    (8, 8, 2, 2, 3, 2, 4, 4),
+    (8, 8, 11, 11, 2, 2, 2, 2),
+    (8, 12, 3, 2, 2, 3, 2, 3),
+]
+
+
+@pytest.mark.parametrize("h,w,kh,kw,c,d,sh,sw", _CIRC_CASES)
+def test_fft_norm_and_full_spectrum_match_dense_circular(h, w, kh, kw, c, d, sh, sw):
+  with jax.enable_x64(True):
+    kernel = np.random.default_rng(h + kh + c + sh).normal(size=(kh, kw, c, d))
+    sv = np.linalg.svd(_dense_matrix(kernel, (h, w), (sh, sw), "CIRCULAR"), compute_uv=False)
+    r = spectral.conv_operator_norm(kernel, input_shape=(h, w, c), strides=(sh, sw), padding="CIRCULAR")
+    assert r.value == pytest.approx(sv[0], rel=1e-10)  # float64: exact up to rounding
+    assert r.lower == r.upper == r.value == r.circular
+    spectrum = spectral.conv_singular_values(kernel, (h, w), (sh, sw))
+    assert spectrum.shape == sv.shape
+    np.testing.assert_allclose(spectrum, sv, rtol=0, atol=1e-9 * sv[0])
+    # The paper's printed Δ⁻² formula is exactly norm / √(sh·sw) (= norm/Δ); see paper.md §9 A19.
+    assert r.paper_formula == pytest.approx(sv[0] / math.sqrt(sh * sw), rel=1e-10)
+
+
+@pytest.mark.parametrize("n,k,c,d,s", [(8, 3, 2, 3, 2), (16, 5, 3, 2, 4), (12, 3, 2, 2, 3)])
+def test_paper_formula_literal_and_exact_coefficient(n, k, c, d, s):
+  """Eq. (1) evaluated literally: coefficient Δ⁻¹ gives the norm, the printed Δ⁻² gives norm/Δ."""
+  with jax.enable_x64(True):
+    kernel = np.random.default_rng(n * k + s).normal(size=(k, k, c, d))
+    exact = np.linalg.svd(_dense_matrix(kernel, (n, n), (s, s), "CIRCULAR"), compute_uv=False)[0]
+    assert spectral.paper_formula_norm(kernel, (n, n), s, coefficient="exact") == pytest.approx(exact, rel=1e-10)
+    assert spectral.paper_formula_norm(kernel, (n, n), s) == pytest.approx(exact / s, rel=1e-10)
+
+
+def test_float32_fft_norm_within_1e4_of_float64_dense():
+  kernel = np.random.default_rng(3).normal(size=(5, 5, 3, 4))
+  with jax.enable_x64(True):
+    exact = np.linalg.svd(_dense_matrix(kernel, (16, 16), (2, 2), "CIRCULAR"), compute_uv=False)[0]
+  r = spectral.conv_operator_norm(jnp.asarray(kernel, jnp.float32), input_shape=(16, 16, 3), strides=2)
+  assert abs(r.value / exact - 1) < 1e-4
+
+
+def test_conv_apply_matches_flax_circular_and_same_conv():
+  """The operator whose norm we compute is the one Flax runs (same padding convention)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 12, 12, 3))
+  for padding in ("CIRCULAR", "SAME", "VALID"):
+    conv = nn.Conv(5, (4, 3), strides=(2, 3), padding=padding, use_bias=False)
+    variables = conv.init(jax.random.PRNGKey(1), x)
+    kernel = variables["params"]["kernel"]
+    pads = spectral.resolve_padding(padding, (12, 12), (4, 3), (2, 3))
+    np.testing.assert_allclose(spectral.conv_apply(kernel, x[0], (2, 3), pads), conv.apply(variables, x)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,k,c,d,s,padding", [
+    (12, 5, 2, 3, 2, "SAME"), (12, 5, 2, 3, 2, ((2, 1), (0, 3))),
+    (8, 3, 2, 3, 1, "SAME"), (9, 4, 3, 2, 2, "SAME"), (16, 3, 2, 2, 4, "VALID")])
+def test_zero_padding_matrix_free_matches_dense_and_bounds_are_certified(n, k, c, d, s, padding):
+  with jax.enable_x64(True):
+    kernel = np.random.default_rng(n + k + d).normal(size=(k, k, c, d))
+    exact = np.linalg.svd(_dense_matrix(kernel, (n, n), (s, s), padding), compute_uv=False)[0]
+    kw = dict(input_shape=(n, n, c), strides=s, padding=padding)
+    fft = spectral.conv_operator_norm(kernel, method="fft", **kw)
+    power = spectral.conv_operator_norm(kernel, method="power", num_steps=300, **kw)
+    lanczos = spectral.conv_operator_norm(kernel, method="lanczos", num_steps=60, num_grids=3, **kw)
+    for r in (fft, power, lanczos):
+      assert r.lower <= exact * (1 + 1e-12) and exact <= r.upper * (1 + 1e-12)  # certified sandwich
+    assert lanczos.value == pytest.approx(exact, rel=1e-8)
+    assert power.value == pytest.approx(exact, rel=1e-3)
+    assert lanczos.upper <= fft.upper  # min over more embedding grids
+    assert fft.upper / exact - 1 < 0.5  # the circular embedding bound is reasonably tight
+
+
+def test_circular_norm_is_not_ordered_against_same_padding():
+  """spectral.md §2.3: kernel [1, -2, 1]; circ < SAME at N=5 and circ > SAME at N=6, so circ(N) is no bound."""
+  with jax.enable_x64(True):
+    kernel = np.array([1.0, -2.0, 1.0]).reshape(1, 3, 1, 1)
+    got = {}
+    for n in (5, 6):
+      kw = dict(input_shape=(1, n, 1), strides=1)
+      got[n] = (spectral.conv_operator_norm(kernel, padding="CIRCULAR", **kw).value,
+                spectral.conv_operator_norm(kernel, padding="SAME", method="lanczos", num_steps=n, **kw))
+  assert got[5][0] < got[5][1].value and got[6][0] > got[6][1].value
+  assert got[5][0] == pytest.approx(3.618034, abs=1e-6) and got[5][1].value == pytest.approx(3.732051, abs=1e-6)
+  assert got[5][1].upper >= got[5][1].value and got[6][1].upper >= got[6][1].value
+
+
+def test_adjoint_identity_of_the_transposed_operator():
+  kernel = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 2, 4))
+  x = jax.random.normal(jax.random.PRNGKey(1), (10, 10, 2))
+  op = lambda v: spectral.conv_apply(kernel, v, (2, 2), ((1, 1), (1, 1)))
+  y = jax.random.normal(jax.random.PRNGKey(2), op(x).shape)
+  op_t = jax.linear_transpose(op, x)
+  assert float(jnp.vdot(op(x), y)) == pytest.approx(float(jnp.vdot(x, op_t(y)[0])), rel=1e-4)
+
+
+def test_degenerate_cases_delta_kernel_and_1x1_conv():
+  delta = np.zeros((3, 3, 2, 2), np.float32)
+  delta[1, 1] = np.eye(2)
+  for padding in ("CIRCULAR", "SAME"):
+    r = spectral.conv_operator_norm(delta, input_shape=(8, 8, 2), padding=padding)
+    assert r.value == pytest.approx(1.0, rel=1e-6) and r.upper == pytest.approx(1.0, rel=1e-6)
+  w = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+  sigma = np.linalg.svd(w, compute_uv=False)[0]
+  r = spectral.conv_operator_norm(w.reshape(1, 1, 5, 7), input_shape=(6, 6, 5), padding="VALID")
+  assert r.value == pytest.approx(sigma, rel=1e-5) and r.lower == pytest.approx(sigma, rel=1e-5)
+  assert spectral.dense_operator_norm(w) == pytest.approx(sigma, rel=1e-6)
+
+
+@pytest.mark.parametrize("k,s", [(3, 1), (5, 2), (4, 4), (11, 4)])
+def test_reshaped_kernel_norm_sandwich(k, s):
+  """Flax SpectralNorm's reshaped-kernel value under-reports: ‖W_r‖ ≤ ‖K‖ ≤ √(⌈k/s⌉²)‖W_r‖ (= when k ≤ s)."""
+  kernel = np.random.default_rng(k + s).normal(size=(k, k, 3, 5)).astype(np.float32)
+  exact = spectral.conv_operator_norm(kernel, input_shape=(16, 16, 3), strides=s).value
+  reshaped = spectral.reshaped_kernel_norm(kernel)
+  assert reshaped <= exact * (1 + 1e-5) and exact <= -(-k // s) * reshaped * (1 + 1e-5)
+  if k <= s:
+    assert exact == pytest.approx(reshaped, rel=1e-5)
+
+
+def test_dense_lanczos_matches_svd():
+  w = jax.random.normal(jax.random.PRNGKey(0), (300, 200)) / 10
+  exact = float(np.linalg.svd(np.asarray(w), compute_uv=False)[0])
+  assert spectral.dense_operator_norm(w, method="lanczos", num_steps=120) == pytest.approx(exact, rel=1e-5)
+  assert spectral.dense_operator_norm(w.T, method="lanczos", num_steps=120) == pytest.approx(exact, rel=1e-5)
+  assert spectral.dense_operator_norm(w, method="svd") == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("window,strides,expected", [((3, 3), (2, 2), 2.0), ((2, 2), (2, 2), 1.0),
+                                                     ((3, 3), (1, 1), 3.0), ((3, 2), (2, 2), math.sqrt(2))])
+def test_maxpool_bound_is_attained_and_never_exceeded(window, strides, expected):
+  shape = (9, 9, 2)
+  bound = spectral.maxpool_lipschitz(window, strides, input_shape=shape)
+  assert bound == pytest.approx(expected)
+  assert spectral.maxpool_lipschitz(window, strides) == pytest.approx(expected)  # large-map formula
+  pool = lambda x: nn.max_pool(x[None], window, strides, "VALID")[0]
+  # Worst case: constant x, bump at a pixel covered by the most windows (interior, on the stride grid).
+  x = jnp.zeros(shape)
+  y = x.at[strides[0] * 2, strides[1] * 2, 0].set(0.1)
+  ratio = float(jnp.linalg.norm(pool(y) - pool(x)) / jnp.linalg.norm(y - x))
+  assert ratio == pytest.approx(expected, rel=1e-6)
+  a = jax.random.normal(jax.random.PRNGKey(0), (200,) + shape)
+  b = a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape)
+  num = jnp.linalg.norm((jax.vmap(pool)(a) - jax.vmap(pool)(b)).reshape(200, -1), axis=1)
+  assert float(jnp.max(num / jnp.linalg.norm((a - b).reshape(200, -1), axis=1))) <= bound + 1e-6
+
+
+def test_maxpool_counts_with_same_padding_on_small_maps():
+  # 3x3/2 SAME on a 4x4 map: pads (0, 1); windows start at 0 and 2, so pixel 2 is covered twice per axis.
+  assert spectral.maxpool_lipschitz(3, 2, input_shape=(4, 4), padding="SAME") == pytest.approx(2.0)
+  # 3x3/2 on a 3x3 map (one window): no overlap can happen.
+  assert spectral.maxpool_lipschitz(3, 2, input_shape=(3, 3)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 3.0])
+def test_contrast_norm_bound_attained_at_zero_and_sound(gamma):
+  eps = 0.3
+  bound = spectral.contrast_norm_lipschitz(eps, gamma)
+  phi = lambda x: x / (eps + jnp.sum(x * x)) ** gamma
+  jac0 = jax.jacfwd(phi)(jnp.zeros(6))
+  assert float(jnp.linalg.norm(jac0, 2)) == pytest.approx(bound, rel=1e-6)
+  xs = jax.random.normal(jax.random.PRNGKey(0), (300, 6)) * jnp.logspace(-2, 1, 300)[:, None]
+  norms = jax.vmap(lambda x: jnp.linalg.norm(jax.jacfwd(phi)(x), 2))(xs)
+  assert float(norms.max()) <= bound * (1 + 1e-6)
+
+
+def test_lrn_interval_contains_the_jacobian_norms():
+  k, n, alpha, beta = 2.0, 5, 1e-1, 0.75
+  lower, upper = spectral.lrn_lipschitz(k, n, beta)
+  assert (lower, upper) == pytest.approx((0.5946, 1.1894), abs=1e-4)  # spectral.md rounds to 1.1895
+
+  def lrn(a):  # across-channel LRN at one pixel, window n centred on each channel
+    sq = jnp.pad(a * a, (n // 2, n // 2))
+    s = jnp.convolve(sq, jnp.ones(n), mode="valid")
+    return a * (k + alpha / n * s) ** (-beta)
+
+  assert float(jnp.linalg.norm(jax.jacfwd(lrn)(jnp.zeros(8)), 2)) == pytest.approx(lower, rel=1e-6)
+  xs = jax.random.normal(jax.random.PRNGKey(0), (300, 8)) * jnp.logspace(-1, 1.5, 300)[:, None]
+  norms = jax.vmap(lambda a: jnp.linalg.norm(jax.jacfwd(lrn)(a), 2))(xs)
+  assert float(norms.max()) <= upper
+
+
+class _SmallConvNet(nn.Module):
+  """A tiny model implementing the architecture() contract (stands in for models.py in these tests)."""
+
+  @nn.compact
+  def __call__(self, x, *, train=False, return_features=False):
+    x = nn.Conv(4, (3, 3), strides=(2, 2), padding="SAME", name="conv1")(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), (2, 2), "VALID")
+    x = x.reshape(x.shape[0], -1)
+    x = nn.sigmoid(nn.Dense(6, name="fc1")(x))
+    return nn.Dense(3, name="fc2")(x)
+
+  def architecture(self):
+    return [
+        dict(name="conv1", type="conv", strides=(2, 2), padding="SAME", input_shape=(12, 12, 2),
+             param_path=("conv1",)),
+        dict(name="relu1", type="relu"),
+        dict(name="pool1", type="maxpool", window=(3, 3), strides=(2, 2), padding="VALID",
+             input_shape=(6, 6, 4)),
+        dict(name="flatten", type="flatten", input_shape=(2, 2, 4)),
+        dict(name="fc1", type="dense", param_path=("fc1",)),
+        dict(name="sig1", type="sigmoid"),
+        dict(name="fc2", type="dense", param_path=("fc2",)),
+        dict(name="softmax", type="softmax"),
+    ]
+
+
+def test_lipschitz_table_is_sound_against_empirical_lower_bounds():
+  model = _SmallConvNet()
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 12, 12, 2))
+  variables = model.init(jax.random.PRNGKey(1), x)
+  rows, summary = spectral.lipschitz_table(model, variables, (12, 12, 2))
+  assert [r["layer"] for r in rows] == ["conv1", "relu1", "pool1", "flatten", "fc1", "sig1", "fc2"]
+  pool = rows[2]
+  # 6x6 input, 3x3/2 VALID: windows [0, 2] and [2, 4] share index 2 on each axis -> sqrt(2 * 2) = 2.
+  assert pool["upper"] == pytest.approx(2.0) and pool["paper"] == 1.0
+  assert rows[5]["upper"] == 0.25
+  conv = rows[0]
+  assert conv["lower"] <= conv["upper"] and conv["size"] == "2 x 3 x 3 x 4"
+  expected = np.prod([r["upper"] for r in rows])
+  assert summary["product_upper"] == pytest.approx(expected)
+  x_adv = x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape)
+  emp = spectral.empirical_lipschitz(model.apply, x, params=variables, x_adv=x_adv, num_steps=30, batch_size=5)
+  assert emp.jacobian_norms.shape == (16,) and emp.pair_ratios.shape == (16,)
+  assert 0 < emp.lower_bound <= summary["product_upper"]
+  text = spectral.format_table(rows, summary)
+  assert "conv1" in text and "product_upper" in text
+
+
+def test_single_dense_layer_bound_is_exact():
+  """Degenerate oracle: for one linear layer the upper bound equals the empirical Jacobian norm."""
+  dense = nn.Dense(5)
+  variables = dense.init(jax.random.PRNGKey(0), jnp.zeros((1, 7)))
+  arch = [dict(name="fc", type="dense", param_path=())]
+  rows, summary = spectral.lipschitz_table(None, variables, (7,), architecture=arch)
+  emp = spectral.empirical_lipschitz(lambda z: dense.apply(variables, z), jnp.ones((2, 7)), num_steps=100)
+  assert summary["product_upper"] == pytest.approx(emp.lower_bound, rel=1e-4)
+  assert rows[0]["paper"] == rows[0]["upper"]
+
+
+def test_bad_inputs_raise_clear_errors():
+  k = np.ones((3, 3, 2, 4), np.float32)
+  with pytest.raises(ValueError, match="4-D"):
+    spectral.conv_operator_norm(np.ones((3, 3, 2)), input_shape=(8, 8, 2))
+  with pytest.raises(ValueError, match="channels"):
+    spectral.conv_operator_norm(k, input_shape=(8, 8, 3))
+  with pytest.raises(ValueError, match="divide"):
+    spectral.conv_operator_norm(k, input_shape=(9, 9, 2), strides=2, padding="CIRCULAR")
+  with pytest.raises(ValueError, match="padding"):
+    spectral.conv_operator_norm(k, input_shape=(8, 8, 2), padding="REFLECT")
+  with pytest.raises(ValueError, match="non-negative"):
+    spectral.conv_operator_norm(k, input_shape=(8, 8, 2), padding=((-1, 0), (0, 0)))
+  with pytest.raises(ValueError, match="method"):
+    spectral.conv_operator_norm(k, input_shape=(8, 8, 2), method="svd")
+  with pytest.raises(ValueError, match="strides"):
+    spectral.conv_operator_norm(k, input_shape=(8, 8, 2), strides=(0, 1))
+  with pytest.raises(ValueError, match="NaN"):
+    spectral.conv_operator_norm(k * np.nan, input_shape=(8, 8, 2))
+  with pytest.raises(ValueError, match="2-D"):
+    spectral.dense_operator_norm(np.ones(5))
+  with pytest.raises(ValueError, match="epsilon"):
+    spectral.contrast_norm_lipschitz(0.0, 0.5)
+  with pytest.raises(ValueError, match="x_adv"):
+    spectral.empirical_lipschitz(lambda z: z, jnp.ones((2, 3)), x_adv=jnp.ones((3, 3)))
+  with pytest.raises(ValueError, match="unsupported layer"):
+    spectral.lipschitz_table(None, {}, (4,), architecture=[dict(name="x", type="gelu")])
+
+
+def test_strided_zero_padding_with_non_divisible_input_uses_an_embedding():
+  """s ∤ N: no circular value at N, but the zero-padded layer still gets a certified interval."""
+  with jax.enable_x64(True):
+    kernel = np.random.default_rng(1).normal(size=(3, 3, 2, 2))
+    exact = np.linalg.svd(_dense_matrix(kernel, (9, 9), (2, 2), "SAME"), compute_uv=False)[0]
+    r = spectral.conv_operator_norm(kernel, input_shape=(9, 9, 2), strides=2, padding="SAME")
+  assert math.isnan(r.circular) and math.isnan(r.paper_formula)
+  assert r.lower <= exact <= r.upper
