@@ -1,0 +1,211 @@
+"""Tests of intriguing_jax.adversarial_training on a tiny synthetic problem (no real MNIST needed).
+
+One pool configuration is shared by every training test, so the (large) attack program compiles once per
+file: the epoch function is cached on the settings.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from intriguing_jax import adversarial_training as at
+from intriguing_jax import data
+from intriguing_jax import models
+from intriguing_jax import train
+
+EPOCHS = 4
+BATCH = 32
+NUM_TRAIN = 256
+STEPS = NUM_TRAIN // BATCH  # 8 steps per epoch
+CONFIG = train.TrainConfig(epochs=EPOCHS, batch_size=BATCH, learning_rate=1e-2, weight_decay=(1e-4,))
+POOL = at.PoolConfig(layers=("input", "hidden_1"), pool_size=32, refresh_every=3, refresh_fraction=0.25,
+                     mix_ratio=0.5, warmup_steps=2, maxiter=5, c_grid=(0.1, 1.0))
+
+
+def _model():
+  return models.get_model("fc16-16-10")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  x, y = data.synthetic_mnist(NUM_TRAIN, seed=0)
+  xt, yt = data.synthetic_mnist(128, seed=1)
+  return np.asarray(x), np.asarray(y), np.asarray(xt), np.asarray(yt)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+  """The uninterrupted reference run (EPOCHS epochs, written to a workdir)."""
+  x, y, xt, yt = tiny
+  workdir = str(tmp_path_factory.mktemp("adv_full"))
+  return at.train_with_pool(_model(), x, y, CONFIG, POOL, seed=0, workdir=workdir, eval_data=(xt, yt)), workdir
+
+
+def _trees_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for u, v in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure pieces.
+
+
+def test_mixed_batch_sizes_give_the_configured_ratio():
+  for ratio, layers, batch in [(0.5, ("input",), 128), (0.25, ("input", "hidden_0", "hidden_1"), 96),
+                               (0.8, ("input", "hidden_0"), 10)]:
+    cfg = at.PoolConfig(layers=layers, mix_ratio=ratio)
+    sizes = at.mixed_batch_sizes(batch, cfg)
+    assert tuple(sizes) == layers
+    total = sum(sizes.values())
+    assert abs(total / (total + batch) - ratio) <= 0.5 / (total + batch)  # rounding of one example
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+
+
+def test_mixed_batch_sizes_reject_an_empty_pool_share():
+  with pytest.raises(ValueError, match="mix_ratio"):
+    at.mixed_batch_sizes(4, at.PoolConfig(layers=("input", "hidden_0", "hidden_1"), mix_ratio=0.2))
+
+
+def test_sample_mixed_batch_draws_from_each_pool(tiny):
+  x, y, _, _ = tiny
+  model = _model()
+  params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+  layers = at.model_pool_layers(model, POOL.layers)
+  state = at.init_state(layers, params, train.make_optimizer(CONFIG, STEPS, params), jnp.asarray(x[:1]), POOL,
+                        jax.random.PRNGKey(1))
+  assert state.pools["input"].shape == (32, 28, 28, 1) and state.pools["hidden_1"].shape == (32, 16)
+  # Mark every stored example with its slot so that samples can be traced back to the pool.
+  pools = {k: v + jnp.arange(32, dtype=v.dtype).reshape((32,) + (1,) * (v.ndim - 1)) for k, v in state.pools.items()}
+  state = state.replace(pools=pools, pool_labels={k: jnp.arange(32, dtype=jnp.int32) % 10 for k in pools})
+  sizes = at.mixed_batch_sizes(BATCH, POOL)
+  batch = at.sample_mixed_batch(state, jax.random.PRNGKey(2), sizes)
+  for name, (h, lab) in batch.items():
+    assert h.shape[0] == sizes[name] == lab.shape[0]
+    slot = np.asarray(h).reshape(h.shape[0], -1)[:, 0].astype(int)
+    np.testing.assert_array_equal(np.asarray(lab), slot % 10)
+
+
+def test_mlp_head_is_the_network_above_the_layer(tiny):
+  x, y, _, _ = tiny
+  model = _model()
+  variables = model.init(jax.random.PRNGKey(0), x[:4])
+  logits, feats = model.apply(variables, x[:4], return_features=True)
+  for name in ("hidden_0", "hidden_1"):
+    head = at.mlp_head_fn(model, name)
+    np.testing.assert_allclose(head(variables["params"], feats[name]), logits, rtol=1e-5, atol=1e-5)
+  # Pool examples of hidden_1 train only the output layer.
+  head = at.mlp_head_fn(model, "hidden_1")
+  grads = jax.grad(lambda p: jnp.sum(at.softmax_cross_entropy(head(p, feats["hidden_1"]), y[:4])))(
+      variables["params"])
+  assert not np.any(np.asarray(grads["hidden_0"]["kernel"])) and not np.any(np.asarray(grads["hidden_1"]["kernel"]))
+  assert np.any(np.asarray(grads["output"]["kernel"]))
+  with pytest.raises(ValueError, match="no feature"):
+    at.mlp_head_fn(model, "hidden_7")
+  with pytest.raises(ValueError, match="not\\s+supported|supported"):
+    at.mlp_head_fn(models.get_model("mnist_conv"), "pool1")
+
+
+def test_pool_schedule():
+  cfg = at.PoolConfig(warmup_steps=2, refresh_every=3)
+  assert [at.pool_schedule(s, cfg) for s in range(9)] == [
+      "none", "none", "fill", "none", "none", "refresh", "none", "none", "refresh"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layers=()), "at least one"), (dict(layers=("input", "input")), "duplicates"),
+    (dict(pool_size=0), "pool_size"), (dict(refresh_fraction=0.0), "refresh_fraction"),
+    (dict(mix_ratio=1.0), "mix_ratio"), (dict(c_grid=()), "c_grid"), (dict(maxiter=0), "maxiter"),
+    (dict(warmup_steps=-1), "warmup_steps")])
+def test_pool_config_rejects_bad_values(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    at.PoolConfig(**kwargs)
+
+
+def test_train_with_pool_rejects_bad_input_before_compiling(tiny, tmp_path):
+  x, y, _, _ = tiny
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    at.train_with_pool(_model(), x * 2.0, y, CONFIG, POOL)
+  bad = x.copy()
+  bad[0, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    at.train_with_pool(_model(), bad, y, CONFIG, POOL)
+  with pytest.raises(ValueError, match="dropout"):
+    at.train_with_pool(models.get_model("fc16-16-10", dropout_rate=0.5), x, y, CONFIG, POOL)
+  with pytest.raises(ValueError, match="labels"):
+    at.train_with_pool(_model(), x, y + 10, CONFIG, POOL)
+  with pytest.raises(ValueError, match="no feature"):
+    at.train_with_pool(_model(), x, y, CONFIG, at.PoolConfig(layers=("hidden_9",)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training (one compiled program shared by the tests below).
+
+
+def test_pools_are_refreshed_as_configured(full_run):
+  res, _ = full_run
+  total = EPOCHS * STEPS
+  schedule = [at.pool_schedule(s, POOL) for s in range(total)]
+  events = [s for s, what in enumerate(schedule) if what != "none"]
+  assert int(res.state.num_refreshes) == len(events) and bool(res.state.filled)
+  assert [h["num_refreshes"] for h in res.history] == [
+      sum(1 for s in events if e * STEPS <= s < (e + 1) * STEPS) for e in range(EPOCHS)]
+  r = POOL.refresh_size
+  assert r == 8
+  for name in POOL.layers:
+    born = np.asarray(res.state.pool_born[name])
+    assert born.min() >= POOL.warmup_steps  # the fill covered every slot
+    assert set(np.unique(born)) <= set(events)
+    # The latest refresh replaced exactly refresh_size entries (nothing has overwritten them since).
+    assert np.sum(born == events[-1]) == r
+    # The fill wrote the whole pool; later refreshes replaced random subsets, so some fill entries remain
+    # only if fewer than pool_size slots were drawn since (here 11 refreshes x 8 > 32: some may remain).
+    assert np.sum(born > events[0]) <= r * (len(events) - 1)
+    labels = np.asarray(res.state.pool_labels[name])
+    assert labels.min() >= 0 and labels.max() < 10 and len(np.unique(labels)) > 1
+
+
+def test_training_with_the_pool_reduces_the_loss(full_run, tiny):
+  res, _ = full_run
+  losses = [h["loss"] for h in res.history]
+  assert losses[-1] < 0.9 * losses[0], losses
+  assert res.history[-1]["clean_error"] < res.history[0]["clean_error"]
+  assert res.history[-1]["eval_error"] < 0.5
+  # The pools hold perturbed values: the attack succeeded on some of them and they differ from the clean
+  # features of their source examples (a pool of clean copies would make adversarial training a no-op).
+  for name in POOL.layers:
+    succ = [h[f"{name}/attack_success"] for h in res.history if h["num_refreshes"]]
+    assert max(succ) > 0, (name, succ)
+  model = _model()
+  pools = np.asarray(res.state.pools["hidden_1"])
+  logits = at.mlp_head_fn(model, "hidden_1")(res.state.params, jnp.asarray(pools))
+  assert np.all(np.isfinite(np.asarray(logits)))
+  assert np.all((pools >= 0) & (pools <= 1))
+  x_pool = np.asarray(res.state.pools["input"])
+  assert x_pool.min() >= 0 and x_pool.max() <= 1
+  for h in res.history:
+    for name in POOL.layers:
+      assert np.isnan(h[f"{name}/attack_distortion"]) or h[f"{name}/attack_distortion"] >= 0
+
+
+def test_resume_mid_run_matches_the_uninterrupted_run(full_run, tiny, tmp_path):
+  res, _ = full_run
+  x, y, xt, yt = tiny
+  workdir = str(tmp_path / "adv_resume")
+  hits = at._cached_epoch_fn.cache_info().hits  # pylint: disable=protected-access
+  part = at.train_with_pool(_model(), x, y, CONFIG, POOL, seed=0, workdir=workdir, eval_data=(xt, yt),
+                            stop_after_epoch=2)
+  assert int(part.state.epoch) == 2 and int(part.state.step) == 2 * STEPS
+  assert os.path.exists(os.path.join(workdir, "ckpt", "LAST"))
+  # A fresh call restores params, optimiser, pools and rng from the checkpoint and finishes the run.
+  rest = at.train_with_pool(_model(), x, y, CONFIG, POOL, seed=0, workdir=workdir, eval_data=(xt, yt))
+  assert [h["epoch"] for h in rest.history] == [3, 4]
+  _trees_equal(rest.state, res.state)
+  assert at._cached_epoch_fn.cache_info().hits >= hits + 2  # pylint: disable=protected-access
+  # Other settings in the same workdir are refused.
+  with pytest.raises(ValueError, match="different settings"):
+    at.train_with_pool(_model(), x, y, CONFIG, at.PoolConfig(layers=("input",), pool_size=16), workdir=workdir)
