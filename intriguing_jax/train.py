@@ -19,6 +19,8 @@ Usage::
     sweep = train.train_sweep(models.get_model("fc10"), images, labels, config,
                               weight_decays=[1e-4, 1e-2, 1.0], seeds=[0])
     sweep.variables[2]                                  # ordinary variables of the λ=1 model
+    # The k members are sharded over all devices (k padded to a multiple of the device count with copies of
+    # member 0, dropped on return; the training data replicated). mesh=distributed.data_mesh(devs) picks devices.
 
 Loss (default): ``mean_i CE(x_i, y_i) + Σ_layers ½ λ_layer Σ w²`` over dense/conv kernels, λ listed
 input -> output, biases not decayed (``decay_form="half_sum"``). Of the conventions tried on FC10 this is
@@ -48,10 +50,12 @@ from absl import logging
 from flax import struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 import optax
 
 from intriguing_jax import checkpoint
+from intriguing_jax import distributed
 from intriguing_jax import metrics
 from intriguing_jax import models as models_lib
 from intriguing_jax import progress
@@ -379,10 +383,35 @@ def _compiled_fns(model, config: TrainConfig, example_shape: Tuple[int, ...], nu
   return tx, specs, jax.jit(init_fn), jax.jit(epoch_fn, donate_argnums=(0,)), jax.jit(count)
 
 
-def evaluate(count_fn, params: Params, images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
-  """Error rate(s) with a jitted ``count_fn`` over fixed-size chunks (the ragged tail padded and masked)."""
+def evaluate(count_fn, params: Params, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+             mesh: Optional[Mesh] = None, shard_examples: bool = True) -> np.ndarray:
+  """Error rate(s) with a jitted ``count_fn`` over fixed-size chunks (the ragged tail padded and masked).
+
+  Args:
+    count_fn: ``count_fn(params, x [B, ...], y [B]) -> errors`` (a scalar, or [k] for stacked params),
+      ignoring rows with ``y = -1`` (the padding).
+    params: passed to ``count_fn`` as is (with ``mesh`` and ``shard_examples``: replicated over ``mesh``).
+    images, labels: [N, ...] and [N].
+    batch_size: examples per chunk (with ``mesh`` and ``shard_examples``: rounded up to a multiple of the
+      mesh size).
+    mesh: None: every chunk on the default device (as before). A 1-D mesh (``distributed.data_mesh()``):
+      with ``shard_examples=True`` each chunk's rows are sharded over the mesh and ``params`` replicated
+      (XLA sums the per-device counts); with ``shard_examples=False`` the chunk is replicated and ``params``
+      are used as placed by the caller (e.g. sweep members sharded over the mesh).
+
+  Returns:
+    errors / N (numpy; [k] for stacked params).
+  """
   n = images.shape[0]
   bs = min(batch_size, n)
+  place = None
+  if mesh is not None:
+    if shard_examples:
+      bs = distributed.round_up(bs, mesh.size)
+      params = distributed.put_replicated(params, mesh)
+      place = distributed.put_batch
+    else:
+      place = distributed.put_replicated
   total = 0
   for start in range(0, n, bs):
     xb, yb = images[start:start + bs], labels[start:start + bs]
@@ -390,8 +419,20 @@ def evaluate(count_fn, params: Params, images: np.ndarray, labels: np.ndarray, b
     if k < bs:
       xb = np.concatenate([xb, np.zeros((bs - k,) + xb.shape[1:], xb.dtype)])
       yb = np.concatenate([yb, np.full((bs - k,), -1, yb.dtype)])  # masked out by count_fn
-    total = total + np.asarray(count_fn(params, jnp.asarray(xb), jnp.asarray(yb)))
+    if place is None:
+      total = total + np.asarray(count_fn(params, jnp.asarray(xb), jnp.asarray(yb)))
+    else:
+      total = total + _to_host(count_fn(params, *place((xb, yb), mesh)))
   return np.asarray(total) / n
+
+
+def _to_host(a) -> np.ndarray:
+  """A (possibly multi-host) array as numpy: replicated outputs are read locally, sharded ones gathered."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    if a.is_fully_replicated:
+      return np.asarray(a.addressable_data(0))
+    return distributed.gather(a)
+  return np.asarray(a)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -442,8 +483,14 @@ def _copy_params(init_params):
 
 def _run(model, images, labels, config: TrainConfig, *, decays: np.ndarray, seeds: Sequence[int], data_seed: int,
          stacked: bool, workdir: Optional[str], eval_data, init_params, stop_after_epoch: Optional[int],
-         log_prefix: str):
-  """Shared loop of train_model (stacked=False, one member) and train_sweep (stacked=True)."""
+         log_prefix: str, mesh: Optional[Mesh] = None):
+  """Shared loop of train_model (stacked=False, one member) and train_sweep (stacked=True).
+
+  Stacked: the k members are sharded over ``mesh`` (default: all devices), padded to a multiple of its
+  size with copies of member 0; checkpoints, history and the returned state hold the k real members only
+  (so a run resumes on any number of devices). Single model: trained on the default device; its per-epoch
+  evaluation shards the evaluation batch over ``mesh``.
+  """
   images, labels = _check_data(images, labels)
   if eval_data is not None:
     eval_images, eval_labels = _check_data(*eval_data, name="eval_data")
@@ -496,25 +543,46 @@ def _run(model, images, labels, config: TrainConfig, *, decays: np.ndarray, seed
     count_fn = None
   writer = progress.MetricWriter(workdir, prefix=log_prefix)
   data_key = jax.random.PRNGKey(int(data_seed))
-  images_d, labels_d, decays_d = jnp.asarray(images), jnp.asarray(labels), jnp.asarray(decays)
   history = []
   start_epoch = int(np.max(np.asarray(state.epoch)))
+  mesh = distributed.data_mesh() if mesh is None else mesh
+  k = len(seeds) if stacked else 1
+  if stacked:
+    # Members sharded over the mesh (padded with copies of member 0), training data replicated.
+    kp = distributed.round_up(k, mesh.size)
+    if kp != k:
+      logging.info("%ssharding %d members over %d devices (%d padding copies)", log_prefix, k, mesh.size, kp - k)
+    state = distributed.put_batch(distributed.pad_batch(state, kp), mesh)
+    decays_d = distributed.put_batch(distributed.pad_batch(np.asarray(decays), kp), mesh)
+    images_d, labels_d = distributed.put_replicated((images, labels), mesh)
+  else:
+    images_d, labels_d, decays_d = jnp.asarray(images), jnp.asarray(labels), jnp.asarray(decays)
   last_epoch = config.epochs if stop_after_epoch is None else stop_after_epoch
   for epoch in range(start_epoch, last_epoch):
     t0 = time.perf_counter()
-    state, stats = epoch_fn(state, images_d, labels_d, decays_d, jax.random.fold_in(data_key, epoch))
-    stats = np.asarray(stats)  # blocks
+    perm_key = jax.random.fold_in(data_key, epoch)
+    if stacked:
+      perm_key = distributed.put_replicated(perm_key, mesh)  # every input on the mesh (multi-host safe)
+    state, stats = epoch_fn(state, images_d, labels_d, decays_d, perm_key)
+    stats = _to_host(stats)[:k] if stacked else np.asarray(stats)  # blocks; padded members dropped
     seconds = time.perf_counter() - t0
     record = {"epoch": epoch + 1, "loss": stats[..., 0], "data_loss": stats[..., 1],
               ("train_batch_error" if config.task == "classify" else "recon_mse"): stats[..., 2],
               "seconds": seconds,
               "examples_per_sec": steps_per_epoch * config.batch_size * len(seeds if stacked else [0]) / seconds}
     if count_fn is not None:
-      record["eval_error"] = evaluate(count_fn, state.params, eval_images, eval_labels, config.eval_batch_size)
+      err = evaluate(count_fn, state.params, eval_images, eval_labels, config.eval_batch_size, mesh=mesh,
+                     shard_examples=not stacked)
+      record["eval_error"] = err[:k] if stacked else err
     history.append(record)
     writer.write(**record)
     if ckpt_dir and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == last_epoch):
-      checkpoint.save_checkpoint(ckpt_dir, state, step=epoch + 1)
+      # The k real members, on the host (gathered across processes; process 0 writes).
+      saved = distributed.unpad(distributed.gather(state), k) if stacked else state
+      if jax.process_index() == 0:
+        checkpoint.save_checkpoint(ckpt_dir, saved, step=epoch + 1)
+  if stacked:
+    state = jax.tree.map(jnp.asarray, distributed.unpad(distributed.gather(state), k))
   return state, history
 
 
@@ -559,18 +627,24 @@ def unstack(tree: Any, k: int) -> List[Any]:
 
 def train_sweep(model, images, labels, config: TrainConfig, *, weight_decays: Sequence[Any] = (None,),
                 seeds: Sequence[int] = (0,), data_seed: int = 0, workdir: Optional[str] = None,
-                eval_data: Optional[Tuple[Any, Any]] = None, stop_after_epoch: Optional[int] = None) -> SweepResult:
+                eval_data: Optional[Tuple[Any, Any]] = None, stop_after_epoch: Optional[int] = None,
+                mesh: Optional[Mesh] = None) -> SweepResult:
   """Trains k models that differ only in λ and/or init seed as ONE compiled program.
 
   Parameters are stacked on a leading [k] axis; ``jax.vmap`` runs init, the train step and evaluation
   over the members, all members see the same mini-batches (order from ``data_seed``). Member i with
   seed s and λ l ends where ``train_model(..., config with weight_decay=l, seed=s, data_seed=data_seed)``
-  ends, up to float rounding.
+  ends, up to float rounding. The member axis is sharded over the devices of ``mesh`` (``jax.sharding``;
+  k padded to a multiple of the device count with copies of member 0, the copies dropped from everything
+  returned or saved; the training data replicated on every device), so the same call uses one CPU, one
+  GPU or all local/global devices; the result equals the unsharded sweep up to float rounding.
 
   Args:
     weight_decays: k entries, each a scalar or per-layer list (None: ``config.weight_decay``); a length-1
       list is broadcast to the length of ``seeds``.
     seeds: k init seeds (or one, broadcast to the length of ``weight_decays``).
+    mesh: a 1-D mesh (``distributed.data_mesh(devices)``) whose devices share the members; default all
+      devices. ``distributed.data_mesh(jax.devices()[:1])`` runs the sweep unsharded on one device.
     (other arguments as in :func:`train_model`.)
 
   Returns:
@@ -591,7 +665,7 @@ def train_sweep(model, images, labels, config: TrainConfig, *, weight_decays: Se
                                        f"train_sweep: weight_decays[{i}]") for i, w in enumerate(weight_decays)])
   state, history = _run(model, images, labels, config, decays=decays, seeds=seeds, data_seed=data_seed,
                         stacked=True, workdir=workdir, eval_data=eval_data, init_params=None,
-                        stop_after_epoch=stop_after_epoch, log_prefix="[sweep] ")
+                        stop_after_epoch=stop_after_epoch, log_prefix="[sweep] ", mesh=mesh)
   stacked_vars = {"params": state.params}
   return SweepResult(unstack(stacked_vars, k), stacked_vars, decays, np.asarray(seeds), state, history)
 

@@ -52,6 +52,7 @@ import jax
 import numpy as np
 
 from intriguing_jax import checkpoint
+from intriguing_jax import distributed
 from intriguing_jax import metrics
 from intriguing_jax.types import LogitsFn
 
@@ -371,9 +372,10 @@ def _attack_chunk(attack_fn: Callable, logits_fn: Callable, params: Any, x: np.n
   if params is not None:
     options = dict(options, params=params)
   res = attack_fn(logits_fn, jax.numpy.asarray(x_in), jax.numpy.asarray(t_in), **options)
-  x_adv = np.asarray(res.x_adv, np.float32)[:k].reshape(x.shape)
-  success = np.asarray(res.success, bool)[:k]
-  c = np.asarray(getattr(res, "c", np.full((chunk_size,), np.nan)), np.float32).reshape(-1)[:k]
+  # distributed.gather: a globally sharded (multi-host) output comes back whole on every process.
+  x_adv = np.asarray(distributed.gather(res.x_adv), np.float32)[:k].reshape(x.shape)
+  success = np.asarray(distributed.gather(res.success), bool)[:k]
+  c = np.asarray(distributed.gather(getattr(res, "c", np.full((chunk_size,), np.nan))), np.float32).reshape(-1)[:k]
   return AttackRecord(x_adv=x_adv, success=success, c=c, distortion=_rms(x, x_adv))
 
 
@@ -390,6 +392,12 @@ def run_attack_cached(logits_fn: Callable, x: Any, targets: Any, *, params: Any 
   trusted. A small ``progress.json`` records how many chunks are done. One absl log line per chunk gives the rate and
   the expected remaining time.
 
+  Scale-out: ``chunk_size`` is rounded up to a multiple of ``jax.device_count()`` (the attack shards each
+  chunk's rows over all devices; a multiple needs no second padding), so 1 and 4 devices may use different
+  cache sub-directories. Multi-host: every process calls this with the same inputs (SPMD), the attack's
+  outputs are gathered, and only process 0 writes (the cache must be on a shared filesystem, visible to all
+  processes when a run is resumed).
+
   Args:
     logits_fn: model, [B, ...] -> [B, num_classes] logits; ``logits_fn(params, x)`` when ``params`` is
       given (then one compiled attack serves every model of the same architecture).
@@ -401,7 +409,8 @@ def run_attack_cached(logits_fn: Callable, x: Any, targets: Any, *, params: Any 
       ``success`` and ``c`` ([B]-leading arrays); default :func:`intriguing_jax.attack.lbfgs_attack`.
     attack_options: keyword options for ``attack_fn`` (part of the fingerprint).
     cache_dir: directory of the chunk files; None disables caching.
-    chunk_size: examples per attack call (also the compiled batch size; the last chunk is padded).
+    chunk_size: examples per attack call (also the compiled batch size; the last chunk is padded); rounded
+      up to a multiple of the device count.
     cache_key: string identifying the model (part of the fingerprint).
     name: label for the log lines.
 
@@ -428,17 +437,20 @@ def run_attack_cached(logits_fn: Callable, x: Any, targets: Any, *, params: Any 
   options = dict(attack_options or {})
   targets = targets.astype(np.int32)
   n = x.shape[0]
-  chunk_size = min(chunk_size, n)
+  num_devices = jax.device_count()
+  chunk_size = distributed.round_up(min(chunk_size, distributed.round_up(n, num_devices)), num_devices)
   starts = list(range(0, n, chunk_size))
+  writer = jax.process_index() == 0  # multi-host: one process writes the shared cache
   fn_name = getattr(attack_fn, "__module__", "") + "." + getattr(attack_fn, "__qualname__", repr(attack_fn))
   if cache_dir:
     # One sub-directory per setting (model key, attack, options, chunk size), so settings coexist.
     settings = {"cache_key": cache_key, "attack_fn": fn_name, "options": options, "chunk_size": chunk_size}
     digest = bytes(_fingerprint(cache_key, fn_name, options, chunk_size)).hex()[:16]
     cache_dir = os.path.join(cache_dir, f"settings_{digest}")
-    os.makedirs(cache_dir, exist_ok=True)
-    checkpoint.atomic_write_json(os.path.join(cache_dir, "settings.json"), json.loads(
-        json.dumps(settings, sort_keys=True, default=repr)))
+    if writer:
+      os.makedirs(cache_dir, exist_ok=True)
+      checkpoint.atomic_write_json(os.path.join(cache_dir, "settings.json"), json.loads(
+          json.dumps(settings, sort_keys=True, default=repr)))
   parts: List[AttackRecord] = []
   reused = 0
   t0 = time.perf_counter()
@@ -466,7 +478,7 @@ def run_attack_cached(logits_fn: Callable, x: Any, targets: Any, *, params: Any 
       rec = _attack_chunk(attack_fn, logits_fn, params, xc, tc, chunk_size, options)
       dt = time.perf_counter() - tc0
       computed_examples += stop - start
-      if path:
+      if path and writer:
         checkpoint.save_pytree(path, {"x_adv": rec.x_adv, "success": rec.success, "c": rec.c,
                                       "distortion": rec.distortion, "fingerprint": fp})
       elapsed = time.perf_counter() - t0
@@ -476,7 +488,7 @@ def run_attack_cached(logits_fn: Callable, x: Any, targets: Any, *, params: Any 
                    "mean distortion %.4f, ETA %.0fs", name, i + 1, len(starts), stop, n, dt, rate,
                    100.0 * rec.success.mean(), rec.distortion.mean(), remaining / max(rate, 1e-9))
     parts.append(rec)
-    if cache_dir:
+    if cache_dir and writer:
       checkpoint.atomic_write_json(os.path.join(cache_dir, "progress.json"),
                                    {"name": name, "num_examples": n, "chunk_size": chunk_size,
                                     "chunks_done": i + 1, "num_chunks": len(starts)})

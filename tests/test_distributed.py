@@ -1,4 +1,5 @@
-"""Tests of intriguing_jax.distributed (and the sharded metrics.predict, attack.lbfgs_attack).
+"""Tests of intriguing_jax.distributed (and the sharded metrics.predict, attack.lbfgs_attack, train.train_sweep,
+train.evaluate, transfer.run_attack_cached).
 
 Multi-device checks need ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before JAX starts, and
 conftest.py has already imported JAX, so they run this file as a worker script in a subprocess
@@ -239,6 +240,12 @@ def test_four_devices_resume_after_kill(tmp_path):
   np.testing.assert_array_equal(got["one_shot_logits"], got["logits"])   # same chunks: bit-for-bit
 
 
+def test_four_devices_sweep_evaluate_and_cached_attack(tmp_path):
+  out = check_worker(run_worker(["sweep", str(tmp_path)]))
+  for marker in ("sweep ok", "sweep resume ok", "evaluate ok", "cached attack ok"):
+    assert marker in out, out
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -272,6 +279,16 @@ def test_two_processes_gather_without_loss_or_duplication(tmp_path):
     assert rc == 0, f"process {i} failed:\n{stdout}\n{stderr[-4000:]}"
     assert f"process {i} of 2, devices 4 ok" in stdout, stdout
   assert json.load(open(tmp_path / "stream" / "progress.json"))["chunks_done"] == 3
+
+
+@pytest.mark.skipif(os.environ.get("INTRIGUING_JAX_SLOW_TESTS") != "1",
+                    reason="slow (2 processes compile a sweep twice); set INTRIGUING_JAX_SLOW_TESTS=1")
+def test_two_processes_sweep_equals_one_device(tmp_path):
+  outs = run_two_processes(["multiprocess_sweep", str(tmp_path / "sweep")])
+  for i, (rc, stdout, stderr) in enumerate(outs):
+    assert rc == 0, f"process {i} failed:\n{stdout}\n{stderr[-4000:]}"
+    assert f"process {i} sweep ok" in stdout, stdout
+  assert checkpoint.latest_step(tmp_path / "sweep" / "ckpt") == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,6 +372,89 @@ def _case_resume(workdir, kill_after, out_path):
   np.savez(out_path, logits=res["logits"], pred=res["pred"], one_shot_logits=one_shot["logits"])
 
 
+def _tree_allclose(a, b, **kw):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for u, v in zip(la, lb):
+    assert np.shape(u) == np.shape(v), (np.shape(u), np.shape(v))
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), **kw)
+
+
+def _case_sweep(tmp):
+  """train_sweep with k=3 members on 4 devices (ragged: one padding copy) == the 1-device sweep; its
+  checkpoint holds the 3 real members (resumable on another device count); sharded train.evaluate and
+  transfer.run_attack_cached with a chunk size that is not a multiple of 4."""
+  from intriguing_jax import data, models, train, transfer  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 4, jax.devices()
+  x, y = data.synthetic_mnist(256, seed=0, image_shape=(8, 8, 1))
+  ex, ey = data.synthetic_mnist(101, seed=1, image_shape=(8, 8, 1))
+  x, y, ex, ey = (np.asarray(a) for a in (x, y, ex, ey))
+  model = models.get_model("fc16-16-10", image_shape=(8, 8, 1))
+  cfg = train.TrainConfig(epochs=2, batch_size=32, learning_rate=1e-2, eval_batch_size=50)
+  kw = dict(weight_decays=[(1e-3,), (1e-1,), (1e-2,)], seeds=[0, 5, 9], data_seed=3, eval_data=(ex, ey))
+  one = distributed.data_mesh(jax.devices()[:1])
+  four = distributed.data_mesh()
+  ref = train.train_sweep(model, x, y, cfg, mesh=one, **kw)
+  got = train.train_sweep(model, x, y, cfg, mesh=four, **kw)
+  assert len(got.variables) == 3 and jax.tree_util.tree_leaves(got.stacked_variables)[0].shape[0] == 3
+  assert np.asarray(got.state.step).shape == (3,)                     # padding member dropped
+  _tree_allclose(got.stacked_variables, ref.stacked_variables, rtol=1e-4, atol=1e-5)
+  _tree_allclose(got.state.opt_state, ref.state.opt_state, rtol=1e-3, atol=1e-6)
+  for hg, hr in zip(got.history, ref.history):
+    assert np.shape(hg["loss"]) == (3,) and np.shape(hg["eval_error"]) == (3,)
+    np.testing.assert_allclose(hg["loss"], hr["loss"], rtol=1e-4)
+    assert np.max(np.abs(hg["eval_error"] - hr["eval_error"])) <= 1 / 101 + 1e-9  # at most one flip
+  assert not np.allclose(got.variables[0]["params"]["output"]["kernel"],
+                         got.variables[1]["params"]["output"]["kernel"])
+  print("sweep ok")
+  # Interrupted on 4 devices after epoch 1, resumed on 1 device: the checkpoint holds 3 members.
+  workdir = os.path.join(tmp, "sweep")
+  part = train.train_sweep(model, x, y, cfg, mesh=four, workdir=workdir, stop_after_epoch=1, **kw)
+  assert np.asarray(part.state.epoch).tolist() == [1, 1, 1]
+  restored, step = checkpoint.restore_checkpoint(os.path.join(workdir, "ckpt"))
+  assert step == 1 and np.asarray(restored["step"]).shape == (3,)
+  resumed = train.train_sweep(model, x, y, cfg, mesh=one, workdir=workdir, **kw)
+  assert [h["epoch"] for h in resumed.history] == [2]
+  _tree_allclose(resumed.stacked_variables, ref.stacked_variables, rtol=1e-4, atol=1e-5)
+  print("sweep resume ok")
+
+  # train.evaluate with the evaluation batch sharded (50 -> 52 rows, ragged tail of 101 masked).
+  params = ref.variables[0]["params"]
+  count = jax.jit(lambda p, xb, yb: jnp.sum((jnp.argmax(model.apply({"params": p}, xb), -1) != yb) & (yb >= 0)))
+  ey_noisy = ey.copy()
+  ey_noisy[::7] = (ey_noisy[::7] + 1) % 10            # some errors to count, in every chunk
+  want = float(np.mean(np.argmax(np.asarray(model.apply({"params": params}, ex)), -1) != ey_noisy))
+  assert float(train.evaluate(count, params, ex, ey_noisy, 50)) == want
+  assert float(train.evaluate(count, params, ex, ey_noisy, 50, mesh=four)) == want
+  assert 0.1 < want < 0.9, want
+  print("evaluate ok")
+
+  # run_attack_cached: chunk_size 6 -> 8 on 4 devices (no second padding); results equal a one-chunk call.
+  batch_sizes = []
+
+  def fake_attack(logits_fn, xb, tb, *, params=None):   # a deterministic per-example "attack"
+    batch_sizes.append(xb.shape[0])
+    x_adv = xb * 0.5 + 0.25 * (tb[:, None, None, None] / 10.0)
+    return transfer.AttackRecord(x_adv=x_adv, success=tb % 2 == 0, c=tb.astype(jnp.float32),
+                                 distortion=jnp.zeros(tb.shape))
+
+  t = (ey[:21] + 1) % 10
+  cache = os.path.join(tmp, "attack_cache")
+  r = transfer.run_attack_cached(mlp, ex[:21], t, attack_fn=fake_attack, cache_dir=cache, chunk_size=6)
+  assert batch_sizes == [8, 8, 8], batch_sizes
+  (sub,) = os.listdir(cache)
+  assert json.load(open(os.path.join(cache, sub, "settings.json")))["chunk_size"] == 8
+  assert json.load(open(os.path.join(cache, sub, "progress.json")))["chunks_done"] == 3
+  whole = transfer.run_attack_cached(mlp, ex[:21], t, attack_fn=fake_attack, chunk_size=21)
+  assert batch_sizes[3:] == [24]
+  for a, b in zip(r, whole):
+    np.testing.assert_array_equal(a, b)
+  again = transfer.run_attack_cached(mlp, ex[:21], t, attack_fn=fake_attack, cache_dir=cache, chunk_size=6)
+  assert len(batch_sizes) == 4                                           # all chunks reused
+  np.testing.assert_array_equal(again.x_adv, r.x_adv)
+  print("cached attack ok")
+
+
 def _case_multiprocess(workdir):
   from intriguing_jax import metrics  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -383,6 +483,24 @@ def _case_multiprocess(workdir):
   print(f"process {pi} of {pc}, devices {jax.device_count()} ok")
 
 
+def _case_multiprocess_sweep(workdir):
+  from intriguing_jax import data, models, train  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  assert distributed.initialize() is True and jax.device_count() == 4
+  x, y = data.synthetic_mnist(128, seed=0, image_shape=(8, 8, 1))
+  ex, ey = data.synthetic_mnist(37, seed=1, image_shape=(8, 8, 1))
+  x, y, ex, ey = (np.asarray(a) for a in (x, y, ex, ey))
+  model = models.get_model("fc16-16-10", image_shape=(8, 8, 1))
+  cfg = train.TrainConfig(epochs=1, batch_size=32, learning_rate=1e-2, eval_batch_size=16)
+  kw = dict(weight_decays=[(1e-3,), (1e-1,), (1e-2,)], seeds=[0, 5, 9], data_seed=3, eval_data=(ex, ey))
+  # 3 members over the 4 global devices (2 per process), written by process 0 only.
+  got = train.train_sweep(model, x, y, cfg, workdir=workdir, **kw)
+  ref = train.train_sweep(model, x, y, cfg, mesh=distributed.data_mesh(jax.local_devices()[:1]), **kw)
+  _tree_allclose(got.stacked_variables, ref.stacked_variables, rtol=1e-4, atol=1e-5)
+  assert np.max(np.abs(got.history[0]["eval_error"] - ref.history[0]["eval_error"])) <= 1 / 37 + 1e-9
+  print(f"process {jax.process_index()} sweep ok")
+
+
 def _case_multiprocess_attack():
   from intriguing_jax import attack  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -402,5 +520,6 @@ def _case_multiprocess_attack():
 if __name__ == "__main__":
   jax.config.update("jax_numpy_rank_promotion", "raise")
   _case = sys.argv[1]
-  {"four_devices": _case_four_devices, "attack": _case_attack, "resume": _case_resume,
-   "multiprocess": _case_multiprocess, "multiprocess_attack": _case_multiprocess_attack}[_case](*sys.argv[2:])
+  {"four_devices": _case_four_devices, "attack": _case_attack, "resume": _case_resume, "sweep": _case_sweep,
+   "multiprocess": _case_multiprocess, "multiprocess_attack": _case_multiprocess_attack,
+   "multiprocess_sweep": _case_multiprocess_sweep}[_case](*sys.argv[2:])
