@@ -36,6 +36,18 @@ def _fmt(value: Any, floatfmt: str) -> str:
   return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def table_columns(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None) -> list:
+  """``columns`` as a list, or the keys of all rows in first-seen order."""
+  if columns is not None:
+    return list(columns)
+  out = []
+  for row in rows:
+    for k in row:
+      if k not in out:
+        out.append(k)
+  return out
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
                    *, floatfmt: str = ".4g", headers: Optional[Mapping[str, str]] = None) -> str:
   """Renders rows (dicts) as a GitHub-flavoured Markdown table.
@@ -49,12 +61,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence
   Returns:
     The table as a string ending with a newline.
   """
-  if columns is None:
-    columns = []
-    for row in rows:
-      for k in row:
-        if k not in columns:
-          columns.append(k)
+  columns = table_columns(rows, columns)
   headers = dict(headers or {})
   head = [headers.get(c, c) for c in columns]
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in columns) + "|"]

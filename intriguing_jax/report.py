@@ -48,13 +48,8 @@ class Report:
 
   def table(self, rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None, *,
             floatfmt: str = ".4g", caption: Optional[str] = None) -> None:
-    if columns is None:
-      columns = []
-      for row in rows:
-        for k in row:
-          if k not in columns:
-            columns.append(k)
-    self.blocks.append(("table", (list(rows), list(columns), floatfmt, caption)))
+    columns = plotting.table_columns(rows, columns)
+    self.blocks.append(("table", (list(rows), columns, floatfmt, caption)))
 
   def image(self, relpath: str, caption: Optional[str] = None) -> None:
     """Adds a PNG given by its path relative to the directory the report is written to."""
