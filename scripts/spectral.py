@@ -6,8 +6,10 @@ Commands (CPU, 2 shared cores):
   OPENBLAS_NUM_THREADS=1 python -m scripts.spectral --model=alexnet --out=runs/spectral
   # AlexNet with your weights (see "Weights file" below):
   python -m scripts.spectral --model=alexnet --weights=/path/alexnet.npz
-  # Trained MNIST models restored from runs/models (scripts/train.py); missing ones are skipped:
-  python -m scripts.spectral --model=mnist --models_dir=runs/models
+  # Trained MNIST models restored from runs/models (scripts/train.py); missing ones are skipped; finished
+  # runs under another directory name (e.g. the 2-epoch ConvNet) are named with --run_dirs:
+  python -m scripts.spectral --model=mnist --data_dir=/work/shared/data/mnist \
+      --run_dirs=mnist_conv=runs/models/mnist_conv_577e613e
   python -m scripts.spectral --model=fc100-100-10 --method=lanczos --num_empirical=200
 
 Writes <out>/<model>.md (table + products) and <out>/<model>.json; prints the table.
@@ -29,8 +31,10 @@ Weights file (--weights): either
   * a checkpoint directory written by ``intriguing_jax.checkpoint.save_checkpoint`` holding the Flax
     variables ({"params": ...}) of ``models.get_model("alexnet")``.
 
-Measured runtime (2 shared cores, load average 20+, see notes/spectral.md): AlexNet 484 s wall (init of
-61 M parameters, eight norms incl. Lanczos on FC1/FC2, two Jacobian norms); each MNIST model 2-13 s.
+Measured runtime (2 shared cores, see notes/spectral.md): AlexNet 53.5 s wall at load average 3, 484 s
+at load 20+ (init of 61 M parameters, eight norms incl. Lanczos on FC1/FC2, two Jacobian norms); each
+MNIST model 1-17 s;
+all seven MNIST models (with --run_dirs for the ConvNet) 35 s wall at load average 4 (16:51 UTC).
 """
 
 import os
@@ -56,6 +60,10 @@ _MODEL = flags.DEFINE_enum("model", "alexnet", ("alexnet", "mnist") + _MNIST_MOD
                            "alexnet, one trained MNIST model, or 'mnist' for all of them.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "AlexNet weights (.npz or checkpoint dir); default random init.")
 _MODELS_DIR = flags.DEFINE_string("models_dir", "runs/models", "Workdir of train.get_or_train (MNIST models).")
+_RUN_DIRS = flags.DEFINE_list(
+    "run_dirs", [], "Finished runs as name=dir (a get_or_train run directory holding final.msgpack and "
+    "result.json), e.g. mnist_conv=runs/models/mnist_conv_577e613e; loaded as is with train.load_run. "
+    "Models not listed come from --models_dir/<name>.")
 _TRAIN_MISSING = flags.DEFINE_bool("train_missing", False, "Train MNIST models that are not in --models_dir.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default $INTRIGUING_JAX_MNIST_DIR).")
 _METHOD = flags.DEFINE_enum("method", "fft", ["fft", "power", "lanczos"], "Conv norm method.")
@@ -140,16 +148,35 @@ def _run_alexnet():
   _report("alexnet", rows, summary, emp, time.time() - t0)
 
 
-def _run_mnist(name):
+def _parse_run_dirs():
+  run_dirs = {}
+  for item in _RUN_DIRS.value:
+    name, _, run_dir = item.partition("=")
+    if name not in _MNIST_MODELS or not os.path.isfile(os.path.join(run_dir, "result.json")):
+      raise app.UsageError(f"--run_dirs: expected <name in {', '.join(_MNIST_MODELS)}>=<finished run directory "
+                           f"with result.json and final.msgpack>, got {item!r}")
+    run_dirs[name] = run_dir
+  return run_dirs
+
+
+def _run_mnist(name, run_dirs):
   from intriguing_jax import data, train  # pylint: disable=g-import-not-at-top
-  if not _TRAIN_MISSING.value and not os.path.isdir(os.path.join(_MODELS_DIR.value, name)):
-    logging.warning("skipping %s: no run in %s (train it with scripts/train.py or pass --train_missing)",
-                    name, _MODELS_DIR.value)
-    return
   t0 = time.time()
-  images, labels = data.load_mnist("train", _DATA_DIR.value)
-  model, variables = train.get_or_train(name, images, labels, workdir=_MODELS_DIR.value)
-  rows, summary = spectral.lipschitz_table(model, variables, images.shape[1:], method=_METHOD.value,
+  if name in run_dirs:
+    recipe = train.RECIPES[name]
+    model = models.get_model(recipe["model"], **recipe.get("model_kwargs", {}))
+    variables, run_info = train.load_run(run_dirs[name], model)
+    logging.info("%s: loaded %s (trained with %s)", name, run_dirs[name], run_info.get("config"))
+    shape = (28, 28, 1)
+  else:
+    if not _TRAIN_MISSING.value and not os.path.isdir(os.path.join(_MODELS_DIR.value, name)):
+      logging.warning("skipping %s: no run in %s (train it with scripts/train.py, pass --run_dirs=%s=DIR or "
+                      "--train_missing)", name, _MODELS_DIR.value, name)
+      return
+    images, labels = data.load_mnist("train", _DATA_DIR.value)
+    model, variables = train.get_or_train(name, images, labels, workdir=_MODELS_DIR.value)
+    shape = images.shape[1:]
+  rows, summary = spectral.lipschitz_table(model, variables, shape, method=_METHOD.value,
                                            num_steps=_NUM_STEPS.value)
   emp = None
   num = 256 if _NUM_EMPIRICAL.value is None else _NUM_EMPIRICAL.value
@@ -161,11 +188,12 @@ def _run_mnist(name):
 
 def main(argv):
   del argv
+  run_dirs = _parse_run_dirs()
   if _MODEL.value == "alexnet":
     _run_alexnet()
   else:
     for name in (_MNIST_MODELS if _MODEL.value == "mnist" else (_MODEL.value,)):
-      _run_mnist(name)
+      _run_mnist(name, run_dirs)
 
 
 if __name__ == "__main__":

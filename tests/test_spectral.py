@@ -164,6 +164,23 @@ def test_dense_lanczos_matches_svd():
   assert spectral.dense_operator_norm(w, method="svd") == pytest.approx(exact, rel=1e-6)
 
 
+def test_dense_lanczos_early_stop_is_certified_by_its_residual():
+  """The block Lanczos stops early only with a top Ritz residual <= tol·θ; tol=0 runs every block."""
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+  u, v = jax.random.normal(k2, (400,)), jax.random.normal(k3, (240,))
+  w = jax.random.normal(k1, (400, 240)) / 20 + 3 * jnp.outer(u / jnp.linalg.norm(u), v / jnp.linalg.norm(v))
+  exact = float(np.linalg.svd(np.asarray(w), compute_uv=False)[0])
+  v0 = jax.random.normal(jax.random.PRNGKey(0), (240, 8))
+  value, used, rel = spectral._dense_block_krylov(w, v0, 12, jnp.asarray(1e-3, w.dtype))
+  assert int(used) < 12 and float(rel) <= 1e-3
+  assert float(value) <= exact * (1 + 1e-6) and float(value) == pytest.approx(exact, rel=1e-5)
+  value0, used0, rel0 = spectral._dense_block_krylov(w, v0, 12, jnp.asarray(0.0, w.dtype))
+  assert int(used0) == 12 and float(rel0) < float(rel)
+  assert float(value0) == pytest.approx(exact, rel=1e-5)
+  with pytest.raises(ValueError, match="tol"):
+    spectral.dense_operator_norm(w, method="lanczos", tol=1.5)
+
+
 @pytest.mark.parametrize("window,strides,expected", [((3, 3), (2, 2), 2.0), ((2, 2), (2, 2), 1.0),
                                                      ((3, 3), (1, 1), 3.0), ((3, 2), (2, 2), math.sqrt(2))])
 def test_maxpool_bound_is_attained_and_never_exceeded(window, strides, expected):
