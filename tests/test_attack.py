@@ -78,11 +78,51 @@ def test_linear_matches_exact_optimum_and_success_is_real():
                              np.sqrt(np.mean((np.asarray(res.x_adv) - x) ** 2, axis=1)), rtol=1e-5)
 
 
-def test_batch_equals_per_example():
+@pytest.fixture(scope="module")
+def mlp_batch():
+  """One attack of a sigmoid MLP on a batch of 6, shared by the tests below (one compiled program)."""
   params = _mlp_params(1)
   x = _data(6, seed=5)
   target, _ = _targets(lambda z: mlp_apply(params, z), x, seed=None)
-  batch = attack.lbfgs_attack(mlp_apply, x, target, params=params, **FAST)
+  return params, x, target, attack.lbfgs_attack(mlp_apply, x, target, params=params, **FAST)
+
+
+def _target_margin(logits, target):
+  logits = np.array(logits, np.float64)
+  own = logits[np.arange(len(target)), target]
+  logits[np.arange(len(target)), target] = -np.inf
+  return own - logits.max(axis=1)
+
+
+def test_success_margin_clears_the_threshold(mlp_batch):
+  # The refinement walks toward the decision boundary; it must stop clearly above the success threshold
+  # (it used to stop at exactly success_margin = 1e-3, so flags flipped with the batch shape or device count).
+  params, x, target, res = mlp_batch
+  assert np.all(np.asarray(res.success))
+  assert np.any(np.asarray(res.t) < 1.0)  # the refinement did move points toward the boundary
+  xb = np.asarray(res.x_adv)
+  batched = _target_margin(mlp_apply(params, jnp.asarray(xb)), target)
+  single = np.concatenate([_target_margin(mlp_apply(params, jnp.asarray(xb[i:i + 1])), target[i:i + 1])
+                           for i in range(len(target))])
+  # float32 re-evaluation noise is ~1e-6 logits; the gap to the threshold must be far larger.
+  assert np.all(batched > 1e-3 + 1e-4), batched
+  assert np.all(single > 1e-3 + 1e-4), single
+
+
+def test_no_grid_success_extends_the_c_search_downward():
+  # Every grid value is far too large to reach the target: the c search must walk below the grid.
+  params = _linear_params()
+  x = _data(6)
+  target, _ = _targets(lambda z: linear_apply(params, z), x)
+  opts = dict(FAST, c_grid=(1e4,), num_bisection=8)
+  res = attack.lbfgs_attack(linear_apply, x, target, params=params, **opts)
+  assert np.all(np.asarray(res.success))
+  c = np.asarray(res.c)
+  assert np.all(c < 1e4) and np.all(np.isfinite(c))
+
+
+def test_batch_equals_per_example(mlp_batch):
+  params, x, target, batch = mlp_batch
   assert np.all(np.asarray(batch.success))
   for i in range(x.shape[0]):
     one = attack.lbfgs_attack(mlp_apply, x[i:i + 1], target[i:i + 1], params=params, **FAST)
@@ -110,7 +150,8 @@ def test_closure_logits_fn_and_penalty_options():
   fn = lambda z: linear_apply(params, z)
   x = _data(6)
   target, _ = _targets(fn, x)
-  res = attack.lbfgs_attack(fn, x, target, penalty="l2", loss="margin", **FAST)
+  # Also the accelerator layout of the c grid (one vmap over examples x c), forced here on CPU.
+  res = attack.lbfgs_attack(fn, x, target, penalty="l2", loss="margin", grid_parallel=True, **FAST)
   pred = np.asarray(jnp.argmax(fn(res.x_adv), -1))
   assert np.all(np.asarray(res.success))
   np.testing.assert_array_equal(pred, target)

@@ -22,9 +22,11 @@ The method (paper.md §3, A1-A4): for each example and a target label l, minimis
 with L-BFGS-B started at x' = x, and search for the LARGEST c (smallest perturbation) whose minimiser is
 classified l. All of it is one jit-compiled program:
 
-1. a geometric grid of c values is solved in parallel, vmapped over examples x c;
+1. a geometric grid of c values is solved in parallel: vmapped over examples x c on accelerators; on CPU
+   (``grid_parallel=None``) one c at a time with the examples vmapped, which is ~4x faster there;
 2. ``num_bisection`` rounds (``lax.fori_loop``) bisect c in log-space between the best succeeding and the
-   smallest failing c of each example, all examples advancing together;
+   smallest failing c of each example, all examples advancing together (an example with no success on
+   the grid walks below it instead, one grid ratio per round, toward pure loss minimisation);
 3. (``refine=True``, default) a final refinement toward the decision boundary. Why it is needed: with
    cross-entropy, the gradient of the loss at the boundary is sum_j p_j (w_j - w_l), which mixes in every
    class with p_j > 0, not only the classes whose constraints are active, so the penalty minimisers
@@ -38,15 +40,18 @@ classified l. All of it is one jit-compiled program:
 
 A success must beat every other class by ``success_margin`` logits (default 1e-3): a point sitting
 exactly on the decision boundary could flip when the model is re-evaluated with another batch size or
-device, so the margin keeps the flag reproducible. ``success_margin=0`` is the plain argmax test.
+device, so the margin keeps the flag reproducible. ``success_margin=0`` is the plain argmax test. The
+refinement stops at twice that margin (at least success_margin + 1e-4), never at the threshold itself,
+so the flags do not depend on the batch shape or the device count.
 
 The box-constrained L-BFGS lives behind ``box_lbfgs`` only (a ``lax.while_loop`` that stops when the
 slowest member of the vmapped batch converges). Two solvers: ``solver="projected"`` (default), our
 two-metric projected L-BFGS, which matches scipy's L-BFGS-B objective values in as many iterations; and
 ``solver="jaxopt"``, ``jaxopt.LBFGSB.update`` steps (``unroll=False``), kept for comparison: on these
 float32 objectives its line search fails repeatedly and it stalls several percent above the minimum
-(notes/attack.md). When several devices are visible the example axis is sharded over a 1-D mesh
-(``jax.sharding.NamedSharding``); ragged batches are padded and the padding dropped.
+(notes/attack.md). When several devices are visible the example axis is sharded over the 1-D data mesh
+of ``intriguing_jax.distributed`` (ragged batches padded and the padding dropped; multi-host outputs
+gathered on every process).
 
 Compilation: one program per (logits function, input shape, options). ``logits_fn`` is a static argument
 hashed by identity, so reuse the same function object: with ``params=`` the function is e.g.

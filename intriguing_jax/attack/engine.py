@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from intriguing_jax import distributed
 from intriguing_jax.attack.solver import box_lbfgs, boundary_projection
 from intriguing_jax.types import Array
 
@@ -63,7 +64,7 @@ class AttackOptions:
   history_size: int = 10
   tol: float = 1e-4
   c_grid: Tuple[float, ...] = DEFAULT_C_GRID
-  num_bisection: int = 10
+  num_bisection: int = 6
   warm_start: bool = True
   refine: bool = True
   refine_steps: int = 30
@@ -73,6 +74,8 @@ class AttackOptions:
   solver: str = "projected"
   success_margin: float = 1e-3
   margin_kappa: float = 0.0
+  grid_parallel: Optional[bool] = None
+  bisection_maxiter: int = 0
 
   def validate(self) -> None:
     if self.penalty not in PENALTIES:
@@ -85,7 +88,7 @@ class AttackOptions:
     for name in ("maxiter", "history_size"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("num_bisection", "refine_steps", "refine_rounds", "projection_steps"):
+    for name in ("num_bisection", "refine_steps", "refine_rounds", "projection_steps", "bisection_maxiter"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if not (self.ftol >= 0 and math.isfinite(self.ftol)):
@@ -140,6 +143,19 @@ def _penalty(r: Array, opts: AttackOptions) -> Array:
   return sq
 
 
+def _grid_parallel(opts: AttackOptions) -> bool:
+  """Whether the c grid is one [B x G]-problem vmap (accelerators) or G [B]-problem solves (CPU)."""
+  if opts.grid_parallel is not None:
+    return bool(opts.grid_parallel)
+  return jax.default_backend() != "cpu"
+
+
+def _refine_margin(opts: AttackOptions) -> float:
+  """Margin (logits) the refinement keeps: twice the success margin (at least 1e-4), so that the returned
+  points clear the success test by a float32-safe gap instead of sitting on it."""
+  return max(2.0 * opts.success_margin, opts.success_margin + 1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The compiled program.
 
@@ -158,9 +174,9 @@ def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, la
     logits = _call(logits_fn, params, has_params, z[None])[0]
     return c * _penalty(z - x0, opts) + _loss(logits, lb, opts)
 
-  def solve_one(x0, start, lb, c):
+  def solve_one(x0, start, lb, c, maxiter=opts.maxiter):
     return box_lbfgs(objective, start, lower, upper, x0, lb, c,
-                     maxiter=opts.maxiter, history_size=opts.history_size, tol=opts.tol,
+                     maxiter=maxiter, history_size=opts.history_size, tol=opts.tol,
                      ftol=opts.ftol, solver=opts.solver)
 
   def rms(z, x0):
@@ -172,8 +188,16 @@ def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, la
     return ok, rms(z, x)
 
   # 1. The c grid, examples x c in parallel.
-  grid_solve = jax.vmap(jax.vmap(solve_one, in_axes=(None, None, None, 0)), in_axes=(0, 0, 0, None))
-  z_grid, it_grid = grid_solve(x, x, label, c_grid)                    # [B, G, *s], [B, G]
+  if _grid_parallel(opts):
+    grid_solve = jax.vmap(jax.vmap(solve_one, in_axes=(None, None, None, 0)), in_axes=(0, 0, 0, None))
+    z_grid, it_grid = grid_solve(x, x, label, c_grid)                  # [B, G, *s], [B, G]
+  else:
+    # One c at a time (lax.map), examples in parallel: on CPU the [B*G]-problem solve is memory-bound and
+    # ran ~4x slower than G solves of B problems (notes/attack.md), and each c stops with its own
+    # slowest member instead of the slowest of the whole grid.
+    per_c = lambda c: jax.vmap(solve_one, in_axes=(0, 0, 0, None))(x, x, label, c)
+    z_grid, it_grid = jax.lax.map(per_c, c_grid)                       # [G, B, *s], [G, B]
+    z_grid, it_grid = jnp.moveaxis(z_grid, 0, 1), jnp.moveaxis(it_grid, 0, 1)
   flat = z_grid.reshape((-1,) + x.shape[1:])
   lab_rep = jnp.repeat(label, num_c)
   ok_grid = (margin_of(flat, lab_rep) > opts.success_margin).reshape(label.shape[0], num_c)
@@ -192,7 +216,7 @@ def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, la
   c_hi = jnp.min(jnp.where(fail_above, c_grid[None, :], jnp.inf), axis=1)
   c_hi = jnp.where(jnp.isfinite(c_hi), c_hi, c_best * ratio)
   c_min = sorted_c[0]
-  lo = jnp.where(any_ok, c_best, c_min / ratio)          # no success: search below the grid
+  lo = jnp.where(any_ok, c_best, c_min / ratio)          # no success: search below the grid (round_body)
   hi = jnp.where(any_ok, c_hi, c_min)
   fallback_i = jnp.argmin(c_grid) * jnp.ones_like(best_i)
   pick = jnp.where(any_ok, best_i, fallback_i)
@@ -203,11 +227,14 @@ def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, la
   iters = jnp.sum(it_grid, axis=1)
 
   # 2. Bisection rounds on c (log-space), all examples together.
-  line_solve = jax.vmap(solve_one, in_axes=(0, 0, 0, 0))
+  bisection_maxiter = opts.bisection_maxiter or opts.maxiter
+  line_solve = jax.vmap(functools.partial(solve_one, maxiter=bisection_maxiter), in_axes=(0, 0, 0, 0))
 
   def round_body(_, carry):
     lo, hi, z_best, d_best, c_out, any_ok, iters = carry
-    mid = jnp.sqrt(lo * hi)
+    # No success yet: extend the grid downward (toward pure loss minimisation) by the grid ratio per round
+    # instead of bisecting a fixed interval below it.
+    mid = jnp.where(any_ok, jnp.sqrt(lo * hi), hi / ratio)
     start = jnp.where(any_ok.reshape((-1,) + (1,) * (x.ndim - 1)), z_best, x) if opts.warm_start else x
     z, it = line_solve(x, start, label, mid)
     ok, d = evaluate(z, label)
@@ -227,7 +254,11 @@ def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, la
 
   # 3. Refinement toward the decision boundary (both steps only ever keep points checked to succeed).
   bshape = (-1,) + (1,) * (x.ndim - 1)
-  ok_fn = lambda z: margin_of(z, label) > opts.success_margin
+  # The refinement walks toward the decision boundary; it stops at a margin of refine_margin (> the
+  # success margin), never at the success threshold itself: a point whose margin equals the threshold
+  # flips its flag under the round-off of another batch shape, fusion or device count (measured: the
+  # margins of refined points were all 1.000e-3 .. 1.003e-3 with refine_margin = success_margin).
+  ok_fn = lambda z: margin_of(z, label) > _refine_margin(opts)
 
   def bisect_segment(p0, p1, steps):
     """Smallest t in [0, 1] (to 2^-steps) with ok(p0 + t (p1 - p0)); p1 (t = 1) is known to succeed."""
@@ -262,7 +293,7 @@ def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, la
       return lambda z: (constraints(z, lb), jax.jacrev(constraints)(z, lb))
 
     project = jax.vmap(lambda x0, z, lb: boundary_projection(
-        jac_fn_of(lb), x0, z, lower, upper, 2.0 * opts.success_margin, opts.projection_steps))
+        jac_fn_of(lb), x0, z, lower, upper, 2.0 * _refine_margin(opts), opts.projection_steps))
 
     def sqp_round(_, carry):
       z_cur, d_cur = carry
@@ -353,11 +384,12 @@ def _check_inputs(x, target, opts: AttackOptions):
 def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, params: Any = None,
                  untargeted: bool = False, penalty: str = "l2_squared", loss: str = "cross_entropy",
                  box: Tuple[float, float] = (0.0, 1.0), maxiter: int = 100, history_size: int = 10,
-                 tol: float = 1e-4, c_grid: Sequence[float] = DEFAULT_C_GRID, num_bisection: int = 10,
+                 tol: float = 1e-4, c_grid: Sequence[float] = DEFAULT_C_GRID, num_bisection: int = 6,
                  warm_start: bool = True, refine: bool = True, refine_steps: int = 30,
                  refine_rounds: int = 2, projection_steps: int = 300, ftol: float = 1e-6,
                  solver: str = "projected",
                  success_margin: float = 1e-3, margin_kappa: float = 0.0,
+                 bisection_maxiter: int = 0, grid_parallel: Optional[bool] = None,
                  shard: Optional[bool] = None) -> AttackResult:
   """Box-constrained L-BFGS adversarial search with a c search (paper.md §3, A1-A4).
 
@@ -379,7 +411,8 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
     c_grid: penalty values solved in parallel first (a geometric grid).
     num_bisection: log-space bisection rounds on c after the grid.
     warm_start: start each bisection solve at the example's best point so far instead of x.
-    refine: final bisection along x -> x_adv for the point closest to x that still succeeds.
+    refine: final refinement toward the decision boundary (see the package docstring); it keeps a
+      margin of max(2 success_margin, success_margin + 1e-4) logits, clear of the success threshold.
     refine_steps: bisection steps of the refinement.
     success_margin: logits margin a success needs (guards the flag against re-evaluation noise).
     margin_kappa: confidence of the "margin" loss.
@@ -388,10 +421,17 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
     ftol: relative-decrease stopping tolerance of each L-BFGS solve (scipy's factr analogue).
     solver: "projected" (default; our two-metric projected L-BFGS, see ``_projected_lbfgs``) or
       "jaxopt" (``jaxopt.LBFGSB``; its line search stalls on these float32 objectives, notes/attack.md).
-    shard: shard the batch over all devices; None = when more than one device is visible.
+    bisection_maxiter: iteration cap of the warm-started bisection solves (0: ``maxiter``).
+    grid_parallel: solve the c grid as one vmap over examples x c (True) or one c at a time with the
+      examples vmapped (False, ``lax.map``); None: True on accelerators, False on CPU, where the
+      [B*G]-problem solve is memory-bound (measured ~4x slower, notes/attack.md).
+    shard: shard the batch over all devices (``intriguing_jax.distributed``: 1-D data mesh, ragged
+      batches padded, multi-host outputs gathered so every process gets all B rows as numpy arrays);
+      None = when more than one device is visible.
 
   Returns:
-    An AttackResult; arrays on device, sized B.
+    An AttackResult sized B: jax arrays (sharded over the devices when ``shard``); numpy arrays in a
+    multi-process run (gathered on every process).
 
   Raises:
     ValueError: NaN/inf or out-of-box x, target shape/dtype/range errors, bad options, or a logits_fn
@@ -404,7 +444,9 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
                        warm_start=bool(warm_start), refine=bool(refine), refine_steps=int(refine_steps),
                        refine_rounds=int(refine_rounds), projection_steps=int(projection_steps),
                        ftol=float(ftol), solver=solver,
-                       success_margin=float(success_margin), margin_kappa=float(margin_kappa))
+                       success_margin=float(success_margin), margin_kappa=float(margin_kappa),
+                       bisection_maxiter=int(bisection_maxiter),
+                       grid_parallel=None if grid_parallel is None else bool(grid_parallel))
   opts.validate()
   x, target = _check_inputs(x, target, opts)
   has_params = params is not None
@@ -415,23 +457,17 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
   fn = _compiled(logits_fn, has_params, opts)
   c_arr = jnp.asarray(opts.c_grid, x.dtype)
   n = x.shape[0]
-  devices = jax.devices()
   if shard is None:
-    shard = len(devices) > 1
-  if shard and len(devices) > 1:
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-    nd = len(devices)
-    pad = (-n) % nd
-    if pad:  # pad with copies of the first example; dropped below
-      x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)], axis=0)
-      target = np.concatenate([target, np.repeat(target[:1], pad)], axis=0)
-    mesh = Mesh(np.asarray(devices), ("batch",))
-    rows = NamedSharding(mesh, PartitionSpec("batch"))
-    rep = NamedSharding(mesh, PartitionSpec())
-    x = jax.device_put(x, rows)
-    target = jax.device_put(target, rows)
-    c_arr = jax.device_put(c_arr, rep)
-    params = jax.device_put(params, rep) if has_params else None
-    res = fn(params, x, target, c_arr)
-    return jax.tree_util.tree_map(lambda a: a[:n], res) if pad else res
-  return fn(params, jnp.asarray(x), jnp.asarray(target), c_arr)
+    shard = jax.device_count() > 1
+  if not (shard and jax.device_count() > 1):
+    return fn(params, jnp.asarray(x), jnp.asarray(target), c_arr)
+  # The example axis sharded over every (global) device; parameters and the c grid replicated. A ragged
+  # batch is padded with copies of example 0 (valid, in-box inputs), the padding dropped afterwards.
+  mesh = distributed.data_mesh()
+  size = distributed.round_up(n, mesh.size)
+  xs, ts = distributed.put_batch(distributed.pad_batch((x, target), size), mesh)
+  c_arr, params = distributed.put_replicated((np.asarray(c_arr), params if has_params else None), mesh)
+  res = fn(params, xs, ts, c_arr)
+  if jax.process_count() > 1:  # multi-host: every process gets the full result (numpy)
+    res = distributed.gather(res)
+  return distributed.unpad(res, n) if size != n else res

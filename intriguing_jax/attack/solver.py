@@ -21,7 +21,8 @@ from intriguing_jax.types import Array
 
 def box_lbfgs(fun: Callable[..., Array], x0: Array, lower: Array, upper: Array, *args,
               maxiter: int, history_size: int, tol: float, ftol: float = 0.0,
-              solver: str = "projected") -> Tuple[Array, Array]:
+              solver: str = "projected", max_backtracks: int = 30,
+              return_nfev: bool = False) -> Tuple[Array, ...]:
   """Minimises ``fun(z, *args)`` over the box [lower, upper] with L-BFGS-B, for ONE problem.
 
   Vmap it for many problems. Swapping the solver means rewriting this function only. The iterations
@@ -38,20 +39,27 @@ def box_lbfgs(fun: Callable[..., Array], x0: Array, lower: Array, upper: Array, 
     maxiter, history_size: L-BFGS-B iteration cap and memory size.
     tol: tolerance on the inf-norm of the projected-gradient step (jaxopt's ``error``).
     ftol: relative-decrease tolerance (0 disables it).
+    solver: "projected" (default) or "jaxopt".
+    max_backtracks: cap on the Armijo halvings per iteration ("projected"; under vmap every member pays
+      for the member that backtracks most).
+    return_nfev: ("projected") also return the number of objective evaluations.
 
   Returns:
-    (z, num_iter): the minimiser (in the box) and the iterations used.
+    (z, num_iter) -- or (z, num_iter, num_fev) with ``return_nfev`` -- the minimiser (in the box) and the
+    iterations used.
   """
   lower = jnp.broadcast_to(lower, x0.shape).astype(x0.dtype)
   upper = jnp.broadcast_to(upper, x0.shape).astype(x0.dtype)
   bounds = (lower, upper)
   z0 = jnp.clip(x0, lower, upper)
   if solver == "projected":
-    z, it = _projected_lbfgs(fun, z0, lower, upper, args, maxiter=maxiter, history_size=history_size,
-                             tol=tol, ftol=ftol)
-    return jnp.clip(z, lower, upper), it
+    z, it, nfev = _projected_lbfgs(fun, z0, lower, upper, args, maxiter=maxiter, history_size=history_size,
+                                   tol=tol, ftol=ftol, max_backtracks=max_backtracks)
+    return (jnp.clip(z, lower, upper), it, nfev) if return_nfev else (jnp.clip(z, lower, upper), it)
   if solver != "jaxopt":
     raise ValueError(f"solver must be 'jaxopt' or 'projected', got {solver!r}")
+  if return_nfev:
+    raise ValueError("return_nfev is only available with solver='projected'")
   import jaxopt  # pylint: disable=g-import-not-at-top
   solver = jaxopt.LBFGSB(fun=fun, maxiter=maxiter, history_size=history_size, tol=tol,
                          unroll=False, implicit_diff=False, jit=True)
@@ -73,7 +81,7 @@ def box_lbfgs(fun: Callable[..., Array], x0: Array, lower: Array, upper: Array, 
   return jnp.clip(z, lower, upper), jnp.asarray(it, jnp.int32)
 
 
-def _projected_lbfgs(fun, z0, lower, upper, args, *, maxiter, history_size, tol, ftol):
+def _projected_lbfgs(fun, z0, lower, upper, args, *, maxiter, history_size, tol, ftol, max_backtracks=30):
   """Our box-constrained L-BFGS: two-metric projected quasi-Newton (Bertsekas 1982) + Armijo arc search.
 
   Variables at a bound whose gradient pushes outward are fixed; the L-BFGS two-loop recursion
@@ -109,11 +117,11 @@ def _projected_lbfgs(fun, z0, lower, upper, args, *, maxiter, history_size, tol,
     return jnp.where(free, -r, 0.0).reshape(z0.shape)
 
   def cond(c):
-    z, f, g, hist, it, done, f_prev = c
+    z, f, g, hist, it, done, nfev = c
     return (it < maxiter) & ~done
 
   def body(c):
-    z, f, g, hist, it, _, _ = c
+    z, f, g, hist, it, _, nfev = c
     active = ((z <= lower) & (g > 0)) | ((z >= upper) & (g < 0))
     free = ~active
     d = direction(g, free.reshape(-1), hist)
@@ -127,7 +135,7 @@ def _projected_lbfgs(fun, z0, lower, upper, args, *, maxiter, history_size, tol,
     # accepted, so one forward + backward pass per iteration).
     def ls_cond(lc):
       _, z_new, f_new, _, k = lc
-      return (f_new > f + 1e-4 * jnp.sum(g * (z_new - z))) & (k < 30)
+      return (f_new > f + 1e-4 * jnp.sum(g * (z_new - z))) & (k < max_backtracks)
 
     def ls_body(lc):
       alpha, _, _, _, k = lc
@@ -138,7 +146,7 @@ def _projected_lbfgs(fun, z0, lower, upper, args, *, maxiter, history_size, tol,
 
     z1 = jnp.clip(z + d, lower, upper)
     f1, g1 = vg(z1, *args)
-    _, z_new, f_new, g_new, _ = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), dt), z1, f1, g1, 0))
+    _, z_new, f_new, g_new, nls = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), dt), z1, f1, g1, 0))
     ok = f_new <= f
     # A failed line search first drops the L-BFGS memory (the next step is steepest descent, as scipy's
     # L-BFGS-B restarts); only a failure without memory ends the solve.
@@ -159,11 +167,11 @@ def _projected_lbfgs(fun, z0, lower, upper, args, *, maxiter, history_size, tol,
     pg = jnp.max(jnp.abs(jnp.clip(z_new - g_new, lower, upper) - z_new))
     stalled = (f - f_new) <= ftol * jnp.maximum(jnp.maximum(jnp.abs(f), jnp.abs(f_new)), 1.0)
     done = (pg <= tol) | (stalled & ok) | (~ok & ~had_memory) | ~jnp.isfinite(f_new)
-    return z_new, f_new, g_new, hist, it + 1, done, f
+    return z_new, f_new, g_new, hist, it + 1, done, nfev + 1 + nls
 
-  init = (z0, f0, g0, hist, 0, jnp.asarray(False), jnp.asarray(jnp.inf, dt))
-  z, _, _, _, it, _, _ = jax.lax.while_loop(cond, body, init)
-  return z, jnp.asarray(it, jnp.int32)
+  init = (z0, f0, g0, hist, 0, jnp.asarray(False), 1)
+  z, _, _, _, it, _, nfev = jax.lax.while_loop(cond, body, init)
+  return z, jnp.asarray(it, jnp.int32), jnp.asarray(nfev, jnp.int32)
 
 
 def boundary_projection(jac_fn: Callable[[Array], Tuple[Array, Array]], x: Array, z: Array,
