@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -621,16 +620,7 @@ def train_with_pool(model, images, labels, config: train_lib.TrainConfig, pool_c
               "data_seed": int(data_seed), "num_train": int(num_train),
               "data_fingerprint": train_lib.data_fingerprint(images, labels), "model": repr(model)}
   if workdir:
-    info_path = os.path.join(workdir, "run_config.json")
-    if os.path.exists(info_path):
-      old = checkpoint.read_json(info_path)
-      new = json.loads(json.dumps(run_info))
-      if old != new:
-        diff = sorted(k for k in new if old.get(k) != new[k])
-        raise ValueError(f"{workdir} holds a run with different settings ({', '.join(diff)}); "
-                         "use another workdir or delete it")
-    else:
-      checkpoint.atomic_write_json(info_path, run_info)
+    checkpoint.guard_run_config(workdir, run_info)
     restored, step = checkpoint.restore_checkpoint(ckpt_dir, target=state)
     if step is not None:
       state = jax.tree.map(jnp.asarray, restored)

@@ -206,3 +206,21 @@ def restore_checkpoint(ckpt_dir: PathLike, target: Any = None,
       return target, None
   path = os.path.join(os.fspath(ckpt_dir), _ckpt_name(step))
   return load_pytree(path, target), int(step)
+
+
+def guard_run_config(workdir: PathLike, run_info: Any, *, filename: str = "run_config.json") -> None:
+  """Records ``run_info`` in ``workdir/filename``, or checks that a previous run there used the same settings.
+
+  Resuming a run in a workdir that holds a run with other settings would silently mix two experiments, so a
+  mismatch raises ``ValueError`` naming the keys that differ.
+  """
+  info_path = os.path.join(os.fspath(workdir), filename)
+  new = json.loads(json.dumps(run_info, default=_json_default))
+  if os.path.exists(info_path):
+    old = read_json(info_path)
+    if old != new:
+      diff = sorted(k for k in new if old.get(k) != new[k])
+      raise ValueError(f"{os.fspath(workdir)} holds a run with different settings ({', '.join(diff)}); "
+                       "use another workdir or delete it")
+  else:
+    atomic_write_json(info_path, run_info)

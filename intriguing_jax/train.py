@@ -525,15 +525,7 @@ def _run(model, images, labels, config: TrainConfig, *, decays: np.ndarray, seed
     run_info = {"config": config.to_dict(), "seeds": [int(s) for s in seeds], "data_seed": int(data_seed),
                 "weight_decays": np.asarray(decays).tolist(), "num_train": int(num_train),
                 "data_fingerprint": data_fingerprint(images, labels), "model": repr(model)}
-    info_path = os.path.join(workdir, "run_config.json")
-    if os.path.exists(info_path):
-      old = checkpoint.read_json(info_path)
-      if old != json.loads(json.dumps(run_info)):
-        diff = sorted(k for k in run_info if old.get(k) != json.loads(json.dumps(run_info[k])))
-        raise ValueError(f"{workdir} holds a run with different settings ({', '.join(diff)}); "
-                         "use another workdir or delete it")
-    else:
-      checkpoint.atomic_write_json(info_path, run_info)
+    checkpoint.guard_run_config(workdir, run_info)
     restored, step = checkpoint.restore_checkpoint(ckpt_dir, target=state)
     if step is not None:
       state = jax.tree.map(jnp.asarray, restored)

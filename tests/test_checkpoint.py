@@ -71,3 +71,10 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
 def test_json_accepts_arrays(tmp_path):
   checkpoint.atomic_write_json(tmp_path / "j.json", {"e": np.float32(0.5), "v": jnp.arange(3)})
   assert checkpoint.read_json(tmp_path / "j.json") == {"e": 0.5, "v": [0, 1, 2]}
+
+
+def test_guard_run_config_records_then_refuses_other_settings(tmp_path):
+  checkpoint.guard_run_config(tmp_path, {"lr": 0.1, "seeds": [0]})
+  checkpoint.guard_run_config(tmp_path, {"lr": 0.1, "seeds": [0]})  # same settings: fine
+  with pytest.raises(ValueError, match=r"different settings \(lr\)"):
+    checkpoint.guard_run_config(tmp_path, {"lr": 0.2, "seeds": [0]})
