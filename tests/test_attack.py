@@ -54,11 +54,12 @@ def _targets(logits_fn, x, seed=2):
   return ((pred + rng.randint(1, K, size=pred.shape)) % K).astype(np.int32), pred
 
 
-def test_linear_matches_exact_optimum_and_success_is_real():
+@pytest.mark.parametrize("schedule", ["continuous", "rounds"])
+def test_linear_matches_exact_optimum_and_success_is_real(schedule):
   params = _linear_params()
   x = _data(6)
   target, _ = _targets(lambda z: linear_apply(params, z), x)
-  res = attack.lbfgs_attack(linear_apply, x, target, params=params, **FAST)
+  res = attack.lbfgs_attack(linear_apply, x, target, params=params, schedule=schedule, **FAST)
   xa = np.asarray(res.x_adv)
   assert xa.min() >= 0.0 and xa.max() <= 1.0
   t = np.asarray(res.t)
@@ -133,6 +134,64 @@ def test_batch_equals_per_example(mlp_batch):
     np.testing.assert_allclose(float(one.distortion[0]), float(batch.distortion[i]), rtol=1e-3, atol=1e-6)
 
 
+def test_queue_of_examples_matches_one_row_per_example(mlp_batch):
+  # Two rows working through a queue of six examples: every example gets the same c search as with one
+  # row each (up to float32 rounding of the differently shaped batches).
+  params, x, target, batch = mlp_batch
+  queued = attack.lbfgs_attack(mlp_apply, x, target, params=params, num_slots=2, **FAST)
+  np.testing.assert_array_equal(np.asarray(queued.success), np.asarray(batch.success))
+  np.testing.assert_allclose(np.asarray(queued.distortion), np.asarray(batch.distortion), rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(queued.c), np.asarray(batch.c), rtol=1e-3)
+  # Example i's result landed in row i (not in the row of whichever example finished with it).
+  pred = np.asarray(jnp.argmax(mlp_apply(params, queued.x_adv), -1))
+  np.testing.assert_array_equal(pred, target)
+
+
+def test_continuous_and_rounds_schedules_agree(mlp_batch):
+  # The two schedules visit c differently (first success from the top vs the whole grid), but both find
+  # the largest succeeding c and refine to the boundary: same successes, distortions within 2%.
+  params, x, target, batch = mlp_batch
+  rounds = attack.lbfgs_attack(mlp_apply, x, target, params=params, schedule="rounds", **FAST)
+  np.testing.assert_array_equal(np.asarray(rounds.success), np.asarray(batch.success))
+  np.testing.assert_allclose(np.asarray(batch.distortion), np.asarray(rounds.distortion), rtol=2e-2)
+
+
+def test_rows_step_solves_box_quadratics_with_restarts():
+  # Three box-constrained convex quadratics 0.5 (z-a)' Q_r (z-a), solved by the batched stepper; row 1
+  # is restarted half-way from a different point and must still reach its optimum (scipy's).
+  from scipy import optimize
+  from intriguing_jax.attack import solver
+  rng = np.random.RandomState(0)
+  n, r = 10, 3
+  a = rng.uniform(-0.5, 1.5, size=(r, n)).astype(np.float32)
+  b = rng.randn(r, n, n).astype(np.float32)
+  q = np.einsum("rij,rkj->rik", b, b) / n + 0.1 * np.eye(n, dtype=np.float32)
+
+  def vg(z):
+    fun = lambda z1, a1, q1: 0.5 * (z1 - a1) @ q1 @ (z1 - a1)
+    f, g = jax.vmap(jax.value_and_grad(fun))(z, jnp.asarray(a), jnp.asarray(q))
+    return (f, f), g
+
+  @jax.jit
+  def run():
+    st = solver.rows_init(jnp.full((r, n), 0.5), jnp.zeros((r,)), 5)
+    step = lambda _, st: solver.rows_step(st, vg, 0.0, 1.0, maxiter=200, tol=1e-6, ftol=0.0)
+    st = jax.lax.fori_loop(0, 15, step, st)
+    st = solver.rows_restart(st, jnp.asarray([False, True, False]), jnp.zeros((r, n)))
+    restarted_iter = st.num_iter
+    st = jax.lax.fori_loop(0, 300, step, st)
+    return st, restarted_iter
+
+  st, restarted_iter = run()
+  assert int(restarted_iter[1]) == 0 and int(restarted_iter[0]) > 0
+  assert np.all(np.asarray(st.done))
+  for i in range(r):
+    ref = optimize.minimize(lambda z: 0.5 * (z - a[i]) @ q[i] @ (z - a[i]), np.full(n, 0.5),
+                            jac=lambda z: q[i] @ (z - a[i]), method="L-BFGS-B", bounds=[(0, 1)] * n,
+                            options=dict(ftol=1e-15, gtol=1e-10))
+    np.testing.assert_allclose(np.asarray(st.z[i]), ref.x, atol=2e-4)
+
+
 def test_untargeted_in_a_custom_box():
   params = _mlp_params(2)
   x = 0.25 + 0.5 * _data(6, seed=6)
@@ -151,7 +210,8 @@ def test_closure_logits_fn_and_penalty_options():
   x = _data(6)
   target, _ = _targets(fn, x)
   # Also the accelerator layout of the c grid (one vmap over examples x c), forced here on CPU.
-  res = attack.lbfgs_attack(fn, x, target, penalty="l2", loss="margin", grid_parallel=True, **FAST)
+  res = attack.lbfgs_attack(fn, x, target, penalty="l2", loss="margin", schedule="rounds",
+                            grid_parallel=True, **FAST)
   pred = np.asarray(jnp.argmax(fn(res.x_adv), -1))
   assert np.all(np.asarray(res.success))
   np.testing.assert_array_equal(pred, target)
@@ -168,6 +228,9 @@ def test_closure_logits_fn_and_penalty_options():
     (dict(options=dict(c_grid=())), "c_grid"),
     (dict(options=dict(penalty="l1")), "penalty"),
     (dict(options=dict(box=(1.0, 0.0))), "box"),
+    (dict(options=dict(schedule="async")), "schedule"),
+    (dict(options=dict(schedule="continuous", solver="jaxopt")), "schedule='rounds'"),
+    (dict(options=dict(num_slots=-1)), "num_slots"),
 ])
 def test_bad_input_raises_before_compiling(bad, match):
   params = _linear_params()

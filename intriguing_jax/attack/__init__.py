@@ -22,11 +22,17 @@ The method (paper.md §3, A1-A4): for each example and a target label l, minimis
 with L-BFGS-B started at x' = x, and search for the LARGEST c (smallest perturbation) whose minimiser is
 classified l. All of it is one jit-compiled program:
 
-1. a geometric grid of c values is solved in parallel: vmapped over examples x c on accelerators; on CPU
-   (``grid_parallel=None``) one c at a time with the examples vmapped, which is ~4x faster there;
-2. ``num_bisection`` rounds (``lax.fori_loop``) bisect c in log-space between the best succeeding and the
-   smallest failing c of each example, all examples advancing together (an example with no success on
-   the grid walks below it instead, one grid ratio per round, toward pure loss minimisation);
+1.-2. the c search (``schedule="continuous"``, default): every example scans a geometric grid of c
+   values from the LARGEST c down to its first success (the largest succeeding grid c), then bisects c
+   in log-space ``num_bisection`` times between it and the failing grid value above it (an example with
+   no success on the grid walks below it instead, one grid ratio per solve, toward pure loss
+   minimisation); every solve after the first is warm-started. The solves run on the rows of a
+   batched, restartable projected L-BFGS (``solver.rows_step``, one objective evaluation per trip for
+   every row): a row starts its example's next solve the moment the previous one ends, and takes the
+   next queued example when its example is done, so no example waits for another. With
+   ``schedule="rounds"`` the whole grid is solved at once, vmapped over examples x c (``grid_parallel``)
+   and ``num_bisection`` bisection rounds follow in lock step, each as long as its slowest example
+   (measured ~10x slower on CPU, notes/attack.md);
 3. (``refine=True``, default) a final refinement toward the decision boundary. Why it is needed: with
    cross-entropy, the gradient of the loss at the boundary is sum_j p_j (w_j - w_l), which mixes in every
    class with p_j > 0, not only the classes whose constraints are active, so the penalty minimisers
@@ -44,8 +50,9 @@ device, so the margin keeps the flag reproducible. ``success_margin=0`` is the p
 refinement stops at twice that margin (at least success_margin + 1e-4), never at the threshold itself,
 so the flags do not depend on the batch shape or the device count.
 
-The box-constrained L-BFGS lives behind ``box_lbfgs`` only (a ``lax.while_loop`` that stops when the
-slowest member of the vmapped batch converges). Two solvers: ``solver="projected"`` (default), our
+The box-constrained L-BFGS lives in ``solver.py`` only: ``rows_step`` (the continuous schedule's batched
+stepper) and ``box_lbfgs`` (one problem, vmapped by the rounds schedule; a ``lax.while_loop`` that stops
+when the slowest member of the batch converges). Two solvers: ``solver="projected"`` (default), our
 two-metric projected L-BFGS, which matches scipy's L-BFGS-B objective values in as many iterations; and
 ``solver="jaxopt"``, ``jaxopt.LBFGSB.update`` steps (``unroll=False``), kept for comparison: on these
 float32 objectives its line search fails repeatedly and it stalls several percent above the minimum
@@ -60,10 +67,10 @@ different model of the same architecture reuse the compiled program.
 """
 
 from intriguing_jax.attack.engine import (AttackOptions, AttackResult, DEFAULT_C_GRID, LOSSES, PENALTIES,
-                                          SOLVERS, _attack_impl, _compiled, lbfgs_attack)
+                                          SCHEDULES, SOLVERS, _attack_impl, _compiled, lbfgs_attack)
 from intriguing_jax.attack.perturbations import gaussian_noise, random_targets, scale_perturbation
 from intriguing_jax.attack.solver import box_lbfgs, boundary_projection
 
-__all__ = ("AttackOptions", "AttackResult", "DEFAULT_C_GRID", "LOSSES", "PENALTIES", "SOLVERS",
+__all__ = ("AttackOptions", "AttackResult", "DEFAULT_C_GRID", "LOSSES", "PENALTIES", "SCHEDULES", "SOLVERS",
            "lbfgs_attack", "gaussian_noise", "random_targets", "scale_perturbation", "box_lbfgs",
            "boundary_projection")

@@ -21,12 +21,15 @@ import numpy as np
 from absl import logging
 
 from intriguing_jax import distributed
+from intriguing_jax.attack import solver as solver_lib
 from intriguing_jax.attack.solver import box_lbfgs, boundary_projection
 from intriguing_jax.types import Array
 
 PENALTIES = ("l2_squared", "l2")
 LOSSES = ("cross_entropy", "margin")
 SOLVERS = ("jaxopt", "projected")
+SCHEDULES = ("continuous", "rounds")
+DEFAULT_CPU_SLOTS = 32
 DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 
 
@@ -76,6 +79,8 @@ class AttackOptions:
   margin_kappa: float = 0.0
   grid_parallel: Optional[bool] = None
   bisection_maxiter: int = 0
+  schedule: Optional[str] = None
+  num_slots: int = 0
 
   def validate(self) -> None:
     if self.penalty not in PENALTIES:
@@ -88,11 +93,16 @@ class AttackOptions:
     for name in ("maxiter", "history_size"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("num_bisection", "refine_steps", "refine_rounds", "projection_steps", "bisection_maxiter"):
+    for name in ("num_bisection", "num_slots", "refine_steps", "refine_rounds", "projection_steps", "bisection_maxiter"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if not (self.ftol >= 0 and math.isfinite(self.ftol)):
       raise ValueError(f"ftol must be finite and >= 0, got {self.ftol}")
+    if self.schedule is not None and self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {SCHEDULES} or None, got {self.schedule!r}")
+    if self.schedule == "continuous" and self.solver == "jaxopt":
+      raise ValueError("schedule='continuous' runs our batched projected L-BFGS; solver='jaxopt' needs "
+                       "schedule='rounds' (or None)")
     if self.solver not in SOLVERS:
       raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
     if not self.tol > 0:
@@ -143,6 +153,25 @@ def _penalty(r: Array, opts: AttackOptions) -> Array:
   return sq
 
 
+def _schedule(opts: AttackOptions) -> str:
+  """The c-search schedule: "continuous" unless asked otherwise or the solver is jaxopt's."""
+  if opts.schedule is not None:
+    return opts.schedule
+  return "rounds" if opts.solver == "jaxopt" else "continuous"
+
+
+def _num_slots(opts: AttackOptions, batch: int) -> int:
+  """Rows of the continuous schedule. 0 = auto: every example at once on accelerators and on several
+  devices; on one CPU at most DEFAULT_CPU_SLOTS, fed from a queue (measured on FC100-100-10, 200
+  examples: 32 rows ran ~3x faster than 200, notes/attack.md; the per-trip cost grows with the rows
+  and small rows stay in cache)."""
+  if opts.num_slots:
+    return min(opts.num_slots, batch)
+  if jax.default_backend() == "cpu" and jax.device_count() == 1:
+    return min(DEFAULT_CPU_SLOTS, batch)
+  return batch  # accelerators, and sharded batches: one row per example (no cross-device gathers)
+
+
 def _grid_parallel(opts: AttackOptions) -> bool:
   """Whether the c grid is one [B x G]-problem vmap (accelerators) or G [B]-problem solves (CPU)."""
   if opts.grid_parallel is not None:
@@ -164,29 +193,13 @@ def _call(logits_fn, params, has_params, xb):
   return logits_fn(params, xb) if has_params else logits_fn(xb)
 
 
-def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, label, c_grid):
-  """x: [B, *s]; label: [B]; c_grid: [G]. Returns an AttackResult."""
-  lower, upper = opts.box
+def _rounds_search(logits_fn, has_params, opts, params, x, label, c_grid, solve_one, margin_of, rms,
+                   evaluate):
+  """schedule="rounds": the c grid solved in one batch, then ``num_bisection`` lock-step rounds.
+
+  Every round (and the grid) lasts as long as its slowest example. Returns
+  (z_best, d_best, c_out, any_ok, iters)."""
   num_c = c_grid.shape[0]
-  margin_of = lambda xb, lb: _margin(_call(logits_fn, params, has_params, xb), lb, opts.untargeted)
-
-  def objective(z, x0, lb, c):
-    logits = _call(logits_fn, params, has_params, z[None])[0]
-    return c * _penalty(z - x0, opts) + _loss(logits, lb, opts)
-
-  def solve_one(x0, start, lb, c, maxiter=opts.maxiter):
-    return box_lbfgs(objective, start, lower, upper, x0, lb, c,
-                     maxiter=maxiter, history_size=opts.history_size, tol=opts.tol,
-                     ftol=opts.ftol, solver=opts.solver)
-
-  def rms(z, x0):
-    d = (z - x0).reshape(z.shape[0], -1)
-    return jnp.sqrt(jnp.mean(d * d, axis=1))
-
-  def evaluate(z, lb):
-    ok = margin_of(z, lb) > opts.success_margin
-    return ok, rms(z, x)
-
   # 1. The c grid, examples x c in parallel.
   if _grid_parallel(opts):
     grid_solve = jax.vmap(jax.vmap(solve_one, in_axes=(None, None, None, 0)), in_axes=(0, 0, 0, None))
@@ -251,6 +264,171 @@ def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, la
   if opts.num_bisection:
     carry = jax.lax.fori_loop(0, opts.num_bisection, round_body, carry)
   _, _, z_best, d_best, c_out, any_ok, iters = carry
+  return z_best, d_best, c_out, any_ok, iters
+
+
+def _continuous_search(logits_fn, has_params, opts, params, x, label, c_grid, num_slots):
+  """schedule="continuous": every example runs its own c search, one solve after the other, in one loop.
+
+  The loop advances ``num_slots`` rows of a batched, restartable L-BFGS (``solver.rows_step``) by one
+  objective evaluation per trip. A row works on one example at a time: it scans the c grid from the
+  LARGEST c down and stops at the first success (the largest succeeding grid c, paper.md A1), then
+  bisects c in log-space ``num_bisection`` times between it and the failing grid value above it (no
+  success anywhere: it walks below the grid, one grid ratio per solve, as the rounds schedule does).
+  When a row's solve ends it starts the example's next solve at once, and when its example is done it
+  takes the next example from the queue (num_slots < B), so no row waits for another: the loop costs
+  about (total work) / num_slots trips plus the last example's tail, instead of the sum over rounds of
+  each round's slowest example. Returns (z_best, d_best, c_out, any_ok, iters), all [B, ...].
+  """
+  lower, upper = opts.box
+  b = x.shape[0]
+  ns = min(int(num_slots), b)
+  shape = x.shape[1:]
+  dt = x.dtype
+  xf = x.reshape(b, -1)
+  num_c = c_grid.shape[0]
+  grid = jnp.sort(c_grid)[::-1]                       # largest first
+  ratio = grid[0] / grid[-1] if num_c > 1 else jnp.asarray(10.0, dt)
+  ratio = jnp.where(num_c > 1, ratio ** (1.0 / max(num_c - 1, 1)), 10.0)
+  bis_maxiter = opts.bisection_maxiter or opts.maxiter
+  num_bis = opts.num_bisection
+
+  def obj1(z, x0, lb, c):
+    logits = _call(logits_fn, params, has_params, z.reshape((1,) + shape))[0]
+    return c * _penalty(z - x0, opts) + _loss(logits, lb, opts), logits
+
+  vg1 = jax.vmap(jax.value_and_grad(obj1, has_aux=True))
+  k = jax.eval_shape(lambda: _call(logits_fn, params, has_params, x[:1])).shape[-1]
+
+  def fresh_search(mask, sr, e_new):
+    """(Re)initialises the search state of the rows in mask for examples e_new."""
+    m1, m2 = mask, mask[:, None]
+    e_safe = jnp.minimum(e_new, b - 1)
+    x_new = xf[e_safe]
+    return dict(
+        e=jnp.where(m1, e_new, sr["e"]), x=jnp.where(m2, x_new, sr["x"]),
+        lab=jnp.where(m1, label[e_safe], sr["lab"]),
+        c=jnp.where(m1, grid[0], sr["c"]), gi=jnp.where(m1, 0, sr["gi"]),
+        grid_done=sr["grid_done"] & ~m1, nb=jnp.where(m1, 0, sr["nb"]),
+        lo=sr["lo"], hi=sr["hi"], z_best=jnp.where(m2, x_new, sr["z_best"]),
+        d_best=jnp.where(m1, jnp.inf, sr["d_best"]), c_out=jnp.where(m1, jnp.nan, sr["c_out"]),
+        any_ok=sr["any_ok"] & ~m1, iters=jnp.where(m1, 0, sr["iters"]),
+        maxiter=jnp.where(m1, opts.maxiter, sr["maxiter"])), x_new
+
+  e0 = jnp.arange(ns, dtype=jnp.int32)
+  sr0 = dict(e=e0, x=xf[:ns], lab=label[:ns], c=jnp.zeros((ns,), dt), gi=jnp.zeros((ns,), jnp.int32),
+             grid_done=jnp.zeros((ns,), bool), nb=jnp.zeros((ns,), jnp.int32), lo=jnp.zeros((ns,), dt),
+             hi=jnp.zeros((ns,), dt), z_best=xf[:ns], d_best=jnp.zeros((ns,), dt),
+             c_out=jnp.zeros((ns,), dt), any_ok=jnp.zeros((ns,), bool), iters=jnp.zeros((ns,), jnp.int32),
+             maxiter=jnp.zeros((ns,), jnp.int32))
+  sr0, _ = fresh_search(jnp.ones((ns,), bool), sr0, e0)
+  out0 = dict(z_best=xf, d_best=jnp.full((b,), jnp.inf, dt), c_out=jnp.full((b,), jnp.nan, dt),
+              any_ok=jnp.zeros((b,), bool), iters=jnp.zeros((b,), jnp.int32))
+  st0 = solver_lib.rows_init(xf[:ns], jnp.zeros((ns, k), dt), opts.history_size)
+  active0 = jnp.ones((ns,), bool)
+  # Every example needs at most num_c + num_bis solves of at most maxiter accepted steps (+ rejected
+  # trials); the cap only guards against a solver that never ends.
+  per_example = (num_c + num_bis) * (max(opts.maxiter, bis_maxiter) + 2) * 4
+  cap = per_example * (-(-b // ns) + 1)
+
+  def cond(carry):
+    _, _, _, active, _, t = carry
+    return jnp.any(active) & (t < cap)
+
+  def body(carry):
+    st, sr, out, active, next_e, t = carry
+    xs, lab = sr["x"], sr["lab"]
+    st = solver_lib.rows_step(st, lambda z: vg1(z, xs, lab, sr["c"]), lower, upper,
+                              maxiter=sr["maxiter"], tol=opts.tol, ftol=opts.ftol)
+    end = st.done & active
+    ok = _margin(st.aux, lab, opts.untargeted) > opts.success_margin
+    d = jnp.sqrt(jnp.mean((st.z - xs) ** 2, axis=1))
+    c = sr["c"]
+    better = end & ok & (d < sr["d_best"])
+    # Until an example succeeds, keep its latest (smallest-c, most aggressive) attempt.
+    z_best = jnp.where((better | (end & ~sr["any_ok"] & ~ok))[:, None], st.z, sr["z_best"])
+    d_best = jnp.where(better, d, sr["d_best"])
+    c_out = jnp.where(better, c, sr["c_out"])
+    in_grid = end & ~sr["grid_done"]
+    in_bis = end & sr["grid_done"]
+    gi = sr["gi"]
+    # Grid scan: the first success brackets [c, previous (failing) grid value]; the last grid value
+    # failing too sends the row below the grid.
+    last = gi >= num_c - 1
+    grid_hit = in_grid & ok
+    grid_miss_all = in_grid & ~ok & last
+    c_prev = jnp.where(gi > 0, grid[jnp.maximum(gi - 1, 0)], c * ratio)
+    lo = jnp.where(grid_hit, c, sr["lo"])
+    hi = jnp.where(grid_hit, c_prev, sr["hi"])
+    lo = jnp.where(grid_miss_all, grid[-1] / ratio, lo)
+    hi = jnp.where(grid_miss_all, grid[-1], hi)
+    grid_done = sr["grid_done"] | grid_hit | grid_miss_all
+    # Bisection (log-space) between the succeeding lo and the failing hi.
+    lo = jnp.where(in_bis & ok, c, lo)
+    hi = jnp.where(in_bis & ~ok, c, hi)
+    nb = sr["nb"] + in_bis.astype(jnp.int32)
+    any_ok = sr["any_ok"] | (end & ok)
+    gi = gi + (in_grid & ~grid_done).astype(jnp.int32)
+    iters = sr["iters"] + jnp.where(end, st.num_iter, 0)
+    finished = end & grid_done & (nb >= num_bis)
+    nxt = end & ~finished
+    c_next = jnp.where(grid_done, jnp.where(any_ok, jnp.sqrt(lo * hi), hi / ratio), grid[gi])
+    start = jnp.where(any_ok[:, None], z_best, st.z) if opts.warm_start else xs
+    # Finished examples: results out (rows of e >= b are padding and dropped), next example in.
+    idx = jnp.where(finished, sr["e"], b)
+    put = lambda o, v: o.at[idx].set(v, mode="drop")
+    out = dict(z_best=put(out["z_best"], z_best), d_best=put(out["d_best"], d_best),
+               c_out=put(out["c_out"], c_out), any_ok=put(out["any_ok"], any_ok),
+               iters=put(out["iters"], iters))
+    rank = jnp.cumsum(finished.astype(jnp.int32)) - 1
+    e_new = next_e + rank
+    refill = finished & (e_new < b)
+    active = (active & ~finished) | refill
+    sr = dict(sr, c=jnp.where(nxt, c_next, c), gi=gi, grid_done=grid_done, nb=nb, lo=lo, hi=hi,
+              z_best=z_best, d_best=d_best, c_out=c_out, any_ok=any_ok, iters=iters,
+              maxiter=jnp.where(nxt & grid_done, bis_maxiter, sr["maxiter"]))
+    if ns < b:  # a queue: refill the rows whose example finished
+      sr, x_new = fresh_search(refill, sr, e_new)
+      start = jnp.where(refill[:, None], x_new, start)
+    st = solver_lib.rows_restart(st, nxt | refill, start)
+    st = st._replace(done=st.done | ~active)          # idle rows stay put
+    next_e = next_e + jnp.sum(finished.astype(jnp.int32))
+    return st, sr, out, active, next_e, t + 1
+
+  carry = (st0, sr0, out0, active0, jnp.asarray(ns, jnp.int32), jnp.zeros((), jnp.int32))
+  _, _, out, _, _, _ = jax.lax.while_loop(cond, body, carry)
+  return (out["z_best"].reshape(x.shape), out["d_best"], out["c_out"], out["any_ok"], out["iters"])
+
+
+def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, label, c_grid):
+  """x: [B, *s]; label: [B]; c_grid: [G]. Returns an AttackResult."""
+  lower, upper = opts.box
+  num_c = c_grid.shape[0]
+  margin_of = lambda xb, lb: _margin(_call(logits_fn, params, has_params, xb), lb, opts.untargeted)
+
+  def objective(z, x0, lb, c):
+    logits = _call(logits_fn, params, has_params, z[None])[0]
+    return c * _penalty(z - x0, opts) + _loss(logits, lb, opts)
+
+  def solve_one(x0, start, lb, c, maxiter=opts.maxiter):
+    return box_lbfgs(objective, start, lower, upper, x0, lb, c,
+                     maxiter=maxiter, history_size=opts.history_size, tol=opts.tol,
+                     ftol=opts.ftol, solver=opts.solver)
+
+  def rms(z, x0):
+    d = (z - x0).reshape(z.shape[0], -1)
+    return jnp.sqrt(jnp.mean(d * d, axis=1))
+
+  def evaluate(z, lb):
+    ok = margin_of(z, lb) > opts.success_margin
+    return ok, rms(z, x)
+
+  if _schedule(opts) == "continuous":
+    z_best, d_best, c_out, any_ok, iters = _continuous_search(
+        logits_fn, has_params, opts, params, x, label, c_grid, _num_slots(opts, x.shape[0]))
+  else:
+    z_best, d_best, c_out, any_ok, iters = _rounds_search(
+        logits_fn, has_params, opts, params, x, label, c_grid, solve_one, margin_of, rms, evaluate)
 
   # 3. Refinement toward the decision boundary (both steps only ever keep points checked to succeed).
   bshape = (-1,) + (1,) * (x.ndim - 1)
@@ -390,6 +568,7 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
                  solver: str = "projected",
                  success_margin: float = 1e-3, margin_kappa: float = 0.0,
                  bisection_maxiter: int = 0, grid_parallel: Optional[bool] = None,
+                 schedule: Optional[str] = None, num_slots: int = 0,
                  shard: Optional[bool] = None) -> AttackResult:
   """Box-constrained L-BFGS adversarial search with a c search (paper.md §3, A1-A4).
 
@@ -422,7 +601,15 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
     solver: "projected" (default; our two-metric projected L-BFGS, see ``_projected_lbfgs``) or
       "jaxopt" (``jaxopt.LBFGSB``; its line search stalls on these float32 objectives, notes/attack.md).
     bisection_maxiter: iteration cap of the warm-started bisection solves (0: ``maxiter``).
-    grid_parallel: solve the c grid as one vmap over examples x c (True) or one c at a time with the
+    schedule: how the c search is scheduled. "continuous" (default; our projected L-BFGS only): each
+      example scans the grid from the largest c down to its first success, then bisects; a row of the
+      batched solver starts the example's next solve the moment the previous one ends and takes the
+      next queued example when one finishes, so nothing waits for the slowest example. "rounds": the
+      grid solved for all c at once (see ``grid_parallel``), then ``num_bisection`` lock-step rounds,
+      each as long as its slowest example (the default when ``solver="jaxopt"``).
+    num_slots: rows of the continuous schedule (examples in flight); 0 = auto (all examples on
+      accelerators or several devices; at most 32 on one CPU, fed from a queue).
+    grid_parallel: ("rounds" schedule) solve the c grid as one vmap over examples x c (True) or one c at a time with the
       examples vmapped (False, ``lax.map``); None: True on accelerators, False on CPU, where the
       [B*G]-problem solve is memory-bound (measured ~4x slower, notes/attack.md).
     shard: shard the batch over all devices (``intriguing_jax.distributed``: 1-D data mesh, ragged
@@ -445,7 +632,8 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
                        refine_rounds=int(refine_rounds), projection_steps=int(projection_steps),
                        ftol=float(ftol), solver=solver,
                        success_margin=float(success_margin), margin_kappa=float(margin_kappa),
-                       bisection_maxiter=int(bisection_maxiter),
+                       bisection_maxiter=int(bisection_maxiter), schedule=schedule,
+                       num_slots=int(num_slots),
                        grid_parallel=None if grid_parallel is None else bool(grid_parallel))
   opts.validate()
   x, target = _check_inputs(x, target, opts)
