@@ -54,6 +54,9 @@ _RESTORE_ONLY = flags.DEFINE_bool(
     "training, no data-fingerprint check).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Part 2: warm engine calls timed (the median counts).",
                                 lower_bound=1)
+_CURVE_BATCH = flags.DEFINE_list("curve_batch", ["200", "1000"], "Part 'curve': batch sizes (test images).")
+_CURVE_SLOTS = flags.DEFINE_list("curve_slots", ["8", "16", "32", "64", "200"],
+                                 "Part 'curve': num_slots values (rows in flight; > batch skipped).")
 _ROUNDS = flags.DEFINE_bool("rounds", True, "Part 2: also time the engine with schedule='rounds'.")
 _VARIANTS = flags.DEFINE_bool("variants", True, "Part 1: also run the paper's method alone (refine=False).")
 
@@ -223,11 +226,37 @@ def part_compare(images, labels, figures):
                             engine_success_on_baseline_set=float(succ[:nb].mean()))
 
 
+def part_curve(images, labels, figures):
+  """Throughput vs rows in flight (num_slots) and vs batch size, FC100-100-10, default options."""
+  model, variables = _model("fc100-100-10", "fc100-100-10")
+  rows = []
+  for bsz in [int(v) for v in _CURVE_BATCH.value]:
+    x = images[:bsz]
+    target = np.asarray(attack.random_targets(jax.random.PRNGKey(_SEED.value), labels[:bsz]))
+    for slots in [int(v) for v in _CURVE_SLOTS.value]:
+      if slots > bsz:
+        continue
+      run = lambda: attack.lbfgs_attack(model.apply, x, target, params=variables, num_slots=slots)
+      res, t1 = _timed(run)
+      _, t2 = _timed(run)
+      _, t3 = _timed(run)
+      t = min(t2, t3)
+      print(f"[curve] batch {bsz:6d}, num_slots {slots:6d}: {bsz / t:8.1f} examples/s warm ({t:.2f} s; "
+            f"first call {t1:.2f} s), success {np.mean(res.success):.1%}, mean RMS "
+            f"{np.mean(res.distortion):.5f}", flush=True)
+      rows.append(dict(batch=bsz, num_slots=slots, examples_per_s=bsz / t, warm_s=t, first_s=t1,
+                       success=float(np.mean(res.success)), mean_rms=float(np.mean(res.distortion))))
+  figures["curve"] = rows
+
+
 def main(argv):
   del argv
   for part in _PARTS.value:
-    if part not in ("convex", "compare"):
-      raise app.UsageError(f"--parts: unknown part {part!r} (choose from convex, compare)")
+    if part not in ("convex", "compare", "curve"):
+      raise app.UsageError(f"--parts: unknown part {part!r} (choose from convex, compare, curve)")
+  for name, vals in (("curve_batch", _CURVE_BATCH.value), ("curve_slots", _CURVE_SLOTS.value)):
+    if not all(v.isdigit() and int(v) >= 1 for v in vals):
+      raise app.UsageError(f"--{name} must be positive integers, got {vals}")
   logging.info("devices: %s", jax.devices())
   images, labels = data.load_mnist("test", _DATA_DIR.value)
   figures = {"devices": [str(d) for d in jax.devices()]}
@@ -235,6 +264,8 @@ def main(argv):
     part_convex(images, labels, figures)
   if "compare" in _PARTS.value:
     part_compare(images, labels, figures)
+  if "curve" in _PARTS.value:
+    part_curve(images, labels, figures)
   if _OUT.value:
     checkpoint.atomic_write_json(_OUT.value, figures)
 

@@ -192,6 +192,22 @@ def test_rows_step_solves_box_quadratics_with_restarts():
     np.testing.assert_allclose(np.asarray(st.z[i]), ref.x, atol=2e-4)
 
 
+def test_make_attack_runs_inside_jit_and_matches_lbfgs_attack(mlp_batch):
+  params, x, target, batch = mlp_batch
+  attack_fn = attack.make_attack(mlp_apply, **FAST)
+
+  @jax.jit
+  def inside(p, xb, tb):  # e.g. a training step that attacks its own batch
+    res = attack_fn(p, xb, tb)
+    return res.success, res.distortion
+
+  success, dist = inside(params, jnp.asarray(x), jnp.asarray(target))
+  np.testing.assert_array_equal(np.asarray(success), np.asarray(batch.success))
+  np.testing.assert_allclose(np.asarray(dist), np.asarray(batch.distortion), rtol=1e-4)
+  with pytest.raises(ValueError, match="maxiter"):
+    attack.make_attack(mlp_apply, maxiter=0)
+
+
 def test_untargeted_in_a_custom_box():
   params = _mlp_params(2)
   x = 0.25 + 0.5 * _data(6, seed=6)

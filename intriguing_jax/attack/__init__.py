@@ -11,6 +11,8 @@ Usage::
     res = attack.lbfgs_attack(model.apply, x, target, params=variables)
     res.x_adv, res.success, res.c, res.distortion          # [B, ...], [B] bool, [B], [B] RMS
     res = attack.lbfgs_attack(model.apply, x, labels, params=variables, untargeted=True)
+    # Inside your own jit (no host-side checks): a pure function of (params, x, target).
+    res = jax.jit(attack.make_attack(model.apply, maxiter=10))(variables, x, target)
 
     noisy = attack.gaussian_noise(key, x, 0.1)                       # Table 2/4 noise rows
     magnified = attack.scale_perturbation(x, res.x_adv, 0.1)         # Table 4 "amplified to stddev 0.1"
@@ -67,10 +69,11 @@ different model of the same architecture reuse the compiled program.
 """
 
 from intriguing_jax.attack.engine import (AttackOptions, AttackResult, DEFAULT_C_GRID, LOSSES, PENALTIES,
-                                          SCHEDULES, SOLVERS, _attack_impl, _compiled, lbfgs_attack)
+                                          SCHEDULES, SOLVERS, _attack_impl, _compiled, lbfgs_attack,
+                                          make_attack)
 from intriguing_jax.attack.perturbations import gaussian_noise, random_targets, scale_perturbation
 from intriguing_jax.attack.solver import box_lbfgs, boundary_projection
 
 __all__ = ("AttackOptions", "AttackResult", "DEFAULT_C_GRID", "LOSSES", "PENALTIES", "SCHEDULES", "SOLVERS",
-           "lbfgs_attack", "gaussian_noise", "random_targets", "scale_perturbation", "box_lbfgs",
+           "lbfgs_attack", "make_attack", "gaussian_noise", "random_targets", "scale_perturbation", "box_lbfgs",
            "boundary_projection")

@@ -659,3 +659,32 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
   if jax.process_count() > 1:  # multi-host: every process gets the full result (numpy)
     res = distributed.gather(res)
   return distributed.unpad(res, n) if size != n else res
+
+
+def make_attack(logits_fn: Callable[..., Array], options: Optional[AttackOptions] = None,
+                **kwargs) -> Callable[[Any, Array, Array], AttackResult]:
+  """The attack as a pure, traceable function ``attack(params, x, target) -> AttackResult``.
+
+  For use INSIDE your own ``jit``/``scan`` (e.g. generating adversarial examples during training):
+  no host-side input checks (``lbfgs_attack`` does those, and cannot be traced), no sharding, no
+  compile cache of its own. ``logits_fn(params, x)`` must map [B, *input_shape] to [B, num_classes];
+  options are an ``AttackOptions`` or its fields as keywords (validated here, on the host)::
+
+      attack_fn = attack.make_attack(model.apply, maxiter=10, c_grid=(1.0, 0.1), num_bisection=0)
+      res = jax.jit(attack_fn)(variables, x, target)
+  """
+  if options is None:
+    if "c_grid" in kwargs:
+      kwargs["c_grid"] = tuple(float(c) for c in kwargs["c_grid"])
+    if "box" in kwargs:
+      kwargs["box"] = tuple(float(v) for v in kwargs["box"])
+    options = AttackOptions(**kwargs)
+  elif kwargs:
+    raise ValueError("pass either options= or keyword options, not both")
+  options.validate()
+
+  def attack_fn(params, x, target):
+    c_grid = jnp.asarray(options.c_grid, x.dtype)
+    return _attack_impl(logits_fn, True, options, params, x, jnp.asarray(target, jnp.int32), c_grid)
+
+  return attack_fn
