@@ -105,6 +105,11 @@ class PoolConfig:
     refine_rounds: rounds of the engine's linearised-boundary projection before the bisection (0: the
       cheap bisection along x -> x_adv only).
     refine_steps: bisection steps of the refinement.
+    perturbation_scale: the stored example is ``clip(h + s (h_adv - h), box)`` with ``s`` this value: 1 keeps
+      the attack's point (at the decision boundary when refined); s < 1 stops short of the boundary (still
+      classified correctly), s > 1 pushes past it, deeper into the target class.
+    pool_loss_weight: weight of one pool example relative to one clean example in the batch's mean loss
+      (1: every example counts the same).
   """
   layers: Tuple[str, ...] = (INPUT,)
   pool_size: int = 5000
@@ -121,6 +126,12 @@ class PoolConfig:
   refine: bool = True
   refine_rounds: int = 0
   refine_steps: int = 10
+  perturbation_scale: float = 1.0
+  pool_loss_weight: float = 1.0
+
+  # Knobs added after the first real runs; ``to_dict`` leaves them out at their defaults so that the
+  # settings stored by those runs still match (checkpoint.guard_run_config, the script's restore check).
+  _LATE_DEFAULTS = (("perturbation_scale", 1.0), ("pool_loss_weight", 1.0))
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(str(l) for l in self.layers))
@@ -141,6 +152,12 @@ class PoolConfig:
       raise ValueError(f"PoolConfig.refresh_fraction must be in (0, 1], got {self.refresh_fraction}")
     if not 0.0 < self.mix_ratio < 1.0:
       raise ValueError(f"PoolConfig.mix_ratio must be in (0, 1), got {self.mix_ratio}")
+    for name in ("perturbation_scale", "pool_loss_weight"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
+          math.isfinite(v) and v > 0):
+        raise ValueError(f"PoolConfig.{name} must be a finite number > 0, got {v!r}")
+      object.__setattr__(self, name, float(v))
     self.attack_options((0.0, 1.0)).validate()
 
   @property
@@ -158,6 +175,9 @@ class PoolConfig:
   def to_dict(self) -> Dict[str, Any]:
     d = dataclasses.asdict(self)
     d["layers"], d["c_grid"] = list(self.layers), list(self.c_grid)
+    for name, default in self._LATE_DEFAULTS:
+      if d[name] == default:
+        del d[name]
     return d
 
 
@@ -171,11 +191,15 @@ class PoolLayer(NamedTuple):
     head_fn: ``head_fn(params, h) -> logits`` [B, num_classes], the network above the layer (the whole
       network for the input layer). Pool examples of this layer train only what ``head_fn`` uses.
     box: (lower, upper) bounds of the layer's values (pixels and sigmoid activations: (0, 1)).
+    train_head_fn: optional ``train_head_fn(params, h, key) -> logits``, the head as trained (e.g. with
+      dropout drawn from ``key``), used for the pool examples' loss; None = ``head_fn``. The attack always
+      uses the deterministic ``head_fn``.
   """
   name: str
   feature_fn: Callable[[Params, Array], Array]
   head_fn: Callable[[Params, Array], Array]
   box: Tuple[float, float] = (0.0, 1.0)
+  train_head_fn: Optional[Callable[[Params, Array, PRNGKey], Array]] = None
 
 
 class PoolTrainState(struct.PyTreeNode):
@@ -221,8 +245,12 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def mlp_head_fn(model, feature: str) -> Callable[[Params, Array], Array]:
-  """``head(params, h) -> logits``: the layers of ``model`` above its feature ``feature``.
+def mlp_head_fn(model, feature: str, *, dropout_rate: float = 0.0) -> Callable[..., Array]:
+  """``head(params, h, key=None) -> logits``: the layers of ``model`` above its feature ``feature``.
+
+  With ``dropout_rate`` > 0 and a ``key``, dropout is applied to the input of every dense layer of the head
+  (inverted dropout, as ``models.SigmoidMLP`` does when training: dropout on the input of every dense layer
+  after the first); without a key the head is deterministic.
 
   Built from ``model.architecture()`` (dense, sigmoid, relu, flatten, dropout = identity at evaluation,
   softmax = the logits), so it covers the fully connected models (SigmoidMLP, FC10, AE400-10).
@@ -250,9 +278,15 @@ def mlp_head_fn(model, feature: str) -> Callable[[Params, Array], Array]:
                        "supported; build a PoolLayer with your own head_fn")
   rest = tuple((d["type"], tuple(d.get("param_path", ()))) for d in rest)
 
-  def head(params, h):
-    for kind, path in rest:
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"mlp_head_fn: dropout_rate must be in [0, 1), got {dropout_rate}")
+
+  def head(params, h, key=None):
+    for i, (kind, path) in enumerate(rest):
       if kind == "dense":
+        if key is not None and dropout_rate > 0:
+          keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - dropout_rate, h.shape)
+          h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0)
         layer = models_lib.get_param(params, path)
         h = h @ layer["kernel"] + layer["bias"][None, :]
       elif kind == "flatten":
@@ -268,7 +302,10 @@ def model_pool_layers(model, names: Sequence[str], *, box: Tuple[float, float] =
   """PoolLayers of a Flax model whose parameters are the "params" collection.
 
   "input" attacks the whole network (``model.apply``); a feature name attacks the layers above it
-  (:func:`mlp_head_fn`), its values given by ``model.apply(..., return_features=True)``.
+  (:func:`mlp_head_fn`), its values given by ``model.apply(..., return_features=True)``. For a
+  ``models.SigmoidMLP`` with dropout, the pool examples are trained through the network with dropout
+  (``train_head_fn``: ``model.apply(train=True)`` for "input", the head with dropout on the input of each
+  dense layer for hidden features); the attack and the features use the network without dropout.
 
   Args:
     model: a module of ``models``.
@@ -276,13 +313,29 @@ def model_pool_layers(model, names: Sequence[str], *, box: Tuple[float, float] =
     box: bounds of every pool's values ((0, 1) fits pixels and sigmoid activations).
   """
   layers = []
+  rate = _dropout_rates(model)
   for name in names:
     if name == INPUT:
-      layers.append(PoolLayer(INPUT, _identity_features, functools.partial(_apply_params, model), box))
+      train_head = functools.partial(_train_apply, model) if any(rate) else None
+      layers.append(PoolLayer(INPUT, _identity_features, functools.partial(_apply_params, model), box, train_head))
     else:
-      head = mlp_head_fn(model, name)
-      layers.append(PoolLayer(name, functools.partial(_model_feature, model, name), head, box))
+      head = mlp_head_fn(model, name, dropout_rate=rate[1])
+      layers.append(PoolLayer(name, functools.partial(_model_feature, model, name), head, box,
+                              head if rate[1] else None))
   return layers
+
+
+def _dropout_rates(model) -> Tuple[float, float]:
+  """(input_dropout_rate, dropout_rate) of a model; dropout is supported for ``models.SigmoidMLP`` only."""
+  rates = (float(getattr(model, "input_dropout_rate", 0.0) or 0.0), float(getattr(model, "dropout_rate", 0.0) or 0.0))
+  if any(rates) and not isinstance(model, models_lib.SigmoidMLP):
+    raise ValueError(f"adversarial_training supports dropout only for models.SigmoidMLP, not "
+                     f"{type(model).__name__}; pass PoolLayers and train_apply_fn of your own")
+  return rates
+
+
+def _train_apply(model, params, x, key):
+  return model.apply({"params": params}, x, train=True, rngs={"dropout": key})
 
 
 def _identity_features(params, x):
@@ -316,7 +369,9 @@ def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Arr
     num_classes: number of classes.
 
   Returns:
-    (h_adv [R, *layer_shape], AttackResult of the engine, on the layer's values).
+    (h_adv [R, *layer_shape], AttackResult of the engine, on the layer's values). ``h_adv`` is the
+    engine's ``x_adv`` moved along ``x_adv - h`` by ``config.perturbation_scale`` (and clipped to the
+    box); the AttackResult is the engine's, unscaled.
   """
   h = jax.lax.stop_gradient(layer.feature_fn(params, x))
   target = labels if config.untargeted else attack_lib.random_targets(key, labels, num_classes)
@@ -326,7 +381,10 @@ def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Arr
   # The engine's compiled body, traced inline (attack.lbfgs_attack checks inputs on the host and cannot
   # run under jit).
   res = attack_lib._attack_impl(layer.head_fn, True, opts, params, h, target.astype(jnp.int32), c_grid)  # pylint: disable=protected-access
-  return jax.lax.stop_gradient(res.x_adv), res
+  h_adv = res.x_adv
+  if config.perturbation_scale != 1.0:
+    h_adv = jnp.clip(h + config.perturbation_scale * (h_adv - h), layer.box[0], layer.box[1])
+  return jax.lax.stop_gradient(h_adv), res
 
 
 def make_generate_fn(layers: Sequence[PoolLayer], config: PoolConfig, num_classes: int):
@@ -411,7 +469,8 @@ POOL_STATS = ("attack_success", "attack_distortion")
 def make_epoch_fn(apply_fn: Callable[[Params, Array], Array], layers: Sequence[PoolLayer],
                   tx: optax.GradientTransformation, config: PoolConfig, *, batch_size: int, num_train: int,
                   num_classes: int, loss_fn: Callable[[Array, Array], Array] = softmax_cross_entropy,
-                  penalty_fn: Optional[Callable[[Params], Array]] = None):
+                  penalty_fn: Optional[Callable[[Params], Array]] = None,
+                  train_apply_fn: Optional[Callable[[Params, Array, PRNGKey], Array]] = None):
   """The jitted epoch of pool training, for any model and loss given as pure functions.
 
   Args:
@@ -424,6 +483,9 @@ def make_epoch_fn(apply_fn: Callable[[Params, Array], Array], layers: Sequence[P
     num_classes: number of classes (random attack targets).
     loss_fn: ``loss_fn(logits, labels) -> [B]`` per-example loss.
     penalty_fn: ``penalty_fn(params) -> scalar`` added to the mean loss (e.g. weight decay); None = 0.
+    train_apply_fn: optional ``train_apply_fn(params, x, key) -> logits`` for the clean examples' loss (e.g.
+      with dropout from ``key``; each step draws a fresh key); None = ``apply_fn``. Pool examples use each
+      layer's ``train_head_fn`` likewise.
 
   Returns:
     ``epoch_fn(state, images, labels, perm_key) -> (state, stats)``, jitted with the state donated;
@@ -487,16 +549,21 @@ def make_epoch_fn(apply_fn: Callable[[Params, Array], Array], layers: Sequence[P
     del images, labels, key
     return state, jnp.zeros((num_pools * len(POOL_STATS),), jnp.float32), jnp.zeros((), jnp.float32)
 
-  def loss_and_stats(params, x, y, pool_batch, pool_weight):
-    clean = loss_fn(apply_fn(params, x), y)
-    clean_err = jnp.mean((jnp.argmax(apply_fn(params, x), -1) != y).astype(jnp.float32))
+  def loss_and_stats(params, x, y, pool_batch, pool_weight, key):
+    logits_clean = apply_fn(params, x) if train_apply_fn is None else train_apply_fn(params, x, key)
+    clean = loss_fn(logits_clean, y)
+    clean_err = jnp.mean((jnp.argmax(logits_clean, -1) != y).astype(jnp.float32))
     pool_sum, pool_count, pool_err = 0.0, 0, 0.0
-    for layer in layers:
+    for i, layer in enumerate(layers):
       h, yp = pool_batch[layer.name]
-      logits = layer.head_fn(params, h)
+      if layer.train_head_fn is None:
+        logits = layer.head_fn(params, h)
+      else:
+        logits = layer.train_head_fn(params, h, jax.random.fold_in(key, i + 1))
       pool_sum = pool_sum + jnp.sum(loss_fn(logits, yp))
       pool_err = pool_err + jnp.sum((jnp.argmax(logits, -1) != yp).astype(jnp.float32))
       pool_count += yp.shape[0]
+    pool_weight = pool_weight * config.pool_loss_weight
     data_loss = (jnp.sum(clean) + pool_weight * pool_sum) / (clean.shape[0] + pool_weight * pool_count)
     penalty = penalty_fn(params) if penalty_fn is not None else 0.0
     aux = jnp.stack([data_loss, jnp.mean(clean), pool_sum / pool_count, clean_err, pool_err / pool_count])
@@ -509,8 +576,9 @@ def make_epoch_fn(apply_fn: Callable[[Params, Array], Array], layers: Sequence[P
     k_sample = jax.random.fold_in(jax.random.fold_in(state.rng, _SALT_SAMPLE), state.step)
     pool_batch = sample_mixed_batch(state, k_sample, sizes)
     pool_weight = state.filled.astype(jnp.float32)
+    k_dropout = jax.random.fold_in(jax.random.fold_in(state.rng, _SALT_DROPOUT), state.step)
     (loss, aux), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(state.params, x, y, pool_batch,
-                                                                          pool_weight)
+                                                                          pool_weight, k_dropout)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -562,7 +630,9 @@ def train_with_pool(model, images, labels, config: train_lib.TrainConfig, pool_c
 
   The loss is ``train.TrainConfig``'s (cross-entropy + per-layer weight decay, ``decay_form`` etc.),
   with the optimiser and schedule of ``train.make_optimizer``; the mini-batch order is the same as
-  ``train.train_model``'s for the same ``data_seed``. Dropout is off (the paper's pool network uses none).
+  ``train.train_model``'s for the same ``data_seed``. The paper's pool network used no dropout; a
+  ``models.SigmoidMLP`` with ``dropout_rate``/``input_dropout_rate`` is trained with dropout on the clean
+  and the pool examples (see :func:`model_pool_layers`), evaluated and attacked without.
 
   Args:
     model: a module of ``models`` (the default pool layers need ``mlp_head_fn`` support for hidden layers).
@@ -594,8 +664,10 @@ def train_with_pool(model, images, labels, config: train_lib.TrainConfig, pool_c
     raise ValueError(f"batch_size {config.batch_size} is larger than the {num_train} training examples")
   if stop_after_epoch is not None and not 1 <= stop_after_epoch <= config.epochs:
     raise ValueError(f"stop_after_epoch must be in [1, epochs={config.epochs}], got {stop_after_epoch}")
-  if getattr(model, "dropout_rate", 0.0) or getattr(model, "input_dropout_rate", 0.0):
-    raise ValueError("train_with_pool trains without dropout; use a model with dropout_rate=0")
+  if layers is not None and any(_dropout_rates(model)):
+    raise ValueError("train_with_pool: custom layers with a dropout model are not supported; build the epoch "
+                     "with make_epoch_fn(train_apply_fn=...) instead")
+  _dropout_rates(model)  # raises for dropout in a model other than SigmoidMLP
   mixed_batch_sizes(config.batch_size, pool_config)  # validates the mix
   custom_layers = layers is not None
   steps_per_epoch = num_train // config.batch_size
@@ -664,9 +736,10 @@ def _build_epoch_fn(model, config, pool_config, input_shape, num_train, num_clas
     layers = model_pool_layers(model, pool_config.layers)
   penalty_fn = functools.partial(_penalty, decays=np.asarray(decays, np.float32), specs=specs, config=config,
                                  num_train=num_train)
+  train_apply = functools.partial(_train_apply, model) if any(_dropout_rates(model)) else None
   return make_epoch_fn(functools.partial(_apply_params, model), layers, tx, pool_config,
                        batch_size=config.batch_size, num_train=num_train, num_classes=num_classes,
-                       penalty_fn=penalty_fn)
+                       penalty_fn=penalty_fn, train_apply_fn=train_apply)
 
 
 _cached_epoch_fn = functools.lru_cache(maxsize=8)(_build_epoch_fn)

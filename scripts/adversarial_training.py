@@ -21,6 +21,18 @@ pools on input+hidden_0+hidden_1 ~20 min (the input-pool attack dominates; hidde
 evaluation attack ~4 min per model for 100 test images. The paper's < 1.2% was NOT reached with the default
 40-epoch recipe: the pool runs ended between 1.9% and 3.3% (notes give every setting tried); the input-pool
 run is ~1.6-1.9x harder to fool (av. min. distortion 0.09-0.10 vs 0.05-0.06).
+
+Best settings found (chosen on a validation split with --num_val=10000; ~10 min for the three runs and the
+attacks at load 2-3.5; still NOT the paper's < 1.2%: 1.38% adversarial = 1.38% dropout, 1.69% weight decay;
+distortion 0.070 vs 0.060 for weight decay)::
+
+    python scripts/adversarial_training.py --workdir=runs/adv_final_dropout_pool --learning_rate=0.01 \
+        --epochs=100 --dropout_rate=0.1 --input_dropout_rate=0.05 --pool_layers=input --mix_ratio=0.1 \
+        --adv_dropout --pool_scale=0.5
+
+Screening on the validation split (the test set is not evaluated; no distortion attack)::
+
+    python scripts/adversarial_training.py --workdir=runs/adv_scr/NAME --num_val=10000 --num_attack=0 ...
 """
 
 from __future__ import annotations
@@ -82,8 +94,19 @@ _POOL_MAXITER = flags.DEFINE_integer("pool_maxiter", 10, "L-BFGS iterations of t
 _POOL_C = flags.DEFINE_list("pool_c_grid", ["0.1", "1.0"], "c values of the pool attack.")
 _POOL_UNTARGETED = flags.DEFINE_bool("pool_untargeted", False, "Untargeted pool attack (default: random targets).")
 _POOL_REFINE = flags.DEFINE_bool("pool_refine", True, "Refine pool examples back to the decision boundary.")
-_NUM_ATTACK = flags.DEFINE_integer("num_attack", 100, "Test images attacked per model for the distortion.",
-                                   lower_bound=1)
+_POOL_SCALE = flags.DEFINE_float("pool_scale", 1.0, "Stored pool example = clip(h + s (h_adv - h)): s < 1 stops "
+                                 "short of the boundary, s > 1 goes past it.", lower_bound=1e-6)
+_POOL_LOSS_WEIGHT = flags.DEFINE_float("pool_loss_weight", 1.0, "Weight of a pool example relative to a clean "
+                                       "one in the batch loss.", lower_bound=1e-6)
+_ADV_DROPOUT = flags.DEFINE_bool("adv_dropout", False, "Train the adversarial run with dropout too (the dropout "
+                                  "run's --dropout_rate/--input_dropout_rate); the paper's used none.")
+_WEIGHT_DECAY = flags.DEFINE_list("weight_decay", None, "λ per layer for every run (default: train.RECIPES').")
+_NUM_VAL = flags.DEFINE_integer("num_val", 0, "Hold out this many training images (data.train_val_split, seed 0) "
+                                "and report the error on them instead of the test set (for choosing settings "
+                                "without looking at the test set); 0 = train on all, report test error.",
+                                lower_bound=0)
+_NUM_ATTACK = flags.DEFINE_integer("num_attack", 100, "Evaluation images attacked per model for the distortion "
+                                   "(0: no distortion measurement).", lower_bound=0)
 _ATTACK_MAXITER = flags.DEFINE_integer("attack_maxiter", 100, "L-BFGS iterations of the evaluation attack.",
                                        lower_bound=1)
 _ATTACK_BISECTION = flags.DEFINE_integer("attack_bisection", 10, "c bisection rounds of the evaluation attack.",
@@ -118,6 +141,11 @@ def _digest(variables) -> str:
   return h.hexdigest()[:16]
 
 
+def _err_key():
+  """Name of the reported error: "val_error" with --num_val (the test set is not used), else "test_error"."""
+  return "val_error" if _NUM_VAL.value else "test_error"
+
+
 def _train_run(name, train_data, test_data, config, pool_config, run_dir):
   """Trains (or resumes) one run; returns (variables, result dict). Finished runs are restored."""
   result_path = os.path.join(run_dir, "result.json")
@@ -134,11 +162,13 @@ def _train_run(name, train_data, test_data, config, pool_config, run_dir):
     return jax.tree.map(jnp.asarray, checkpoint.load_pytree(final_path)), result
   x, y = train_data
   t0 = time.perf_counter()
+  dropout_kw = dict(dropout_rate=_DROPOUT.value, input_dropout_rate=_INPUT_DROPOUT.value)
   if name == "adversarial":
-    res = at.train_with_pool(models.get_model(MODEL), x, y, config, pool_config, seed=_SEED.value,
+    res = at.train_with_pool(models.get_model(MODEL, **(dropout_kw if _ADV_DROPOUT.value else {})), x, y, config,
+                             pool_config, seed=_SEED.value,
                              workdir=os.path.join(run_dir, "train"), eval_data=test_data)
   else:
-    kw = dict(dropout_rate=_DROPOUT.value, input_dropout_rate=_INPUT_DROPOUT.value) if name == "dropout" else {}
+    kw = dropout_kw if name == "dropout" else {}
     res = train.train_model(models.get_model(MODEL, **kw), x, y, config, seed=_SEED.value,
                             workdir=os.path.join(run_dir, "train"), eval_data=test_data)
   seconds = time.perf_counter() - t0
@@ -146,21 +176,24 @@ def _train_run(name, train_data, test_data, config, pool_config, run_dir):
   fn = functools.partial(eval_model.apply, res.variables)
   history = [{k: (float(np.asarray(v)) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in h.items()}
              for h in res.history]
-  result = {"run": name, "test_error": metrics.error_rate(fn, *test_data),
+  result = {"run": name, _err_key(): metrics.error_rate(fn, *test_data),
             "train_error": metrics.error_rate(fn, *train_data), "train_seconds_this_call": seconds,
             "epoch_seconds": [h["seconds"] for h in history], "history": history,
             **_run_settings(name, config, pool_config)}
   checkpoint.save_pytree(final_path, res.variables)
   checkpoint.atomic_write_json(result_path, result)
-  logging.info("%s: test error %.4f (%.0fs)", name, result["test_error"], seconds)
+  logging.info("%s: %s %.4f (%.0fs)", name, _err_key(), result[_err_key()], seconds)
   return res.variables, result
 
 
 def _run_settings(name, config, pool_config):
   """The settings that define a run (stored in its result.json, checked when it is restored)."""
-  return {"config": config.to_dict(), "pool_config": pool_config.to_dict() if name == "adversarial" else None,
+  out = {"config": config.to_dict(), "pool_config": pool_config.to_dict() if name == "adversarial" else None,
           "dropout": ({"dropout_rate": _DROPOUT.value, "input_dropout_rate": _INPUT_DROPOUT.value}
-                      if name == "dropout" else None)}
+                      if name == "dropout" or (name == "adversarial" and _ADV_DROPOUT.value) else None)}
+  if _NUM_VAL.value:  # stored only when used, so that earlier runs' settings still match
+    out["num_val"] = _NUM_VAL.value
+  return out
 
 
 def _generation_timing(variables, train_data, pool_config, result):
@@ -207,24 +240,35 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"--pool_c_grid must be numbers: {e}") from e
   (x_train, y_train), (x_test, y_test) = _load()
+  if _NUM_VAL.value:  # the held-out images replace the test set everywhere below
+    (x_train, y_train), (x_test, y_test) = data.train_val_split(x_train, y_train, num_val=_NUM_VAL.value, seed=0)
   if s["num_train"]:
     x_train, y_train = x_train[: s["num_train"]], y_train[: s["num_train"]]
   train_data, test_data = (np.asarray(x_train), np.asarray(y_train)), (np.asarray(x_test), np.asarray(y_test))
   recipe = dict(train.RECIPES[MODEL]["config"])
   recipe.update(epochs=s["epochs"], learning_rate=_LR.value, batch_size=_BATCH.value)
+  if _WEIGHT_DECAY.value is not None:
+    try:
+      recipe["weight_decay"] = tuple(float(v) for v in _WEIGHT_DECAY.value)
+    except ValueError as e:
+      raise app.UsageError(f"--weight_decay must be numbers: {e}") from e
   config = train.TrainConfig(**recipe)
   steps_per_epoch = train_data[0].shape[0] // config.batch_size
   pool_config = at.PoolConfig(
       layers=tuple(_POOL_LAYERS.value), pool_size=s["pool_size"], refresh_every=s["refresh_every"],
       refresh_fraction=_REFRESH_FRACTION.value, mix_ratio=_MIX.value,
       warmup_steps=int(round(s["warmup_epochs"] * steps_per_epoch)), untargeted=_POOL_UNTARGETED.value,
-      maxiter=_POOL_MAXITER.value, c_grid=c_grid, refine=_POOL_REFINE.value)
+      maxiter=_POOL_MAXITER.value, c_grid=c_grid, refine=_POOL_REFINE.value, perturbation_scale=_POOL_SCALE.value,
+      pool_loss_weight=_POOL_LOSS_WEIGHT.value)
 
   # The same test subset and targets for every model.
-  idx = transfer.select_examples(test_data[1].shape[0], min(s["num_attack"], test_data[1].shape[0]),
-                                 seed=_SEED.value)
-  x_att, y_att = test_data[0][idx], test_data[1][idx]
-  targets = transfer.draw_targets(y_att, seed=_SEED.value)
+  if s["num_attack"]:
+    idx = transfer.select_examples(test_data[1].shape[0], min(s["num_attack"], test_data[1].shape[0]),
+                                   seed=_SEED.value)
+    x_att, y_att = test_data[0][idx], test_data[1][idx]
+    targets = transfer.draw_targets(y_att, seed=_SEED.value)
+  else:
+    idx = np.zeros((0,), np.int64)
   attack_options = {"maxiter": s["attack_maxiter"], "num_bisection": _ATTACK_BISECTION.value}
 
   results = {}
@@ -239,25 +283,33 @@ def main(argv):
 
   rows, summary = [], {}
   adv_records = {}
+  err = _err_key()
   for name, (variables, result) in results.items():
+    if err not in result:
+      raise ValueError(f"{name} in {workdir} reports {sorted(k for k in result if k.endswith('_error'))}, not {err}: "
+                       "it was trained with another --num_val")
+    if not s["num_attack"]:
+      summary[name] = {err: result[err], "train_error": result["train_error"], "paper_test_error": PAPER[name],
+                       "train_seconds": float(np.sum(result["epoch_seconds"]))}
+      continue
     t0 = time.perf_counter()
     rec = _distortion(name, variables, x_att, targets, os.path.join(workdir, name), attack_options)
     adv_records[name] = rec
     ok = np.asarray(rec.success)
-    summary[name] = {"test_error": result["test_error"], "train_error": result["train_error"],
+    summary[name] = {err: result[err], "train_error": result["train_error"],
                      "paper_test_error": PAPER[name], "attack_success": float(ok.mean()),
                      "av_min_distortion": float(np.mean(rec.distortion[ok])) if ok.any() else float("nan"),
                      "median_min_distortion": float(np.median(rec.distortion[ok])) if ok.any() else float("nan"),
                      "train_seconds": float(np.sum(result["epoch_seconds"])),
                      "attack_seconds_this_call": time.perf_counter() - t0}
-  if len(adv_records) > 1:  # distortion over the examples every model was fooled on
+  if s["num_attack"] and len(adv_records) > 1:  # distortion over the examples every model was fooled on
     common = np.all([np.asarray(r.success) for r in adv_records.values()], axis=0)
     for name, rec in adv_records.items():
       summary[name]["num_common"] = int(common.sum())
       summary[name]["av_min_distortion_common"] = (float(np.mean(rec.distortion[common])) if common.any()
                                                    else float("nan"))
   timing = None
-  if "adversarial" in results:
+  if "adversarial" in results and s["num_attack"]:
     variables, result = results["adversarial"]
     timing = _generation_timing(variables, train_data, pool_config, result)
   for name in summary:
@@ -266,21 +318,22 @@ def main(argv):
   out = {"settings": s, "train_config": config.to_dict(), "pool_config": pool_config.to_dict(),
          "attack_options": attack_options, "num_attacked": int(len(idx)), "summary": summary,
          "generation_timing": timing,
-         "claims": _claims(summary)}
+         "evaluation_set": "validation" if _NUM_VAL.value else "test", "claims": _claims(summary, err)}
   checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), out)
   _write_report(workdir, out, rows)
   for row in rows:
     logging.info("%s", row)
 
 
-def _claims(summary):
+def _claims(summary, err="test_error"):
   claims = {}
   wd, do, adv = (summary.get(k) for k in RUNS)
+  tag = "" if err == "test_error" else "_on_validation"
   if adv:
-    claims["adversarial_error_at_most_1.2%"] = adv["test_error"] <= 0.012
+    claims[f"adversarial_error_at_most_1.2%{tag}"] = adv[err] <= 0.012
   if adv and wd and do:
-    claims["adversarial_error_below_both_baselines"] = adv["test_error"] < min(wd["test_error"], do["test_error"])
-  if adv and wd:
+    claims[f"adversarial_error_below_both_baselines{tag}"] = adv[err] < min(wd[err], do[err])
+  if adv and wd and "av_min_distortion" in adv and "av_min_distortion" in wd:
     claims["adversarial_distortion_above_weight_decay"] = adv["av_min_distortion"] > wd["av_min_distortion"]
   return claims
 
@@ -293,9 +346,10 @@ def _write_report(workdir, out, rows):
                 "into every batch). Distortion: the same targeted L-BFGS attack (attack.lbfgs_attack, options "
                 "below) on the same test images and random targets for every model; 'av. min. distortion' is "
                 "the mean RMS over the examples the attack fooled, '(common)' over those fooled on all models.")
-  cols = ["run", "test_error", "paper_test_error", "train_error", "av_min_distortion", "av_min_distortion_common",
+  cols = ["run", "val_error" if out["evaluation_set"] == "validation" else "test_error", "paper_test_error", "train_error", "av_min_distortion", "av_min_distortion_common",
           "median_min_distortion", "attack_success", "num_common", "train_seconds"]
-  rep.table(rows, cols, floatfmt=".4g", caption=f"{out['num_attacked']} attacked test images per model")
+  rep.table(rows, cols, floatfmt=".4g", caption=f"{out['num_attacked']} attacked {out['evaluation_set']} images "
+            f"per model; errors on the {out['evaluation_set']} set")
   rep.heading("Claims checked")
   rep.bullets([f"{k}: {v}" for k, v in out["claims"].items()] or ["(needs all three runs)"])
   if out["generation_timing"]:

@@ -4,11 +4,13 @@ One pool configuration is shared by every training test, so the (large) attack p
 file: the epoch function is cached on the settings.
 """
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from intriguing_jax import adversarial_training as at
@@ -134,8 +136,11 @@ def test_train_with_pool_rejects_bad_input_before_compiling(tiny, tmp_path):
   bad[0, 0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="NaN"):
     at.train_with_pool(_model(), bad, y, CONFIG, POOL)
-  with pytest.raises(ValueError, match="dropout"):
-    at.train_with_pool(models.get_model("fc16-16-10", dropout_rate=0.5), x, y, CONFIG, POOL)
+  with pytest.raises(ValueError, match="dropout"):  # dropout + hand-written layers: not supported
+    at.train_with_pool(models.get_model("fc16-16-10", dropout_rate=0.5), x, y, CONFIG, POOL,
+                       layers=at.model_pool_layers(_model(), POOL.layers))
+  with pytest.raises(ValueError, match="dropout_rate"):
+    at.mlp_head_fn(_model(), "hidden_0", dropout_rate=1.0)
   with pytest.raises(ValueError, match="labels"):
     at.train_with_pool(_model(), x, y + 10, CONFIG, POOL)
   with pytest.raises(ValueError, match="no feature"):
@@ -209,3 +214,122 @@ def test_resume_mid_run_matches_the_uninterrupted_run(full_run, tiny, tmp_path):
   # Other settings in the same workdir are refused.
   with pytest.raises(ValueError, match="different settings"):
     at.train_with_pool(_model(), x, y, CONFIG, at.PoolConfig(layers=("input",), pool_size=16), workdir=workdir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# perturbation_scale and pool_loss_weight, on a small linear softmax model (a cheap attack to compile).
+
+LIN_DIM, LIN_CLASSES = 16, 4
+
+
+def _lin_apply(params, x):
+  return x.reshape(x.shape[0], -1) @ params["w"] + params["b"][None, :]
+
+
+def _lin_problem(n=64):
+  kw, kx = jax.random.split(jax.random.PRNGKey(5))
+  params = {"w": jax.random.normal(kw, (LIN_DIM, LIN_CLASSES)), "b": jnp.zeros((LIN_CLASSES,))}
+  x = jax.random.uniform(kx, (n, LIN_DIM))
+  y = jnp.argmax(_lin_apply(params, x), -1).astype(jnp.int32)  # labels the model gets right
+  return params, x, y
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(perturbation_scale=0.0), "perturbation_scale"), (dict(perturbation_scale=float("inf")), "perturbation_scale"),
+    (dict(perturbation_scale=-1.0), "perturbation_scale"), (dict(pool_loss_weight=0.0), "pool_loss_weight"),
+    (dict(pool_loss_weight=float("nan")), "pool_loss_weight"), (dict(pool_loss_weight="1"), "pool_loss_weight")])
+def test_pool_config_rejects_bad_scale_and_weight(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    at.PoolConfig(**kwargs)
+
+
+def test_late_knobs_are_stored_only_when_set():
+  assert "perturbation_scale" not in at.PoolConfig().to_dict()  # earlier runs' stored settings still match
+  d = at.PoolConfig(perturbation_scale=1.5, pool_loss_weight=0.25).to_dict()
+  assert d["perturbation_scale"] == 1.5 and d["pool_loss_weight"] == 0.25
+
+
+def test_perturbation_scale_moves_the_stored_example_along_the_attack_direction():
+  params, x, y = _lin_problem()
+  layer = at.PoolLayer("input", lambda p, v: v, _lin_apply, (0.0, 1.0))
+  key = jax.random.PRNGKey(3)
+  cfgs = [at.PoolConfig(maxiter=5, c_grid=(0.1, 1.0), perturbation_scale=s) for s in (1.0, 0.5, 2.0)]
+
+  @jax.jit
+  def gen(params, x, y):
+    return [at.generate_adversarial(layer, params, x, y, key, c, LIN_CLASSES) for c in cfgs]
+
+  (h1, r1), (h_half, r_half), (h2, r2) = gen(params, x, y)
+  assert float(jnp.mean(r1.success)) > 0.5
+  _trees_equal(r1, r_half)  # the engine's result is the same; only the stored point moves
+  np.testing.assert_allclose(h_half, x + 0.5 * (h1 - x), atol=1e-6)
+  np.testing.assert_allclose(h2, jnp.clip(x + 2.0 * (h1 - x), 0.0, 1.0), atol=1e-6)
+  ok = np.asarray(r1.success)
+  # The logit margin of the target over the true label is linear along the segment (linear model): it
+  # grows from the clean point through the half-way point to the boundary point and beyond.
+  tgt = np.asarray(r1.pred)
+
+  def margin(h):
+    z = np.asarray(_lin_apply(params, h))
+    return (np.take_along_axis(z, tgt[:, None], 1) - np.take_along_axis(z, np.asarray(y)[:, None], 1))[:, 0]
+
+  m0, m_half, m1, m2 = margin(x), margin(h_half), margin(h1), margin(h2)
+  assert np.all(m0[ok] < m_half[ok]) and np.all(m_half[ok] < m1[ok]) and np.all(m1[ok] < m2[ok])
+  np.testing.assert_allclose(m_half[ok], 0.5 * (m0[ok] + m1[ok]), rtol=1e-4, atol=1e-4)
+  assert np.all(m_half[ok] < 0.5 * m1[ok])  # half-way: well short of the target's side
+
+
+def test_pool_loss_weight_weights_the_pool_examples_in_the_loss():
+  params, x, y = _lin_problem(256)
+  w = 3.0
+  cfg = at.PoolConfig(layers=("input",), pool_size=16, refresh_every=2, refresh_fraction=0.5, mix_ratio=0.5,
+                      maxiter=3, c_grid=(1.0,), pool_loss_weight=w)
+  # Training-time logits (train_head_fn / train_apply_fn, e.g. dropout) scaled by 0.5: the logged losses must
+  # come from them, not from the attack's deterministic head.
+  layer = at.PoolLayer("input", lambda p, v: v, _lin_apply, (0.0, 1.0),
+                       train_head_fn=lambda p, v, k: 0.5 * _lin_apply(p, v))
+  tx = optax.sgd(0.0)
+  batch = 32
+  epoch_fn = at.make_epoch_fn(_lin_apply, [layer], tx, cfg, batch_size=batch, num_train=256,
+                              num_classes=LIN_CLASSES, train_apply_fn=lambda p, v, k: 0.5 * _lin_apply(p, v))
+  state = at.init_state([layer], jax.tree.map(jnp.copy, params), tx, x[:1], cfg, jax.random.PRNGKey(0))  # donated
+  state, stats = epoch_fn(state, x, y, jax.random.PRNGKey(1))
+  stats = np.asarray(stats)
+  names = list(at.STEP_STATS)
+  data_loss, clean, pool = (stats[:, names.index(k)] for k in ("data_loss", "clean_loss", "pool_loss"))
+  m = at.mixed_batch_sizes(batch, cfg)["input"]
+  want = (batch * clean + w * m * pool) / (batch + w * m)
+  np.testing.assert_allclose(data_loss, want, rtol=1e-5)
+  assert not np.allclose(data_loss, (batch * clean + m * pool) / (batch + m), rtol=1e-4)  # the weight matters
+  # Step 0 (lr 0: params fixed): the clean loss is that of the halved logits of the step's batch.
+  perm = jax.random.permutation(jax.random.PRNGKey(1), 256)[:batch]
+  want0 = float(jnp.mean(at.softmax_cross_entropy(0.5 * _lin_apply(params, x[perm]), y[perm])))
+  np.testing.assert_allclose(clean[0], want0, rtol=1e-5)
+  pools = state.pools["input"]
+  full = float(jnp.mean(at.softmax_cross_entropy(_lin_apply(params, pools), state.pool_labels["input"])))
+  half = float(jnp.mean(at.softmax_cross_entropy(0.5 * _lin_apply(params, pools), state.pool_labels["input"])))
+  assert abs(np.mean(pool[-4:]) - half) < abs(np.mean(pool[-4:]) - full)  # pool examples: train_head_fn
+
+
+def test_dropout_heads_and_training_with_dropout(tiny):
+  x, y, _, _ = tiny
+  model = models.get_model("fc16-16-10", dropout_rate=0.5, input_dropout_rate=0.2)
+  variables = model.init(jax.random.PRNGKey(0), x[:8])
+  layers = at.model_pool_layers(model, ("input", "hidden_0", "hidden_1"))
+  assert all(l.train_head_fn is not None for l in layers)
+  assert at.model_pool_layers(_model(), ("input", "hidden_0"))[0].train_head_fn is None
+  feats = model.apply(variables, x[:8], return_features=True)[1]
+  head = at.mlp_head_fn(model, "hidden_0", dropout_rate=0.5)
+  det = head(variables["params"], feats["hidden_0"])
+  np.testing.assert_allclose(det, model.apply(variables, x[:8]), rtol=1e-5, atol=1e-5)  # no key: no dropout
+  k = jax.random.PRNGKey(4)
+  assert not np.allclose(head(variables["params"], feats["hidden_0"], k), det)
+  # No pool in epoch 1 (warm-up of a whole epoch): the clean training is train.train_model's (same batches,
+  # loss, optimiser) -- with dropout only if the dropout model's training logits are used.
+  cfg = dataclasses.replace(POOL, warmup_steps=STEPS)
+  cfg1 = dataclasses.replace(CONFIG, epochs=1)
+  ref = train.train_model(_model(), x, y, cfg1, seed=0)
+  drop = at.train_with_pool(model, x, y, cfg1, cfg, seed=0)
+  plain = float(ref.history[0]["data_loss"])
+  assert np.isfinite(drop.history[0]["loss"])
+  assert drop.history[0]["clean_loss"] > plain + 0.02, (drop.history[0]["clean_loss"], plain)
