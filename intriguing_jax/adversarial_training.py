@@ -98,7 +98,8 @@ class PoolConfig:
     maxiter: L-BFGS-B iterations per solve (cheap: the pools need many examples, not minimal ones).
     history_size: L-BFGS memory.
     tol: L-BFGS-B projected-gradient tolerance.
-    c_grid: penalty weights solved in parallel; the least distorted success is kept.
+    c_grid: penalty weights of the pool attack (the engine's default continuous schedule tries them from
+      the largest down and keeps the first success).
     num_bisection: bisection rounds on c after the grid (0: none).
     refine: move each success back toward the clean point, to the decision boundary (attack.py step 3);
       without it the c-grid minimiser overshoots deep into the target class.
@@ -376,11 +377,10 @@ def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Arr
   h = jax.lax.stop_gradient(layer.feature_fn(params, x))
   target = labels if config.untargeted else attack_lib.random_targets(key, labels, num_classes)
   params = jax.lax.stop_gradient(params)
-  opts = config.attack_options(layer.box)
-  c_grid = jnp.asarray(config.c_grid, h.dtype)
-  # The engine's compiled body, traced inline (attack.lbfgs_attack checks inputs on the host and cannot
-  # run under jit).
-  res = attack_lib._attack_impl(layer.head_fn, True, opts, params, h, target.astype(jnp.int32), c_grid)  # pylint: disable=protected-access
+  # The engine as a pure function, traced inline (attack.lbfgs_attack checks inputs on the host and
+  # cannot run under jit).
+  attack_fn = attack_lib.make_attack(layer.head_fn, options=config.attack_options(layer.box))
+  res = attack_fn(params, h, target.astype(jnp.int32))
   h_adv = res.x_adv
   if config.perturbation_scale != 1.0:
     h_adv = jnp.clip(h + config.perturbation_scale * (h_adv - h), layer.box[0], layer.box[1])
