@@ -57,6 +57,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Part 2: warm engine calls timed (
 _CURVE_BATCH = flags.DEFINE_list("curve_batch", ["200", "1000"], "Part 'curve': batch sizes (test images).")
 _CURVE_SLOTS = flags.DEFINE_list("curve_slots", ["8", "16", "32", "64", "200"],
                                  "Part 'curve': num_slots values (rows in flight; > batch skipped).")
+_MICRO_ROWS = flags.DEFINE_list("micro_rows", ["32", "200", "1000"], "Part 'micro': row counts.")
 _ROUNDS = flags.DEFINE_bool("rounds", True, "Part 2: also time the engine with schedule='rounds'.")
 _VARIANTS = flags.DEFINE_bool("variants", True, "Part 1: also run the paper's method alone (refine=False).")
 
@@ -249,12 +250,65 @@ def part_curve(images, labels, figures):
   figures["curve"] = rows
 
 
+def part_micro(images, labels, figures):
+  """Per-call cost of the solver's batched step vs the bare batched value-and-gradient, FC100-100-10.
+
+  One jitted ``fori_loop`` of 100 calls each, on R rows of test images at c = 1 (the objective of the
+  attack); min over 3 timed runs. This is the cost floor the throughput analysis in BUILD_NOTES uses.
+  """
+  from intriguing_jax.attack import engine, solver  # pylint: disable=g-import-not-at-top
+  model, variables = _model("fc100-100-10", "fc100-100-10")
+  opts = attack.AttackOptions()
+  shape = images.shape[1:]
+  rows = []
+
+  def obj1(z, x0, lb, c):
+    logits = model.apply(variables, z.reshape((1,) + shape))[0]
+    return c * jnp.sum((z - x0) ** 2) + engine._loss(logits, lb, opts), logits  # pylint: disable=protected-access
+
+  vg1 = jax.vmap(jax.value_and_grad(obj1, has_aux=True))
+  for r in [int(v) for v in _MICRO_ROWS.value]:
+    xf = jnp.asarray(images[:r].reshape(r, -1))
+    lab = jnp.asarray(attack.random_targets(jax.random.PRNGKey(_SEED.value), labels[:r]))
+    c = jnp.ones((r,), xf.dtype)
+    k = int(model.apply(variables, images[:1]).shape[-1])
+
+    @jax.jit
+    def steps(xf, lab, c):
+      st = solver.rows_init(xf, jnp.zeros((r, k), xf.dtype), opts.history_size)
+      def body(_, st):
+        st = solver.rows_step(st, lambda z: vg1(z, xf, lab, c), 0.0, 1.0, maxiter=10**6, tol=0.0, ftol=0.0)
+        return st._replace(done=jnp.zeros_like(st.done))  # keep every row busy
+      return jax.lax.fori_loop(0, 100, body, st).f
+
+    @jax.jit
+    def bare(xf, lab, c):
+      def body(_, z):
+        (_, _), g = vg1(z, xf, lab, c)
+        return jnp.clip(z - 1e-3 * g, 0.0, 1.0)
+      return jax.lax.fori_loop(0, 100, body, xf)
+
+    out = {"rows": r, "history_size": opts.history_size}
+    for name, fn in (("rows_step", steps), ("bare_value_and_grad", bare)):
+      jax.block_until_ready(fn(xf, lab, c))
+      best = min(_timed(lambda: fn(xf, lab, c))[1] for _ in range(3))
+      out[f"{name}_ms_per_call"] = 1e3 * best / 100
+      out[f"{name}_us_per_row"] = 1e6 * best / 100 / r
+    print(f"[micro] {r:5d} rows: rows_step {out['rows_step_ms_per_call']:.3f} ms per call "
+          f"({out['rows_step_us_per_row']:.1f} us/row); bare value-and-grad "
+          f"{out['bare_value_and_grad_ms_per_call']:.3f} ms ({out['bare_value_and_grad_us_per_row']:.1f} us/row)",
+          flush=True)
+    rows.append(out)
+  figures["micro"] = rows
+
+
 def main(argv):
   del argv
   for part in _PARTS.value:
-    if part not in ("convex", "compare", "curve"):
-      raise app.UsageError(f"--parts: unknown part {part!r} (choose from convex, compare, curve)")
-  for name, vals in (("curve_batch", _CURVE_BATCH.value), ("curve_slots", _CURVE_SLOTS.value)):
+    if part not in ("convex", "compare", "curve", "micro"):
+      raise app.UsageError(f"--parts: unknown part {part!r} (choose from convex, compare, curve, micro)")
+  for name, vals in (("curve_batch", _CURVE_BATCH.value), ("curve_slots", _CURVE_SLOTS.value),
+                     ("micro_rows", _MICRO_ROWS.value)):
     if not all(v.isdigit() and int(v) >= 1 for v in vals):
       raise app.UsageError(f"--{name} must be positive integers, got {vals}")
   logging.info("devices: %s", jax.devices())
@@ -266,6 +320,8 @@ def main(argv):
     part_compare(images, labels, figures)
   if "curve" in _PARTS.value:
     part_curve(images, labels, figures)
+  if "micro" in _PARTS.value:
+    part_micro(images, labels, figures)
   if _OUT.value:
     checkpoint.atomic_write_json(_OUT.value, figures)
 
