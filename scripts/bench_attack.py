@@ -12,15 +12,18 @@ Parts:
    of the box-constrained problem (intriguing_jax.exact, float64 dual QP). Goal: mean distortion within
    1% of the exact optimum, never below it, 100% success.
 2. FC100-100-10, the first --num_compare test images, seeded random targets: our engine vs a per-example
-   scipy.optimize.fmin_l_bfgs_b baseline with the same objective (c ||r||^2 + cross-entropy), the same
-   c grid, the same number of log-space bisection steps, the same maxiter / tolerances, started at x,
-   with jit-compiled JAX gradients. Prints examples/s, success rate, mean RMS distortion and the ratios.
-   The baseline runs on the first --num_baseline of those images (all by default); the ratios compare
+   scipy.optimize.fmin_l_bfgs_b baseline with the same objective (c ||r||^2 + cross-entropy) and the same
+   c search as the engine's default continuous schedule (grid from the largest c down to the first
+   success, the same number of log-space bisection steps, the same warm starts), the same maxiter /
+   tolerances / history size, with jit-compiled JAX gradients. Prints examples/s, success rate, mean RMS
+   distortion and the ratios. The baseline runs on the first --num_baseline of those images (all by default); the ratios compare
    the two on those same images.
 
-Expected runtime and result (2 shared CPU cores, load ~4, --restore_only, 17:00 UTC): ~2.6 min; convex
-default 1.0002x the exact optimum, 100% success; FC100-100-10 engine ~10 ex/s vs baseline ~2.4 ex/s
-(~4x), mean RMS ratio 0.99, both 100% success. Details and history: notes/attack.md.
+Expected runtime and result (2 CPU cores, idle, --restore_only, session 2): ~55 s; convex default
+1.0002x the exact optimum, 100% success; FC100-100-10 engine ~260-290 ex/s vs baseline ~19-20 ex/s
+(~13-15x), mean RMS ratio 0.99, both 100% success. Under load the per-example baseline slows far more than
+the engine (115x measured at load 2-4). Other parts: ``--parts=curve`` (throughput vs num_slots and batch),
+``--parts=micro`` (per-call cost of the solver step vs the bare gradient). Details: notes/attack.md.
 """
 
 import json
