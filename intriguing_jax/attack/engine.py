@@ -82,11 +82,18 @@ class AttackOptions:
   schedule: Optional[str] = None
   num_slots: int = 0
 
+  def __post_init__(self):
+    # Sequences given as lists stay hashable (the options are a compilation key).
+    object.__setattr__(self, "c_grid", tuple(float(c) for c in self.c_grid))
+    object.__setattr__(self, "box", tuple(float(v) for v in self.box))
+
   def validate(self) -> None:
     if self.penalty not in PENALTIES:
       raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
     if self.loss not in LOSSES:
       raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+    if len(self.box) != 2:
+      raise ValueError(f"box must be (lower, upper), got {self.box}")
     lo, hi = self.box
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
       raise ValueError(f"box must be finite with lower < upper, got {self.box}")
@@ -625,9 +632,9 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
       whose output is not [B, num_classes] -- all before compiling anything.
   """
   opts = AttackOptions(untargeted=bool(untargeted), penalty=penalty, loss=loss,
-                       box=(float(box[0]), float(box[1])), maxiter=int(maxiter),
+                       box=box, maxiter=int(maxiter),
                        history_size=int(history_size), tol=float(tol),
-                       c_grid=tuple(float(c) for c in c_grid), num_bisection=int(num_bisection),
+                       c_grid=c_grid, num_bisection=int(num_bisection),
                        warm_start=bool(warm_start), refine=bool(refine), refine_steps=int(refine_steps),
                        refine_rounds=int(refine_rounds), projection_steps=int(projection_steps),
                        ftol=float(ftol), solver=solver,
@@ -674,10 +681,6 @@ def make_attack(logits_fn: Callable[..., Array], options: Optional[AttackOptions
       res = jax.jit(attack_fn)(variables, x, target)
   """
   if options is None:
-    if "c_grid" in kwargs:
-      kwargs["c_grid"] = tuple(float(c) for c in kwargs["c_grid"])
-    if "box" in kwargs:
-      kwargs["box"] = tuple(float(v) for v in kwargs["box"])
     options = AttackOptions(**kwargs)
   elif kwargs:
     raise ValueError("pass either options= or keyword options, not both")

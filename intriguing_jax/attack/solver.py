@@ -235,7 +235,6 @@ class LbfgsRows(NamedTuple):
   nback: Array      # [R] int32 consecutive rejected trials
   fresh: Array      # [R] bool: z is a new start whose objective is not evaluated yet
   num_iter: Array   # [R] int32 accepted steps of the current solve
-  num_eval: Array   # [R] int32 objective evaluations of the current solve
   done: Array       # [R] bool: the current solve has ended (until the next restart)
 
 
@@ -249,7 +248,7 @@ def rows_init(z0: Array, aux_like: Any, history_size: int) -> LbfgsRows:
                    rho=jnp.zeros((history_size, r), dt), gamma=jnp.ones((r,), dt),
                    pos=jnp.zeros((), jnp.int32), alpha=jnp.ones((r,), dt),
                    nback=jnp.zeros((r,), jnp.int32), fresh=jnp.ones((r,), bool),
-                   num_iter=jnp.zeros((r,), jnp.int32), num_eval=jnp.zeros((r,), jnp.int32),
+                   num_iter=jnp.zeros((r,), jnp.int32),
                    done=jnp.zeros((r,), bool))
 
 
@@ -259,7 +258,7 @@ def rows_restart(st: LbfgsRows, mask: Array, z_start: Array) -> LbfgsRows:
   return st._replace(z=jnp.where(m2, z_start, st.z), rho=jnp.where(mask[None, :], 0.0, st.rho),
                      gamma=jnp.where(mask, 1.0, st.gamma), alpha=jnp.where(mask, 1.0, st.alpha),
                      nback=jnp.where(mask, 0, st.nback), fresh=st.fresh | mask,
-                     num_iter=jnp.where(mask, 0, st.num_iter), num_eval=jnp.where(mask, 0, st.num_eval),
+                     num_iter=jnp.where(mask, 0, st.num_iter),
                      done=st.done & ~mask)
 
 
@@ -342,4 +341,4 @@ def rows_step(st: LbfgsRows, value_and_grad: Callable[[Array], Tuple[Tuple[Array
   return LbfgsRows(z=z_new, f=f_new, g=g_new, aux=aux_new, s_hist=s_hist, y_hist=y_hist, rho=rho,
                    gamma=gamma, pos=(st.pos + 1) % m, alpha=alpha, nback=nback,
                    fresh=jnp.zeros_like(st.fresh), num_iter=num_iter,
-                   num_eval=st.num_eval + (~st.done).astype(jnp.int32), done=done)
+                   done=done)
