@@ -111,6 +111,10 @@ class PoolConfig:
       classified correctly), s > 1 pushes past it, deeper into the target class.
     pool_loss_weight: weight of one pool example relative to one clean example in the batch's mean loss
       (1: every example counts the same).
+    perturbation_rms: if set, the stored example is ``clip(h + e (h_adv - h) / RMS(h_adv - h), box)`` with
+      ``e`` this value: the attack's direction at a FIXED RMS distortion (the paper's measure), whatever the
+      example's distance to the boundary: examples closer to the boundary than ``e`` cross it, the others
+      stop short of it. Excludes ``perturbation_scale != 1``. None (default): ``perturbation_scale`` rules.
   """
   layers: Tuple[str, ...] = (INPUT,)
   pool_size: int = 5000
@@ -129,10 +133,11 @@ class PoolConfig:
   refine_steps: int = 10
   perturbation_scale: float = 1.0
   pool_loss_weight: float = 1.0
+  perturbation_rms: Optional[float] = None
 
   # Knobs added after the first real runs; ``to_dict`` leaves them out at their defaults so that the
   # settings stored by those runs still match (checkpoint.guard_run_config, the script's restore check).
-  _LATE_DEFAULTS = (("perturbation_scale", 1.0), ("pool_loss_weight", 1.0))
+  _LATE_DEFAULTS = (("perturbation_scale", 1.0), ("pool_loss_weight", 1.0), ("perturbation_rms", None))
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(str(l) for l in self.layers))
@@ -159,6 +164,15 @@ class PoolConfig:
           math.isfinite(v) and v > 0):
         raise ValueError(f"PoolConfig.{name} must be a finite number > 0, got {v!r}")
       object.__setattr__(self, name, float(v))
+    v = self.perturbation_rms
+    if v is not None:
+      if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
+          math.isfinite(v) and v > 0):
+        raise ValueError(f"PoolConfig.perturbation_rms must be None or a finite number > 0, got {v!r}")
+      if self.perturbation_scale != 1.0:
+        raise ValueError("PoolConfig: set perturbation_rms or perturbation_scale, not both "
+                         f"(got {v!r} and {self.perturbation_scale!r})")
+      object.__setattr__(self, "perturbation_rms", float(v))
     self.attack_options((0.0, 1.0)).validate()
 
   @property
@@ -371,8 +385,9 @@ def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Arr
 
   Returns:
     (h_adv [R, *layer_shape], AttackResult of the engine, on the layer's values). ``h_adv`` is the
-    engine's ``x_adv`` moved along ``x_adv - h`` by ``config.perturbation_scale`` (and clipped to the
-    box); the AttackResult is the engine's, unscaled.
+    engine's ``x_adv`` moved along ``x_adv - h`` by ``config.perturbation_scale``, or to the RMS distance
+    ``config.perturbation_rms`` along it (and clipped to the box); the AttackResult is the engine's, unscaled.
+    An example whose attack did not move it (zero direction) stays at ``h``.
   """
   h = jax.lax.stop_gradient(layer.feature_fn(params, x))
   target = labels if config.untargeted else attack_lib.random_targets(key, labels, num_classes)
@@ -382,7 +397,12 @@ def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Arr
   attack_fn = attack_lib.make_attack(layer.head_fn, options=config.attack_options(layer.box))
   res = attack_fn(params, h, target.astype(jnp.int32))
   h_adv = res.x_adv
-  if config.perturbation_scale != 1.0:
+  if config.perturbation_rms is not None:
+    delta = h_adv - h
+    rms = jnp.sqrt(jnp.mean(jnp.square(delta.reshape(delta.shape[0], -1)), axis=1))
+    factor = jnp.where(rms > 0, config.perturbation_rms / jnp.where(rms > 0, rms, 1.0), 0.0)
+    h_adv = jnp.clip(h + factor.reshape((-1,) + (1,) * (delta.ndim - 1)) * delta, layer.box[0], layer.box[1])
+  elif config.perturbation_scale != 1.0:
     h_adv = jnp.clip(h + config.perturbation_scale * (h_adv - h), layer.box[0], layer.box[1])
   return jax.lax.stop_gradient(h_adv), res
 

@@ -96,6 +96,9 @@ _POOL_UNTARGETED = flags.DEFINE_bool("pool_untargeted", False, "Untargeted pool 
 _POOL_REFINE = flags.DEFINE_bool("pool_refine", True, "Refine pool examples back to the decision boundary.")
 _POOL_SCALE = flags.DEFINE_float("pool_scale", 1.0, "Stored pool example = clip(h + s (h_adv - h)): s < 1 stops "
                                  "short of the boundary, s > 1 goes past it.", lower_bound=1e-6)
+_POOL_RMS = flags.DEFINE_float("pool_rms", None, "Stored pool example = the attack's direction at this RMS "
+                               "distortion (instead of --pool_scale): closer boundaries are crossed.",
+                               lower_bound=1e-6)
 _POOL_LOSS_WEIGHT = flags.DEFINE_float("pool_loss_weight", 1.0, "Weight of a pool example relative to a clean "
                                        "one in the batch loss.", lower_bound=1e-6)
 _ADV_DROPOUT = flags.DEFINE_bool("adv_dropout", False, "Train the adversarial run with dropout too (the dropout "
@@ -259,7 +262,7 @@ def main(argv):
       refresh_fraction=_REFRESH_FRACTION.value, mix_ratio=_MIX.value,
       warmup_steps=int(round(s["warmup_epochs"] * steps_per_epoch)), untargeted=_POOL_UNTARGETED.value,
       maxiter=_POOL_MAXITER.value, c_grid=c_grid, refine=_POOL_REFINE.value, perturbation_scale=_POOL_SCALE.value,
-      pool_loss_weight=_POOL_LOSS_WEIGHT.value)
+      pool_loss_weight=_POOL_LOSS_WEIGHT.value, perturbation_rms=_POOL_RMS.value)
 
   # The same test subset and targets for every model.
   if s["num_attack"]:

@@ -279,6 +279,50 @@ def test_perturbation_scale_moves_the_stored_example_along_the_attack_direction(
   assert np.all(m_half[ok] < 0.5 * m1[ok])  # half-way: well short of the target's side
 
 
+def test_perturbation_rms_puts_the_stored_example_at_a_fixed_distance_along_the_attack_direction():
+  params, x, y = _lin_problem()
+  layer = at.PoolLayer("input", lambda p, v: v, _lin_apply, (0.0, 1.0))
+  key = jax.random.PRNGKey(3)
+  e = 0.02
+  cfgs = [at.PoolConfig(maxiter=5, c_grid=(0.1, 1.0)), at.PoolConfig(maxiter=5, c_grid=(0.1, 1.0), perturbation_rms=e)]
+
+  @jax.jit
+  def gen(params, x, y):
+    return [at.generate_adversarial(layer, params, x, y, key, c, LIN_CLASSES) for c in cfgs]
+
+  (h1, r1), (he, re_) = gen(params, x, y)
+  _trees_equal(r1, re_)  # the engine's result is the same; only the stored point moves
+  ok = np.asarray(r1.success)
+  assert ok.mean() > 0.5
+  d1, de = np.asarray(h1 - x).reshape(len(x), -1), np.asarray(he - x).reshape(len(x), -1)
+  rms1, rmse = np.sqrt(np.mean(d1 ** 2, 1)), np.sqrt(np.mean(de ** 2, 1))
+  # Unclipped rows: exactly e along the attack's direction; clipped ones: shorter, never longer.
+  expected = np.asarray(x).reshape(len(x), -1) + (e / rms1)[:, None] * d1
+  inside = np.all((expected >= 0) & (expected <= 1), axis=1) & ok
+  assert inside.sum() > 0.3 * len(x)
+  np.testing.assert_allclose(rmse[inside], e, rtol=1e-4)
+  np.testing.assert_allclose(de[inside], (e / rms1[inside])[:, None] * d1[inside], atol=1e-6)
+  assert np.all(rmse <= e * (1 + 1e-4)) and np.all((np.asarray(he) >= 0) & (np.asarray(he) <= 1))
+  # Near and far boundaries differ: rows whose boundary lies closer than e are pushed past it (the
+  # target wins or ties), the farther ones stop short (the true label still wins).
+  z = np.asarray(_lin_apply(params, he))
+  tgt, yy = np.asarray(r1.pred), np.asarray(y)
+  margin = np.take_along_axis(z, tgt[:, None], 1)[:, 0] - np.take_along_axis(z, yy[:, None], 1)[:, 0]
+  near, far = inside & (rms1 < 0.9 * e), inside & (rms1 > 1.1 * e)
+  assert far.sum() > 0 and np.all(margin[far] < 0)
+  assert near.sum() > 0 and np.all(margin[near] > 0)
+
+
+def test_perturbation_rms_is_validated_and_stored_only_when_set():
+  for bad in (0.0, -0.1, float("nan"), float("inf"), True, "0.1"):
+    with pytest.raises(ValueError, match="perturbation_rms"):
+      at.PoolConfig(perturbation_rms=bad)
+  with pytest.raises(ValueError, match="not both"):
+    at.PoolConfig(perturbation_rms=0.03, perturbation_scale=0.5)
+  assert "perturbation_rms" not in at.PoolConfig().to_dict()
+  assert at.PoolConfig(perturbation_rms=0.03).to_dict()["perturbation_rms"] == 0.03
+
+
 def test_pool_loss_weight_weights_the_pool_examples_in_the_loss():
   params, x, y = _lin_problem(256)
   w = 3.0
