@@ -740,7 +740,7 @@ def get_or_train(name: str, images, labels, *, workdir: str, seed: int = 0, epoc
     images, labels: training set ([N, 28, 28, 1] float32 in [0, 1], [N] int).
     workdir: parent directory of the runs (e.g. "/work/main/runs/models").
     seed: init seed (also the shuffling seed).
-    epochs: overrides the recipe's epochs.
+    epochs: overrides the recipe's epochs (of both stages, for a recipe with unsupervised pre-training).
     run_name: directory name under ``workdir`` (needed to keep e.g. P1 and full-data runs apart);
       default ``default_run_name(name, seed=seed, epochs=epochs, overrides=...)``.
     eval_data: optional (images, labels) evaluated each epoch and at the end (e.g. the test set).
@@ -788,7 +788,7 @@ def get_or_train(name: str, images, labels, *, workdir: str, seed: int = 0, epoc
     # Stage 1: unsupervised sparse-autoencoder training. Stage 2: softmax on the frozen code. The code is
     # computed once, so stage 2 is softmax regression on [N, code_size] features (the same objective as
     # training ``output`` with ``trainable=("output",)``, at a fraction of the cost).
-    pre_cfg = TrainConfig(**recipe["pretrain"])
+    pre_cfg = TrainConfig(**dict(recipe["pretrain"], **({"epochs": epochs} if epochs is not None else {})))
     pre = train_model(model, images, labels, pre_cfg, seed=seed, workdir=os.path.join(run_dir, "pretrain"))
     pretrain_seconds = time.perf_counter() - timer
     encode = jax.jit(lambda v, x: model.apply(v, x, method="encode"))
@@ -815,7 +815,7 @@ def get_or_train(name: str, images, labels, *, workdir: str, seed: int = 0, epoc
             "train_error": metrics.error_rate(logits_fn, images, labels), "train_seconds": seconds,
             "pretrain_seconds": pretrain_seconds}
   if "pretrain" in recipe:
-    result["pretrain_config"] = TrainConfig(**recipe["pretrain"]).to_dict()
+    result["pretrain_config"] = pre_cfg.to_dict()
   if eval_data is not None:
     result["eval_error"] = metrics.error_rate(logits_fn, *_check_data(*eval_data, name="eval_data"))
   checkpoint.save_pytree(os.path.join(run_dir, "final.msgpack"), res.variables)

@@ -192,3 +192,17 @@ def test_get_or_train_two_stage_autoencoder_recipe(tiny, tmp_path, monkeypatch):
   assert result["train_error"] < 0.9
   _, again = train.get_or_train("ae32-10", x, y, workdir=str(tmp_path))
   _tree_allclose(again, variables, rtol=0, atol=0)
+  assert result["pretrain_config"]["epochs"] == 1
+
+
+def test_get_or_train_epochs_override_shortens_the_pretraining_too(tiny, tmp_path, monkeypatch):
+  x, y = tiny
+  recipe = {"model": "ae32-10",
+            "pretrain": dict(task="autoencode", epochs=3, batch_size=64, weight_decay=(1e-3, 1e-3)),
+            "config": dict(epochs=3, batch_size=64, learning_rate=1e-2, weight_decay=(1e-6,))}
+  monkeypatch.setitem(train.RECIPES, "ae32-10", recipe)
+  train.get_or_train("ae32-10", x, y, workdir=str(tmp_path), epochs=1, run_name="short")
+  result = json.loads((tmp_path / "short" / "result.json").read_text())
+  assert result["pretrain_config"]["epochs"] == 1 and result["config"]["epochs"] == 1
+  _, last_epoch = checkpoint.restore_checkpoint(tmp_path / "short" / "pretrain" / "ckpt")
+  assert last_epoch == 1  # the recipe's 3 pre-training epochs were cut to 1
