@@ -158,21 +158,19 @@ class PoolConfig:
       raise ValueError(f"PoolConfig.refresh_fraction must be in (0, 1], got {self.refresh_fraction}")
     if not 0.0 < self.mix_ratio < 1.0:
       raise ValueError(f"PoolConfig.mix_ratio must be in (0, 1), got {self.mix_ratio}")
-    for name in ("perturbation_scale", "pool_loss_weight"):
+    optional = ("perturbation_rms",)                   # None = off
+    for name in ("perturbation_scale", "pool_loss_weight") + optional:
       v = getattr(self, name)
+      if v is None and name in optional:
+        continue
       if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
           math.isfinite(v) and v > 0):
-        raise ValueError(f"PoolConfig.{name} must be a finite number > 0, got {v!r}")
+        none = "None or " if name in optional else ""
+        raise ValueError(f"PoolConfig.{name} must be {none}a finite number > 0, got {v!r}")
       object.__setattr__(self, name, float(v))
-    v = self.perturbation_rms
-    if v is not None:
-      if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
-          math.isfinite(v) and v > 0):
-        raise ValueError(f"PoolConfig.perturbation_rms must be None or a finite number > 0, got {v!r}")
-      if self.perturbation_scale != 1.0:
-        raise ValueError("PoolConfig: set perturbation_rms or perturbation_scale, not both "
-                         f"(got {v!r} and {self.perturbation_scale!r})")
-      object.__setattr__(self, "perturbation_rms", float(v))
+    if self.perturbation_rms is not None and self.perturbation_scale != 1.0:
+      raise ValueError("PoolConfig: set perturbation_rms or perturbation_scale, not both "
+                       f"(got {self.perturbation_rms!r} and {self.perturbation_scale!r})")
     self.attack_options((0.0, 1.0)).validate()
 
   @property

@@ -176,13 +176,18 @@ def test_bad_inputs_raise_clear_errors(tiny):
     train.TrainConfig(weight_decay=(-1.0,))
 
 
+def _set_ae_recipe(monkeypatch, *, pretrain_epochs, epochs):
+  """A tiny two-stage (autoencoder pre-training, then softmax) recipe registered as "ae32-10"."""
+  monkeypatch.setitem(train.RECIPES, "ae32-10", {
+      "model": "ae32-10",
+      "pretrain": dict(task="autoencode", epochs=pretrain_epochs, batch_size=64, weight_decay=(1e-3, 1e-3)),
+      "config": dict(epochs=epochs, batch_size=64, learning_rate=1e-2, weight_decay=(1e-6,))})
+
+
 def test_get_or_train_two_stage_autoencoder_recipe(tiny, tmp_path, monkeypatch):
   """The AE recipe path: pre-train, softmax on the frozen code, merged variables, restorable."""
   x, y = tiny
-  recipe = {"model": "ae32-10",
-            "pretrain": dict(task="autoencode", epochs=1, batch_size=64, weight_decay=(1e-3, 1e-3)),
-            "config": dict(epochs=2, batch_size=64, learning_rate=1e-2, weight_decay=(1e-6,))}
-  monkeypatch.setitem(train.RECIPES, "ae32-10", recipe)
+  _set_ae_recipe(monkeypatch, pretrain_epochs=1, epochs=2)
   model, variables = train.get_or_train("ae32-10", x, y, workdir=str(tmp_path))
   assert set(variables["params"]) == {"encoder", "decoder", "output"}
   pre, _ = checkpoint.restore_checkpoint(tmp_path / "ae32-10" / "pretrain" / "ckpt")
@@ -197,10 +202,7 @@ def test_get_or_train_two_stage_autoencoder_recipe(tiny, tmp_path, monkeypatch):
 
 def test_get_or_train_epochs_override_shortens_the_pretraining_too(tiny, tmp_path, monkeypatch):
   x, y = tiny
-  recipe = {"model": "ae32-10",
-            "pretrain": dict(task="autoencode", epochs=3, batch_size=64, weight_decay=(1e-3, 1e-3)),
-            "config": dict(epochs=3, batch_size=64, learning_rate=1e-2, weight_decay=(1e-6,))}
-  monkeypatch.setitem(train.RECIPES, "ae32-10", recipe)
+  _set_ae_recipe(monkeypatch, pretrain_epochs=3, epochs=3)
   train.get_or_train("ae32-10", x, y, workdir=str(tmp_path), epochs=1, run_name="short")
   result = json.loads((tmp_path / "short" / "result.json").read_text())
   assert result["pretrain_config"]["epochs"] == 1 and result["config"]["epochs"] == 1
