@@ -28,3 +28,34 @@ def mnist_dir():
   if d is None:
     pytest.skip("real MNIST not found: set INTRIGUING_JAX_MNIST_DIR or place the IDX files in ../shared/data/mnist")
   return d
+
+
+def write_synthetic_idx(directory, *, num_train: int = 512, num_test: int = 128) -> str:
+  """Writes ``data.synthetic_mnist`` as the four gzipped IDX files of a local MNIST directory.
+
+  For end-to-end tests of the scripts (``--data_dir``): the loader reads them like the real files.
+  Returns ``directory``.
+  """
+  import gzip
+  import struct
+
+  import numpy as np
+
+  from intriguing_jax import data
+
+  os.makedirs(directory, exist_ok=True)
+  for (img_name, lbl_name), num, seed in ((("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"), num_train, 0),
+                                          (("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), num_test, 1)):
+    x, y = data.synthetic_mnist(num, seed=seed, image_shape=(28, 28))
+    for name, arr in ((img_name, np.round(x * 255.0)), (lbl_name, y)):
+      arr = np.asarray(arr, np.uint8)
+      header = struct.pack(">i", 0x0800 | arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+      with open(os.path.join(directory, name), "wb") as f:
+        f.write(gzip.compress(header + arr.tobytes(), mtime=0))
+  return str(directory)
+
+
+@pytest.fixture
+def synthetic_idx_dir(tmp_path):
+  """A local MNIST IDX directory holding tiny learnable synthetic data (512 train, 128 test images)."""
+  return write_synthetic_idx(tmp_path / "synthetic_mnist")

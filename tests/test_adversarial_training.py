@@ -291,8 +291,13 @@ def test_perturbation_rms_puts_the_stored_example_at_a_fixed_distance_along_the_
     return [at.generate_adversarial(layer, params, x, y, key, c, LIN_CLASSES) for c in cfgs]
 
   (h1, r1), (he, re_) = gen(params, x, y)
-  _trees_equal(r1, re_)  # the engine's result is the same; only the stored point moves
+  # The same solves; with perturbation_rms the engine skips the refinement (it only slides x_adv along the
+  # direction), so the stored points below must still follow the REFINED direction h1 - x exactly.
+  assert cfgs[0].attack_options((0.0, 1.0)).refine and not cfgs[1].attack_options((0.0, 1.0)).refine
+  _trees_equal((r1.success, r1.c, r1.num_iter), (re_.success, re_.c, re_.num_iter))
   ok = np.asarray(r1.success)
+  assert np.all(np.asarray(re_.distortion)[ok] >= np.asarray(r1.distortion)[ok] - 1e-7)  # unrefined: farther
+  assert np.any(np.asarray(re_.distortion)[ok] > 1.01 * np.asarray(r1.distortion)[ok])
   assert ok.mean() > 0.5
   d1, de = np.asarray(h1 - x).reshape(len(x), -1), np.asarray(he - x).reshape(len(x), -1)
   rms1, rmse = np.sqrt(np.mean(d1 ** 2, 1)), np.sqrt(np.mean(de ** 2, 1))
