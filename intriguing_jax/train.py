@@ -162,6 +162,27 @@ class TrainConfig:
     return d
 
 
+def config_mismatch(stored: Dict[str, Any], config: TrainConfig) -> List[str]:
+  """Names of the settings where a stored run's config (``result.json``'s "config") differs from ``config``.
+
+  A field the stored config lacks -- one added to ``TrainConfig`` after that run was trained -- matches when
+  ``config`` holds the field's default: new fields default to the behaviour runs had before them, so old
+  finished runs stay usable. A stored key that ``TrainConfig`` no longer has always differs.
+  """
+  current = json.loads(json.dumps(config.to_dict()))
+  defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+  diff = []
+  for k in sorted(set(stored) | set(current)):
+    if k not in current:
+      diff.append(k)
+    elif k in stored:
+      if stored[k] != current[k]:
+        diff.append(k)
+    elif current[k] != defaults[k]:
+      diff.append(k)
+  return diff
+
+
 def _check_int(name, value, lower):
   if not isinstance(value, (int, np.integer)) or value < lower:
     raise ValueError(f"TrainConfig.{name} must be an integer >= {lower}, got {value!r}")
@@ -774,9 +795,8 @@ def get_or_train(name: str, images, labels, *, workdir: str, seed: int = 0, epoc
     if result.get("data_fingerprint") != fingerprint:
       raise ValueError(f"{run_dir} was trained on another dataset (fingerprint {result.get('data_fingerprint')} "
                        f"vs {fingerprint}); pass another run_name")
-    if result.get("config") != json.loads(json.dumps(config.to_dict())):
-      diff = sorted(k for k, v in config.to_dict().items()
-                    if result.get("config", {}).get(k) != json.loads(json.dumps(v)))
+    diff = config_mismatch(result.get("config") or {}, config)
+    if diff:
       raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(diff)}); pass the same "
                        "overrides or another run_name")
     logging.info("get_or_train: restored %s from %s", name, run_dir)

@@ -143,6 +143,33 @@ def test_get_or_train_restores_and_checks_data(tiny, tmp_path):
     train.get_or_train("fc16-16-10", x, y, workdir=str(tmp_path), lr=1.0)
 
 
+def test_get_or_train_accepts_runs_from_before_a_config_field_existed(tiny, tmp_path):
+  x, y = tiny
+  kw = dict(workdir=str(tmp_path), epochs=1, batch_size=64)
+  _, variables = train.get_or_train("fc16-16-10", x, y, **kw)
+  (run_dir,) = os.listdir(tmp_path)
+  path = tmp_path / run_dir / "result.json"
+  result = json.loads(path.read_text())
+  # An older run: its stored config lacks a field TrainConfig has now (here "momentum", default 0.9).
+  assert result["config"]["momentum"] == train.TrainConfig().momentum
+  del result["config"]["momentum"]
+  path.write_text(json.dumps(result))
+  _, again = train.get_or_train("fc16-16-10", x, y, **kw)  # restored: the run used the default behaviour
+  _tree_allclose(again, variables, rtol=0, atol=0)
+  # ... but not when this call asks for another value of the missing field.
+  with pytest.raises(ValueError, match=r"other settings \(momentum\)"):
+    train.get_or_train("fc16-16-10", x, y, run_name=run_dir, momentum=0.5, **kw)
+  # A stored key TrainConfig no longer has, or a changed value, always differs.
+  cfg = train.TrainConfig(epochs=1, batch_size=64)
+  stored = json.loads(json.dumps(cfg.to_dict()))
+  assert train.config_mismatch(stored, cfg) == []
+  assert train.config_mismatch(dict(stored, gone=1), cfg) == ["gone"]
+  assert train.config_mismatch(dict(stored, epochs=2), cfg) == ["epochs"]
+  del stored["momentum"]
+  assert train.config_mismatch(stored, cfg) == []
+  assert train.config_mismatch(stored, train.TrainConfig(epochs=1, batch_size=64, momentum=0.5)) == ["momentum"]
+
+
 def test_autoencoder_two_stages_freeze_encoder(tiny):
   x, y = tiny
   model = models.get_model("ae32-10")
