@@ -19,8 +19,9 @@ attack's direction at an RMS distortion of 0.035 (--pool_rms); 10% of every batc
 
 Expected runtime and result (2 CPU cores, two seeds at a time, session 4; BUILD_NOTES.md, "Adversarial
 training (issue 8)"): ~9 min per seed for the three runs and the attacks (weight decay ~1.5 min, dropout
-~2.5 min, adversarial ~5.5 min). Test error over seeds 0-3: pool 1.15 / 1.21 / 1.21 / 1.20% (mean 1.19%),
-dropout 1.29-1.41%, weight decay 1.62-1.77%; av. min. distortion 0.080-0.085 vs 0.058-0.064 for weight decay.
+~2.5 min, adversarial ~5.5 min). Test error over seeds 0-7: pool 1.15-1.31% (mean 1.23%; <= 1.2% on seeds
+0 and 3), dropout 1.28-1.48% (mean 1.37%), weight decay 1.54-1.80% (mean 1.68%); av. min. distortion
+0.080-0.086 vs 0.058-0.066 for weight decay.
 
 Smoke test (2000 training images, 2 epochs, small pools; 16 s on an idle 2-core machine)::
 
