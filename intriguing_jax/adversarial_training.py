@@ -400,13 +400,21 @@ def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Arr
   res = attack_fn(params, h, target.astype(jnp.int32))
   h_adv = res.x_adv
   if config.perturbation_rms is not None:
-    delta = h_adv - h
-    rms = jnp.sqrt(jnp.mean(jnp.square(delta.reshape(delta.shape[0], -1)), axis=1))
-    factor = jnp.where(rms > 0, config.perturbation_rms / jnp.where(rms > 0, rms, 1.0), 0.0)
-    h_adv = jnp.clip(h + factor.reshape((-1,) + (1,) * (delta.ndim - 1)) * delta, layer.box[0], layer.box[1])
+    h_adv = place_at_rms(h, h_adv, config.perturbation_rms, layer.box)
   elif config.perturbation_scale != 1.0:
     h_adv = jnp.clip(h + config.perturbation_scale * (h_adv - h), layer.box[0], layer.box[1])
   return jax.lax.stop_gradient(h_adv), res
+
+
+def place_at_rms(h: Array, h_adv: Array, rms: float, box: Tuple[float, float]) -> Array:
+  """``clip(h + rms (h_adv - h) / RMS(h_adv - h), box)`` per example: the direction h -> h_adv at RMS ``rms``.
+
+  Rows with ``h_adv == h`` (no direction) stay at ``h``. ``PoolConfig.perturbation_rms``'s placement.
+  """
+  delta = h_adv - h
+  norm = jnp.sqrt(jnp.mean(jnp.square(delta.reshape(delta.shape[0], -1)), axis=1))
+  factor = jnp.where(norm > 0, rms / jnp.where(norm > 0, norm, 1.0), 0.0)
+  return jnp.clip(h + factor.reshape((-1,) + (1,) * (delta.ndim - 1)) * delta, box[0], box[1])
 
 
 def make_generate_fn(layers: Sequence[PoolLayer], config: PoolConfig, num_classes: int):

@@ -5,8 +5,9 @@ with the pool's L-BFGS settings against the given network, place the stored exam
 attack's direction at ``--pool_rms``). Prints, per refresh size R, the median seconds per refresh, the
 cost per example, the attack's success rate and the share of a training epoch the generation would take
 with ``--new_per_step`` new examples per step on average (a refresh of R every R / new_per_step steps)
-given ``--step_ms`` (the measured cost of one training step without the generation; 0: not printed). It also checks that the refinement, which the library skips under
-``perturbation_rms``, would not have changed the stored examples (largest difference over the examples).
+given ``--step_ms`` (the measured cost of one training step without the generation; 0: not printed). It
+also checks that the refinement, which the library skips under ``perturbation_rms``, would not have changed
+the stored examples (largest difference over the examples).
 
 Command (2 CPU cores; the network: a ``final.msgpack`` of a finished run, e.g. an adversarial_training.py
 run, or the trained FC100-100-10 restored -- or trained first -- by intriguing_jax.train.get_or_train)::
@@ -22,7 +23,6 @@ stored examples by at most 1.2e-7. At 4 new examples per step the generation wou
 (16 examples: 6.5-10.9 ms across sessions' runs).
 """
 
-import json
 import os
 import time
 
@@ -97,12 +97,9 @@ def main(argv):
     xb, yb, key = x[:r], y[:r], jax.random.PRNGKey(0)
     gen_one = jax.jit(lambda p, c: at.generate_adversarial(layers[0], p, xb, yb, key, c, data.NUM_CLASSES)[0],
                       static_argnums=1)
-    stored = gen_one(params, at.PoolConfig(**cfg)).reshape(r, -1)
-    d = (gen_one(params, at.PoolConfig(**{**cfg, "perturbation_rms": None})) - xb).reshape(r, -1)
-    rms = jnp.sqrt(jnp.mean(d * d, axis=1))
-    scale = jnp.where(rms > 0, _POOL_RMS.value / jnp.where(rms > 0, rms, 1.0), 0.0)
-    want = jnp.clip(xb.reshape(r, -1) + scale[:, None] * d, 0.0, 1.0)
-    diff = float(jnp.max(jnp.abs(want - stored)))
+    stored = gen_one(params, at.PoolConfig(**cfg))
+    refined = gen_one(params, at.PoolConfig(**{**cfg, "perturbation_rms": None}))
+    diff = float(jnp.max(jnp.abs(at.place_at_rms(xb, refined, _POOL_RMS.value, (0.0, 1.0)) - stored)))
     sec = float(np.median(times))
     row = {"refresh_size": r, "ms_per_refresh": 1e3 * sec, "us_per_example": 1e6 * sec / r,
            "success": float(np.mean(np.asarray(out["input"][1].success))), "refine_skip_max_diff": diff}
