@@ -8,6 +8,10 @@ import pytest
 
 # Catch accidental (batch x c) broadcasting bugs early.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# float32 matmuls everywhere: the tolerances here assume float32 arithmetic, which a CPU always uses, but a
+# GPU's default is TF32 (~1e-3 relative error; several attack tests failed on an H200 with it). The attack
+# sets its own precision (AttackOptions.precision), which test_attack checks under the "default" setting.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _DEFAULT_MNIST = _REPO.parent / "shared" / "data" / "mnist"

@@ -247,6 +247,7 @@ def test_closure_logits_fn_and_penalty_options():
     (dict(options=dict(schedule="async")), "schedule"),
     (dict(options=dict(schedule="continuous", solver="jaxopt")), "schedule='rounds'"),
     (dict(options=dict(num_slots=-1)), "num_slots"),
+    (dict(options=dict(precision="fastest")), "precision"),
 ])
 def test_bad_input_raises_before_compiling(bad, match):
   params = _linear_params()
@@ -267,6 +268,36 @@ def test_bad_input_raises_before_compiling(bad, match):
   with pytest.raises(ValueError, match=match):
     attack.lbfgs_attack(linear_apply, x, target, params=params, **bad.get("options", {}))
   assert attack._compiled.cache_info().currsize == before  # pylint: disable=protected-access
+
+
+def _dot_precisions(jaxpr):
+  """The precision of every dot_general in a closed jaxpr, sub-jaxprs (while, cond, scan) included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(eqn.params["precision"])
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          out.extend(_dot_precisions(sub))
+  return out
+
+
+@pytest.mark.parametrize("precision, expected", [("highest", jax.lax.Precision.HIGHEST),
+                                                 ("tensorfloat32", jax.lax.Precision.HIGH),
+                                                 (None, jax.lax.Precision.DEFAULT)])
+def test_precision_option_reaches_every_matmul(precision, expected):
+  # On a GPU the ambient float32 matmul is TF32, whose logit error reaches the success margin; the attack
+  # traces its whole program (solves, refinement, success check) under `precision`. None keeps the ambient
+  # setting, here "default".
+  params = _mlp_params(1)
+  fn = attack.make_attack(mlp_apply, maxiter=3, c_grid=(1.0,), num_bisection=1, precision=precision)
+  with jax.default_matmul_precision("default"):
+    jaxpr = jax.make_jaxpr(fn)(params, jnp.asarray(_data(2)), jnp.zeros(2, jnp.int32))
+  precisions = _dot_precisions(jaxpr.jaxpr)
+  assert len(precisions) > 3, precisions
+  assert all(p == (expected, expected) for p in precisions), precisions
 
 
 def test_logits_fn_with_wrong_output_shape():
@@ -357,7 +388,8 @@ def test_sharded_batch_matches_single_device():
     print("OK", np.asarray(a.success).sum())
   """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS="cpu")  # the 4 forced devices are CPU devices, also on a GPU host
   out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

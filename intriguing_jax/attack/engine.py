@@ -29,6 +29,8 @@ PENALTIES = ("l2_squared", "l2")
 LOSSES = ("cross_entropy", "margin")
 SOLVERS = ("jaxopt", "projected")
 SCHEDULES = ("continuous", "rounds")
+# Values of ``jax.default_matmul_precision`` accepted by ``precision`` (None: leave the ambient setting).
+PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
 DEFAULT_CPU_SLOTS = 32
 DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 
@@ -81,6 +83,7 @@ class AttackOptions:
   bisection_maxiter: int = 0
   schedule: Optional[str] = None
   num_slots: int = 0
+  precision: Optional[str] = "highest"
 
   def __post_init__(self):
     # Sequences given as lists stay hashable (the options are a compilation key).
@@ -110,6 +113,8 @@ class AttackOptions:
     if self.schedule == "continuous" and self.solver == "jaxopt":
       raise ValueError("schedule='continuous' runs our batched projected L-BFGS; solver='jaxopt' needs "
                        "schedule='rounds' (or None)")
+    if self.precision is not None and self.precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
     if self.solver not in SOLVERS:
       raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
     if not self.tol > 0:
@@ -408,7 +413,19 @@ def _continuous_search(logits_fn, has_params, opts, params, x, label, c_grid, nu
 
 
 def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, label, c_grid):
-  """x: [B, *s]; label: [B]; c_grid: [G]. Returns an AttackResult."""
+  """x: [B, *s]; label: [B]; c_grid: [G]. Returns an AttackResult.
+
+  Traced under ``jax.default_matmul_precision(opts.precision)``: on GPUs and TPUs a float32 matmul is
+  otherwise computed in reduced precision (TF32 / bfloat16 passes), whose ~1e-3 relative logit error is
+  as large as the success margin and makes flags and refinement depend on the batch layout.
+  """
+  if opts.precision is None:
+    return _attack_body(logits_fn, has_params, opts, params, x, label, c_grid)
+  with jax.default_matmul_precision(opts.precision):
+    return _attack_body(logits_fn, has_params, opts, params, x, label, c_grid)
+
+
+def _attack_body(logits_fn, has_params: bool, opts: AttackOptions, params, x, label, c_grid):
   lower, upper = opts.box
   num_c = c_grid.shape[0]
   margin_of = lambda xb, lb: _margin(_call(logits_fn, params, has_params, xb), lb, opts.untargeted)
@@ -576,6 +593,7 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
                  success_margin: float = 1e-3, margin_kappa: float = 0.0,
                  bisection_maxiter: int = 0, grid_parallel: Optional[bool] = None,
                  schedule: Optional[str] = None, num_slots: int = 0,
+                 precision: Optional[str] = "highest",
                  shard: Optional[bool] = None) -> AttackResult:
   """Box-constrained L-BFGS adversarial search with a c search (paper.md §3, A1-A4).
 
@@ -616,6 +634,11 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
       each as long as its slowest example (the default when ``solver="jaxopt"``).
     num_slots: rows of the continuous schedule (examples in flight); 0 = auto (all examples on
       accelerators or several devices; at most 32 on one CPU, fed from a queue).
+    precision: ``jax.default_matmul_precision`` under which the attack (solves, refinement and the
+      success check) is traced. "highest" (default): float32 matmuls, as on a CPU. On GPUs the ambient
+      default is TF32, whose logit error (~1e-3 relative) reaches the success margin: measured on an
+      H200, 0.21 % of a 60,000-image attack failed the re-check with it and none with "highest". None
+      keeps the ambient setting (faster matmuls for large models).
     grid_parallel: ("rounds" schedule) solve the c grid as one vmap over examples x c (True) or one c at a time with the
       examples vmapped (False, ``lax.map``); None: True on accelerators, False on CPU, where the
       [B*G]-problem solve is memory-bound (measured ~4x slower, notes/attack.md).
@@ -640,7 +663,7 @@ def lbfgs_attack(logits_fn: Callable[..., Array], x: Array, target: Array, *, pa
                        ftol=float(ftol), solver=solver,
                        success_margin=float(success_margin), margin_kappa=float(margin_kappa),
                        bisection_maxiter=int(bisection_maxiter), schedule=schedule,
-                       num_slots=int(num_slots),
+                       num_slots=int(num_slots), precision=precision,
                        grid_parallel=None if grid_parallel is None else bool(grid_parallel))
   opts.validate()
   x, target = _check_inputs(x, target, opts)

@@ -1,0 +1,80 @@
+#!/bin/bash
+# Accelerator checks in one command per phase, sized for a short GPU lease (see BUILD_NOTES.md, "GPU").
+#
+# usage (repository root of a GPU host):
+#   OUT=runs/device MNIST_DIR=../shared/data/mnist bash scripts/device_check.sh attack   # phase A
+#   OUT=runs/device MNIST_DIR=../shared/data/mnist bash scripts/device_check.sh pool     # phase B
+#   OUT=runs/device MNIST_DIR=../shared/data/mnist bash scripts/device_check.sh tests    # phase C
+#
+# Phase "attack" (issues 4 and 9): the full 60,000-image attack of the trained FC100-100-10, the
+# throughput curve vs batch size, and bench_attack's engine-vs-scipy comparison and convex check.
+# Phase "pool" (issue 8): the pool-generation cost vs refresh size and one adversarial-training seed
+# with the script's defaults (all three runs). Phase "tests": the attack and adversarial-training tests
+# on the accelerator. WHEELS=DIR installs the wheels in DIR first (e.g. jaxopt where the host lacks it).
+#
+# Needs the trained runs runs/models/fc100-100-10 and runs/models/fc10-1e-4 (scripts/train.py), and for
+# phase "pool" --params of an adversarially trained network (POOL_PARAMS). Every step runs under its own
+# time limit and appends to $OUT/log.txt; figures go to $OUT/*.json (at most 8 files, as the lease tool
+# returns). SMALL=1 shrinks every step for a dry run on a CPU.
+set -u
+phase=${1:?usage: device_check.sh attack|pool}
+OUT=${OUT:-runs/device}
+PY=${PYTHON:-python3}
+MNIST_DIR=${MNIST_DIR:?set MNIST_DIR to the MNIST IDX directory}
+WORK=${WORK:-/tmp/device_work}
+POOL_PARAMS=${POOL_PARAMS:-runs/adv_s4b_final_seed0/adversarial/final.msgpack}
+SMALL=${SMALL:-0}
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export INTRIGUING_JAX_MNIST_DIR=$MNIST_DIR
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}
+log=$OUT/log.txt
+if [ -n "${WHEELS:-}" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$WHEELS"/*.whl >> "$log" 2>&1 \
+    && export PYTHONPATH=$PYTHONPATH:$WORK/site
+fi
+
+step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs its output and wall time
+  local name=$1 limit=$2; shift 2
+  local t0; t0=$(date +%s.%N)
+  echo "=== $name ($(date -u +%H:%M:%S) UTC, limit ${limit}s): $*" >> "$log"
+  timeout "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  local dt; dt=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$(date +%s.%N)")
+  echo "=== $name rc=$rc wall=${dt}s" | tee -a "$log"
+}
+
+if [ "$SMALL" = 1 ]; then
+  full_n=(--num_examples=600 --chunk_size=300); curve_b=64,128; cmp=(--num_compare=20 --num_baseline=5 --num_convex=10)
+  sizes=4,16; adv=(--smoke); tests=(tests/test_attack.py -k "untargeted")
+else
+  full_n=(); curve_b=1024,4096,16384; cmp=(--num_baseline=100)
+  sizes=4,16,64,256,1024; adv=(); tests=(tests/test_attack.py tests/test_adversarial_training.py)
+fi
+
+step env 60 bash -c "nvidia-smi -L 2>/dev/null; $PY -c 'import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'"
+
+case $phase in
+  attack)
+    step full_attack 180 "$PY" scripts/bench_scale.py --mode=full --workdir="$WORK/scale" \
+      --run_dir=runs/models/fc100-100-10 --data_dir="$MNIST_DIR" --num_bisection=6 "${full_n[@]}" \
+      --out="$OUT/full_attack.json"
+    step bench_attack 150 "$PY" -m scripts.bench_attack --data_dir="$MNIST_DIR" --workdir=runs/models \
+      --restore_only --rounds=false --variants=false --repeats=3 "${cmp[@]}" --out="$OUT/bench_attack.json"
+    step curve 150 "$PY" scripts/bench_scale.py --devices=0 --batch_sizes=$curve_b --repeats=2 \
+      --run_dir=runs/models/fc100-100-10 --data_dir="$MNIST_DIR" --num_bisection=6 --out="$OUT/curve.json"
+    ;;
+  pool)
+    step pool_generation 90 "$PY" scripts/bench_pool_generation.py --data_dir="$MNIST_DIR" \
+      --params="$POOL_PARAMS" --sizes=$sizes --repeats=15 --out="$OUT/pool_generation.json"
+    step adversarial_training 300 "$PY" scripts/adversarial_training.py --workdir="$WORK/adv_seed0" \
+      --data_dir="$MNIST_DIR" --seed=0 "${adv[@]}"
+    cp "$WORK/adv_seed0/results.json" "$OUT/adversarial_results.json" 2>/dev/null
+    ;;
+  tests)
+    step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}"
+    ;;
+  *) echo "unknown phase $phase" >&2; exit 2;;
+esac
+echo "=== done $(date -u +%H:%M:%S) UTC" >> "$log"
