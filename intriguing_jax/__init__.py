@@ -35,6 +35,7 @@ _SUBMODULES = (
     "report",
     "adversarial_training",
     "distributed",
+    "precision",
 )
 
 

@@ -65,6 +65,7 @@ import optax
 from intriguing_jax import attack as attack_lib
 from intriguing_jax import checkpoint
 from intriguing_jax import models as models_lib
+from intriguing_jax import precision as precision_lib
 from intriguing_jax import progress
 from intriguing_jax import train as train_lib
 from intriguing_jax.types import Array, Params, PRNGKey
@@ -642,7 +643,8 @@ def _summarise(stats: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
 @functools.lru_cache(maxsize=16)
 def _count_errors_fn(model):
   def count(params, x, y):
-    logits = model.apply({"params": params}, x)
+    with precision_lib.scope("highest"):  # as train's evaluation: float32 matmuls on every backend
+      logits = model.apply({"params": params}, x)
     return jnp.sum(((jnp.argmax(logits, -1) != y) & (y >= 0)).astype(jnp.int32))
 
   return jax.jit(count)

@@ -17,13 +17,14 @@ process passes the full data, feeds its own rows and receives all predictions).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from intriguing_jax import distributed
+from intriguing_jax import precision as precision_lib
 from intriguing_jax.types import Array, LogitsFn
 
 
@@ -45,37 +46,49 @@ def rms_distortion(x: Array, x_adv: Array) -> Array:
 
 
 @functools.lru_cache(maxsize=64)
-def _argmax_fn(logits_fn: Callable) -> Callable:
-  return lambda xb: jnp.argmax(logits_fn(xb), axis=-1).astype(jnp.int32)
+def _argmax_fn(logits_fn: Callable, precision: Optional[str]) -> Callable:
+  def argmax(xb):
+    with precision_lib.scope(precision):
+      return jnp.argmax(logits_fn(xb), axis=-1).astype(jnp.int32)
+  return argmax
 
 
-def predict(logits_fn: LogitsFn, x: Array, *, batch_size: int = 1000) -> np.ndarray:
+def predict(logits_fn: LogitsFn, x: Array, *, batch_size: int = 1000,
+            precision: Optional[str] = "highest") -> np.ndarray:
   """Predicted labels argmax(logits_fn(x)) for a dataset of any size, batched, jitted, sharded over devices.
 
   ``logits_fn`` should be a stable object (e.g. one ``functools.partial(model.apply, params)`` reused
   across calls) so the compiled program is reused. ``batch_size`` is rounded up to a multiple of the
-  number of devices.
+  number of devices. ``precision``: the matmul precision of the evaluation (``intriguing_jax.precision``);
+  "highest" (float32) by default, so that an adversarial example the attack verified at float32 is
+  classified the same way on a GPU (TF32) or TPU; None keeps the ambient setting.
 
   Returns:
     [N] int32 numpy array.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  precision_lib.validate(precision)
   x = np.asarray(x)
   if x.ndim < 1:
     raise ValueError(f"predict: x must be [N, ...], got shape {x.shape}")
   n = x.shape[0]
   if n == 0:
     return np.zeros((0,), np.int32)
-  return distributed.stream_map(_argmax_fn(logits_fn), x, chunk_size=min(batch_size, n), name="predict")
+  return distributed.stream_map(_argmax_fn(logits_fn, precision), x, chunk_size=min(batch_size, n),
+                                name="predict")
 
 
-def error_rate(logits_fn: LogitsFn, x: Array, labels: Array, *, batch_size: int = 1000) -> float:
-  """Fraction of examples whose predicted label differs from ``labels`` (paper.md A9: plain error rate)."""
+def error_rate(logits_fn: LogitsFn, x: Array, labels: Array, *, batch_size: int = 1000,
+               precision: Optional[str] = "highest") -> float:
+  """Fraction of examples whose predicted label differs from ``labels`` (paper.md A9: plain error rate).
+
+  ``precision``: as in :func:`predict`.
+  """
   labels = np.asarray(labels)
   if labels.shape != (np.shape(x)[0],):
     raise ValueError(f"error_rate: labels shape {labels.shape} does not match {np.shape(x)[0]} examples")
   if labels.shape[0] == 0:
     raise ValueError("error_rate: empty dataset")
-  pred = predict(logits_fn, x, batch_size=batch_size)
+  pred = predict(logits_fn, x, batch_size=batch_size, precision=precision)
   return float(np.mean(pred != labels))

@@ -58,6 +58,7 @@ from intriguing_jax import checkpoint
 from intriguing_jax import distributed
 from intriguing_jax import metrics
 from intriguing_jax import models as models_lib
+from intriguing_jax import precision as precision_lib
 from intriguing_jax import progress
 from intriguing_jax.types import Array, Params, PRNGKey
 
@@ -376,7 +377,8 @@ def _compiled_fns(model, config: TrainConfig, example_shape: Tuple[int, ...], nu
     return new, jnp.stack([loss, data_loss, err])
 
   def count(params, x, y):
-    logits = model.apply({"params": params}, x)
+    with precision_lib.scope("highest"):  # reported errors in float32 matmuls on every backend (GPU: not TF32)
+      logits = model.apply({"params": params}, x)
     return jnp.sum(((jnp.argmax(logits, -1) != y) & (y >= 0)).astype(jnp.int32))  # y = -1: padding
 
   if stacked:

@@ -63,3 +63,17 @@ def write_synthetic_idx(directory, *, num_train: int = 512, num_test: int = 128)
 def synthetic_idx_dir(tmp_path):
   """A local MNIST IDX directory holding tiny learnable synthetic data (512 train, 128 test images)."""
   return write_synthetic_idx(tmp_path / "synthetic_mnist")
+
+
+def dot_precisions(jaxpr):
+  """The precision of every dot_general in a jaxpr, sub-jaxprs (while, cond, scan, pjit) included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(eqn.params["precision"])
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          out.extend(dot_precisions(sub))
+  return out

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import dot_precisions
 from intriguing_jax import attack, exact
 
 M, K = 24, 4  # input dimension and classes of the synthetic problems
@@ -270,20 +271,6 @@ def test_bad_input_raises_before_compiling(bad, match):
   assert attack._compiled.cache_info().currsize == before  # pylint: disable=protected-access
 
 
-def _dot_precisions(jaxpr):
-  """The precision of every dot_general in a closed jaxpr, sub-jaxprs (while, cond, scan) included."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      out.append(eqn.params["precision"])
-    for value in eqn.params.values():
-      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          out.extend(_dot_precisions(sub))
-  return out
-
-
 @pytest.mark.parametrize("precision, expected", [("highest", jax.lax.Precision.HIGHEST),
                                                  ("tensorfloat32", jax.lax.Precision.HIGH),
                                                  (None, jax.lax.Precision.DEFAULT)])
@@ -295,7 +282,7 @@ def test_precision_option_reaches_every_matmul(precision, expected):
   fn = attack.make_attack(mlp_apply, maxiter=3, c_grid=(1.0,), num_bisection=1, precision=precision)
   with jax.default_matmul_precision("default"):
     jaxpr = jax.make_jaxpr(fn)(params, jnp.asarray(_data(2)), jnp.zeros(2, jnp.int32))
-  precisions = _dot_precisions(jaxpr.jaxpr)
+  precisions = dot_precisions(jaxpr.jaxpr)
   assert len(precisions) > 3, precisions
   assert all(p == (expected, expected) for p in precisions), precisions
 
@@ -388,7 +375,8 @@ def test_sharded_batch_matches_single_device():
     print("OK", np.asarray(a.success).sum())
   """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests"),
+                                                      os.environ.get("PYTHONPATH", "")]),
              JAX_PLATFORMS="cpu")  # the 4 forced devices are CPU devices, also on a GPU host
   out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                        timeout=300)

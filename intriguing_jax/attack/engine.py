@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from intriguing_jax import distributed
+from intriguing_jax import precision as precision_lib
 from intriguing_jax.attack import solver as solver_lib
 from intriguing_jax.attack.solver import box_lbfgs, boundary_projection
 from intriguing_jax.types import Array
@@ -29,8 +30,7 @@ PENALTIES = ("l2_squared", "l2")
 LOSSES = ("cross_entropy", "margin")
 SOLVERS = ("jaxopt", "projected")
 SCHEDULES = ("continuous", "rounds")
-# Values of ``jax.default_matmul_precision`` accepted by ``precision`` (None: leave the ambient setting).
-PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
+PRECISIONS = precision_lib.PRECISIONS  # accepted by ``precision`` (None: leave the ambient setting)
 DEFAULT_CPU_SLOTS = 32
 DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 
@@ -113,8 +113,7 @@ class AttackOptions:
     if self.schedule == "continuous" and self.solver == "jaxopt":
       raise ValueError("schedule='continuous' runs our batched projected L-BFGS; solver='jaxopt' needs "
                        "schedule='rounds' (or None)")
-    if self.precision is not None and self.precision not in PRECISIONS:
-      raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
+    precision_lib.validate(self.precision)
     if self.solver not in SOLVERS:
       raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
     if not self.tol > 0:
@@ -419,9 +418,7 @@ def _attack_impl(logits_fn, has_params: bool, opts: AttackOptions, params, x, la
   otherwise computed in reduced precision (TF32 / bfloat16 passes), whose ~1e-3 relative logit error is
   as large as the success margin and makes flags and refinement depend on the batch layout.
   """
-  if opts.precision is None:
-    return _attack_body(logits_fn, has_params, opts, params, x, label, c_grid)
-  with jax.default_matmul_precision(opts.precision):
+  with precision_lib.scope(opts.precision):
     return _attack_body(logits_fn, has_params, opts, params, x, label, c_grid)
 
 
