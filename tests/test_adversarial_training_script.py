@@ -51,6 +51,10 @@ def test_script_end_to_end_and_resume(synthetic_idx_dir, tmp_path):
   timing = res["generation_timing"]
   assert timing["refresh_size"] == 8 and timing["refreshes_per_epoch"] == 4.0
   assert timing["seconds_per_refresh"] > 0 and 0 < timing["generation_share_of_epoch"]
+  # The in-run measure against the run trained the same way without pools (dropout, as --adv_dropout is on).
+  assert timing["reference_run"] == "dropout" and timing["reference_median_epoch_seconds"] > 0
+  assert timing["pool_share_of_epoch_vs_reference"] == pytest.approx(
+      1 - timing["reference_median_epoch_seconds"] / timing["median_epoch_seconds"])
   assert set(res["claims"]) == {"adversarial_error_at_most_1.2%", "adversarial_error_below_both_baselines",
                                 "adversarial_distortion_above_weight_decay"}
   # The adversarial run really mixed pool examples in: its history records refreshes and pool losses.
