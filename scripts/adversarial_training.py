@@ -235,17 +235,17 @@ def _generation_timing(variables, train_data, pool_config, result, reference=Non
   per_epoch = per_refresh * steps / pool_config.refresh_every
   stats = {name: {"success": float(np.mean(np.asarray(r.success))), "distortion": float(np.mean(np.asarray(
       r.distortion)))} for name, (_, r) in out.items()}
-  out = {"seconds_per_refresh": per_refresh, "refresh_size": pool_config.refresh_size,
-         "refreshes_per_epoch": steps / pool_config.refresh_every,
-         "generation_seconds_per_epoch": per_epoch, "median_epoch_seconds": float(np.median(epoch_s)),
-         "generation_share_of_epoch": per_epoch / float(np.median(epoch_s)), "final_params_attack": stats}
+  timing = {"seconds_per_refresh": per_refresh, "refresh_size": pool_config.refresh_size,
+            "refreshes_per_epoch": steps / pool_config.refresh_every,
+            "generation_seconds_per_epoch": per_epoch, "median_epoch_seconds": float(np.median(epoch_s)),
+            "generation_share_of_epoch": per_epoch / float(np.median(epoch_s)), "final_params_attack": stats}
   if reference is not None:
     ref_name, ref_result = reference
     ref_s = ref_result["epoch_seconds"][1:] or ref_result["epoch_seconds"]
-    out["reference_run"] = ref_name
-    out["reference_median_epoch_seconds"] = float(np.median(ref_s))
-    out["pool_share_of_epoch_vs_reference"] = 1.0 - float(np.median(ref_s)) / float(np.median(epoch_s))
-  return out
+    timing["reference_run"] = ref_name
+    timing["reference_median_epoch_seconds"] = float(np.median(ref_s))
+    timing["pool_share_of_epoch_vs_reference"] = 1.0 - float(np.median(ref_s)) / float(np.median(epoch_s))
+  return timing
 
 
 def _distortion(name, variables, x, targets, run_dir, attack_options):
