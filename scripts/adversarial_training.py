@@ -114,6 +114,8 @@ _POOL_LOSS_WEIGHT = flags.DEFINE_float("pool_loss_weight", 1.0, "Weight of a poo
 _ADV_DROPOUT = flags.DEFINE_bool("adv_dropout", True, "Train the adversarial run with dropout too (the dropout "
                                   "run's --dropout_rate/--input_dropout_rate); the paper's used none.")
 _WEIGHT_DECAY = flags.DEFINE_list("weight_decay", None, "λ per layer for every run (default: train.RECIPES').")
+_ADV_WEIGHT_DECAY = flags.DEFINE_list("adv_weight_decay", None, "λ per layer for the adversarial run only "
+                                      "(default: as --weight_decay).")
 _NUM_VAL = flags.DEFINE_integer("num_val", 0, "Hold out this many training images (data.train_val_split, seed 0) "
                                 "and report the error on them instead of the test set (for choosing settings "
                                 "without looking at the test set); 0 = train on all, report test error.",
@@ -277,12 +279,18 @@ def main(argv):
   train_data, test_data = (np.asarray(x_train), np.asarray(y_train)), (np.asarray(x_test), np.asarray(y_test))
   recipe = dict(train.RECIPES[MODEL]["config"])
   recipe.update(epochs=s["epochs"], learning_rate=_LR.value, batch_size=_BATCH.value)
-  if _WEIGHT_DECAY.value is not None:
-    try:
-      recipe["weight_decay"] = tuple(float(v) for v in _WEIGHT_DECAY.value)
-    except ValueError as e:
-      raise app.UsageError(f"--weight_decay must be numbers: {e}") from e
+  configs = {}
+  for name, flag in (("weight_decay", _WEIGHT_DECAY), ("adv_weight_decay", _ADV_WEIGHT_DECAY)):
+    if flag.value is not None:
+      try:
+        configs[name] = tuple(float(v) for v in flag.value)
+      except ValueError as e:
+        raise app.UsageError(f"--{name} must be numbers: {e}") from e
+  if "weight_decay" in configs:
+    recipe["weight_decay"] = configs["weight_decay"]
   config = train.TrainConfig(**recipe)
+  adv_config = config if "adv_weight_decay" not in configs else train.TrainConfig(
+      **{**recipe, "weight_decay": configs["adv_weight_decay"]})
   steps_per_epoch = train_data[0].shape[0] // config.batch_size
   pool_config = at.PoolConfig(
       layers=tuple(_POOL_LAYERS.value), pool_size=s["pool_size"], refresh_every=s["refresh_every"],
@@ -309,7 +317,8 @@ def main(argv):
         variables = jax.tree.map(jnp.asarray, checkpoint.load_pytree(os.path.join(run_dir, "final.msgpack")))
         results[name] = (variables, checkpoint.read_json(os.path.join(run_dir, "result.json")))
       continue
-    results[name] = _train_run(name, train_data, test_data, config, pool_config, run_dir)
+    results[name] = _train_run(name, train_data, test_data, adv_config if name == "adversarial" else config,
+                               pool_config, run_dir)
 
   rows, summary = [], {}
   adv_records = {}
@@ -350,6 +359,7 @@ def main(argv):
   out = {"settings": s, "train_config": config.to_dict(), "pool_config": pool_config.to_dict(),
          "attack_options": attack_options, "num_attacked": int(len(idx)), "summary": summary,
          "generation_timing": timing,
+         **({"adversarial_train_config": adv_config.to_dict()} if adv_config is not config else {}),
          "evaluation_set": "validation" if _NUM_VAL.value else "test", "claims": _claims(summary, err)}
   checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), out)
   _write_report(workdir, out, rows)

@@ -76,6 +76,11 @@ def test_script_end_to_end_and_resume(synthetic_idx_dir, tmp_path):
                "--runs=adversarial")
   assert other.returncode != 0
   assert "other settings (pool_config)" in other.stderr
+  # --adv_weight_decay reaches the adversarial run only: its stored config differs, the baselines' do not.
+  adv_wd = _run(*args, "--adv_weight_decay=3e-5,3e-5,3e-6")
+  assert adv_wd.returncode != 0
+  assert "adversarial holds a finished run with other settings (config)" in adv_wd.stderr
+  assert adv_wd.stderr.count("restored from") == 2
 
 
 @pytest.mark.parametrize("flags_, message", [
@@ -83,6 +88,7 @@ def test_script_end_to_end_and_resume(synthetic_idx_dir, tmp_path):
     (["--pool_scale=0.5"], "--pool_rms=0 turns it off"),  # --pool_rms is on by default
     (["--pool_c_grid=a,b"], "--pool_c_grid must be numbers"),
     (["--weight_decay=1e-5,x"], "--weight_decay must be numbers"),
+    (["--adv_weight_decay=x"], "--adv_weight_decay must be numbers"),
     (["--mix_ratio=1.0"], "mix_ratio"),
 ])
 def test_script_rejects_impossible_flags(synthetic_idx_dir, tmp_path, flags_, message):
