@@ -30,7 +30,6 @@ PENALTIES = ("l2_squared", "l2")
 LOSSES = ("cross_entropy", "margin")
 SOLVERS = ("jaxopt", "projected")
 SCHEDULES = ("continuous", "rounds")
-PRECISIONS = precision_lib.PRECISIONS  # accepted by ``precision`` (None: leave the ambient setting)
 DEFAULT_CPU_SLOTS = 32
 DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 
