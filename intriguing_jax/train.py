@@ -65,7 +65,7 @@ from intriguing_jax.types import Array, Params, PRNGKey
 __all__ = [
     "TrainConfig", "TrainState", "TrainResult", "SweepResult", "train_model", "train_sweep", "get_or_train",
     "RECIPES", "weight_decay_penalty", "decay_layer_specs", "make_optimizer", "evaluate",
-    "data_fingerprint", "load_run", "unstack", "default_run_name",
+    "data_fingerprint", "load_run", "unstack", "default_run_name", "sweep_members",
 ]
 
 _OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -252,6 +252,31 @@ def decay_layer_specs(model, params: Params, config: TrainConfig) -> List[Tuple[
   else:
     paths = [tuple(d["param_path"]) for d in models_lib.weight_layers(model)]
   return [(p, int(models_lib.get_param(params, p)["kernel"].shape[-1])) for p in paths]
+
+
+def sweep_members(model, x_example, config: TrainConfig, weight_decays: Sequence[Any], seeds: Sequence[int],
+                  who: str) -> Tuple[np.ndarray, List[int]]:
+  """The k members of a sweep: (per-layer λ [k, num_decayed_layers], k seeds).
+
+  ``weight_decays`` entries are scalars, per-layer lists or None (``config.weight_decay``); a length-1
+  ``weight_decays`` or ``seeds`` is broadcast to the other's length.
+
+  Raises:
+    ValueError: empty or mismatched lengths, or a λ list of the wrong length (the message starts with ``who``).
+  """
+  weight_decays = list(weight_decays)
+  seeds = [int(s) for s in seeds]
+  k = max(len(weight_decays), len(seeds))
+  if len(weight_decays) not in (1, k) or len(seeds) not in (1, k) or k == 0:
+    raise ValueError(f"{who}: weight_decays ({len(weight_decays)}) and seeds ({len(seeds)}) must have "
+                     "the same length, or one of them length 1")
+  weight_decays = weight_decays * k if len(weight_decays) == 1 else weight_decays
+  seeds = seeds * k if len(seeds) == 1 else seeds
+  template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.asarray(x_example)))["params"]
+  num_layers = len(decay_layer_specs(model, {"params": template}, config))
+  decays = np.stack([_broadcast_decays(config.weight_decay if w is None else w, num_layers,
+                                       f"{who}: weight_decays[{i}]") for i, w in enumerate(weight_decays)])
+  return decays, seeds
 
 
 def _broadcast_decays(values, num_layers: int, name: str) -> np.ndarray:
@@ -666,18 +691,8 @@ def train_sweep(model, images, labels, config: TrainConfig, *, weight_decays: Se
     SweepResult with ordinary per-model ``variables``.
   """
   images, labels = _check_data(images, labels)
-  weight_decays = list(weight_decays)
-  seeds = [int(s) for s in seeds]
-  k = max(len(weight_decays), len(seeds))
-  if len(weight_decays) not in (1, k) or len(seeds) not in (1, k) or k == 0:
-    raise ValueError(f"train_sweep: weight_decays ({len(weight_decays)}) and seeds ({len(seeds)}) must have "
-                     "the same length, or one of them length 1")
-  weight_decays = weight_decays * k if len(weight_decays) == 1 else weight_decays
-  seeds = seeds * k if len(seeds) == 1 else seeds
-  template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.asarray(images[:1])))["params"]
-  num_layers = len(decay_layer_specs(model, {"params": template}, config))
-  decays = np.stack([_broadcast_decays(config.weight_decay if w is None else w, num_layers,
-                                       f"train_sweep: weight_decays[{i}]") for i, w in enumerate(weight_decays)])
+  decays, seeds = sweep_members(model, images[:1], config, weight_decays, seeds, "train_sweep")
+  k = len(seeds)
   state, history = _run(model, images, labels, config, decays=decays, seeds=seeds, data_seed=data_seed,
                         stacked=True, workdir=workdir, eval_data=eval_data, init_params=None,
                         stop_after_epoch=stop_after_epoch, log_prefix="[sweep] ", mesh=mesh)

@@ -36,6 +36,12 @@ test error (notes/adversarial_training.md)::
         --mix_ratio=0.3 --pool_rms=0 --nopool_untargeted --pool_maxiter=10 --dropout_rate=0.2 \
         --input_dropout_rate=0.1
 
+Many seeds at once (each run is ONE compiled program over the seeds, vmapped; the report gives every seed,
+the mean and the standard deviation; seed S of the sweep ends where ``--seed=S`` would, up to float rounding,
+when S is also --seed, and otherwise differs from it only in the batch order, which is --seed's)::
+
+    python scripts/adversarial_training.py --workdir=runs/adv_sweep --sweep_seeds=0,1,2,3,4,5,6,7
+
 Screening on the validation split (the test set is not evaluated; no distortion attack)::
 
     python scripts/adversarial_training.py --workdir=runs/adv_scr/NAME --num_val=10000 --num_attack=0 ...
@@ -128,6 +134,10 @@ _ATTACK_BISECTION = flags.DEFINE_integer("attack_bisection", 10, "c bisection ro
                                          lower_bound=0)
 _CHUNK = flags.DEFINE_integer("chunk_size", 100, "Examples per evaluation attack call (cached chunks).",
                               lower_bound=1)
+_SWEEP_SEEDS = flags.DEFINE_list("sweep_seeds", None, "Train each run for these seeds as ONE vmapped program "
+                                  "(train.train_sweep, adversarial_training.train_with_pool_sweep; every seed "
+                                  "sees the batch order of --seed, which also picks the attacked images) and "
+                                  "report every seed and the mean. Results go to WORKDIR/<run>/ as for one seed.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny run: 2000 training images, 2 epochs, small pools, 20 attacks.")
 
 
@@ -308,6 +318,11 @@ def main(argv):
   else:
     idx = np.zeros((0,), np.int64)
   attack_options = {"maxiter": s["attack_maxiter"], "num_bisection": _ATTACK_BISECTION.value}
+  if _SWEEP_SEEDS.value is not None:
+    seeds = _sweep_seeds()
+    _main_sweep(s, seeds, train_data, test_data, config, adv_config, pool_config,
+                (x_att, y_att, targets) if s["num_attack"] else None, attack_options)
+    return
 
   results = {}
   for name in RUNS:
@@ -365,6 +380,121 @@ def main(argv):
   _write_report(workdir, out, rows)
   for row in rows:
     logging.info("%s", row)
+
+
+def _sweep_seeds():
+  try:
+    seeds = [int(v) for v in _SWEEP_SEEDS.value]
+  except ValueError as e:
+    raise app.UsageError(f"--sweep_seeds must be integers: {e}") from e
+  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    raise app.UsageError(f"--sweep_seeds must be distinct integers >= 0, got {_SWEEP_SEEDS.value}")
+  return seeds
+
+
+def _train_sweep_run(name, seeds, train_data, test_data, config, pool_config, run_dir):
+  """Trains (or restores) one run for all ``seeds`` as one program; returns (per-seed variables, result)."""
+  result_path = os.path.join(run_dir, "result.json")
+  final_path = os.path.join(run_dir, "final.msgpack")
+  want = json.loads(json.dumps({**_run_settings(name, config, pool_config), "seeds": seeds,
+                                "data_seed": _SEED.value}))
+  if os.path.exists(result_path) and os.path.exists(final_path):
+    result = checkpoint.read_json(result_path)
+    diff = sorted(k for k in want if result.get(k) != want[k])
+    if diff:
+      raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another "
+                       "--workdir or delete that run directory")
+    logging.info("%s: restored from %s", name, run_dir)
+    stacked = jax.tree.map(jnp.asarray, checkpoint.load_pytree(final_path))
+    return train.unstack(stacked, len(seeds)), result
+  x, y = train_data
+  t0 = time.perf_counter()
+  dropout_kw = dict(dropout_rate=_DROPOUT.value, input_dropout_rate=_INPUT_DROPOUT.value)
+  kw = dict(seeds=seeds, data_seed=_SEED.value, workdir=os.path.join(run_dir, "train"), eval_data=test_data)
+  if name == "adversarial":
+    res = at.train_with_pool_sweep(models.get_model(MODEL, **(dropout_kw if _ADV_DROPOUT.value else {})), x, y,
+                                   config, pool_config, **kw)
+  else:
+    res = train.train_sweep(models.get_model(MODEL, **(dropout_kw if name == "dropout" else {})), x, y, config,
+                            **kw)
+  seconds = time.perf_counter() - t0
+  eval_model = models.get_model(MODEL)
+  errors = {_err_key(): [], "train_error": []}
+  for variables in res.variables:
+    fn = functools.partial(eval_model.apply, variables)
+    errors[_err_key()].append(metrics.error_rate(fn, *test_data))
+    errors["train_error"].append(metrics.error_rate(fn, *train_data))
+  result = {"run": name, **errors, "train_seconds_this_call": seconds,
+            "epoch_seconds": [float(h["seconds"]) for h in res.history], **want}
+  checkpoint.save_pytree(final_path, res.stacked_variables)
+  checkpoint.atomic_write_json(result_path, result)
+  logging.info("%s: %s %s (%.0fs for %d seeds)", name, _err_key(), np.round(result[_err_key()], 4), seconds,
+               len(seeds))
+  return res.variables, result
+
+
+def _main_sweep(s, seeds, train_data, test_data, config, adv_config, pool_config, attack_set, attack_options):
+  """--sweep_seeds: every run for all seeds, per-seed and mean results in results.json and the report."""
+  workdir = _WORKDIR.value
+  err = _err_key()
+  results = {}
+  for name in RUNS:
+    run_dir = os.path.join(workdir, name)
+    if name not in _RUNS.value and not os.path.exists(os.path.join(run_dir, "result.json")):
+      continue  # not asked for, and not finished by another process (which would be restored and reported)
+    results[name] = _train_sweep_run(name, seeds, train_data, test_data,
+                                     adv_config if name == "adversarial" else config, pool_config, run_dir)
+  per_seed = {name: [{err: result[err][i], "train_error": result["train_error"][i]} for i in range(len(seeds))]
+              for name, (_, result) in results.items()}
+  if attack_set is not None:
+    x_att, _, targets = attack_set
+    for name, (members, _) in results.items():
+      for i, (seed, variables) in enumerate(zip(seeds, members)):
+        rec = _distortion(f"{name}_seed{seed}", variables, x_att, targets, os.path.join(workdir, name, f"seed{seed}"),
+                          attack_options)
+        ok = np.asarray(rec.success)
+        per_seed[name][i].update(attack_success=float(ok.mean()), av_min_distortion=(
+            float(np.mean(rec.distortion[ok])) if ok.any() else float("nan")))
+  rows, means = [], {}
+  for i, seed in enumerate(seeds):
+    row = {"seed": seed}
+    for name in per_seed:
+      row[f"{name}_{err}"] = per_seed[name][i][err]
+      if "av_min_distortion" in per_seed[name][i]:
+        row[f"{name}_distortion"] = per_seed[name][i]["av_min_distortion"]
+    rows.append(row)
+  for name in per_seed:
+    e = np.array([r[err] for r in per_seed[name]])
+    means[name] = {err: float(e.mean()), f"{err}_sd": float(e.std(ddof=1)) if len(e) > 1 else 0.0,
+                   f"{err}_min": float(e.min()), f"{err}_max": float(e.max()), "paper_test_error": PAPER[name],
+                   "train_seconds": float(np.sum(results[name][1]["epoch_seconds"]))}
+    d = [r["av_min_distortion"] for r in per_seed[name] if "av_min_distortion" in r]
+    if d:
+      means[name]["av_min_distortion"] = float(np.mean(d))
+  claims = {f"mean_{k}": v for k, v in _claims(means, err).items()}
+  if all(n in per_seed for n in RUNS):
+    seed_claims = [_claims({n: per_seed[n][i] for n in RUNS}, err) for i in range(len(seeds))]
+    for key in seed_claims[0]:
+      claims[f"seeds_with_{key}"] = f"{sum(c[key] for c in seed_claims)} of {len(seeds)}"
+  out = {"settings": s, "seeds": seeds, "data_seed": _SEED.value, "train_config": config.to_dict(),
+         "pool_config": pool_config.to_dict(), "attack_options": attack_options,
+         "num_attacked": int(attack_set[0].shape[0]) if attack_set is not None else 0,
+         "per_seed": per_seed, "mean": means, "claims": claims,
+         **({"adversarial_train_config": adv_config.to_dict()} if adv_config is not config else {}),
+         "evaluation_set": "validation" if _NUM_VAL.value else "test"}
+  checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), out)
+  rep = report.Report(f"Adversarial training with a pool of adversarial examples (paper §4.2), {len(seeds)} seeds")
+  rep.paragraph(f"Each run trained for seeds {seeds} as one vmapped program (batch order of seed {_SEED.value}). "
+                f"Errors on the {out['evaluation_set']} set; distortion: mean RMS of the successful L-BFGS attacks "
+                f"on {out['num_attacked']} images (the same for every model).")
+  rep.table(rows, list(rows[0]), floatfmt=".4g", caption="Per seed")
+  rep.table([{"run": n, **m} for n, m in means.items()], ["run"] + sorted({k for m in means.values() for k in m}),
+            floatfmt=".4g", caption="Over the seeds (sd: sample standard deviation)")
+  rep.heading("Claims checked")
+  rep.bullets([f"{k}: {v}" for k, v in claims.items()] or ["(needs the adversarial run)"])
+  rep.write(workdir, "report")
+  for name, m in means.items():
+    logging.info("%s: %s", name, m)
 
 
 def _claims(summary, err="test_error"):

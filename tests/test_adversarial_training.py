@@ -382,3 +382,100 @@ def test_dropout_heads_and_training_with_dropout(tiny):
   plain = float(ref.history[0]["data_loss"])
   assert np.isfinite(drop.history[0]["loss"])
   assert drop.history[0]["clean_loss"] > plain + 0.02, (drop.history[0]["clean_loss"], plain)
+
+
+# ----------------------------------------------------------------------------------------------------
+# train_with_pool_sweep: k members as one vmapped program.
+
+SWEEP_SEEDS = (0, 1, 0)
+SWEEP_DECAYS = (None, None, 1e-2)  # member 2: seed 0 with a 100x larger λ
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tiny, tmp_path_factory):
+  x, y, xt, yt = tiny
+  workdir = str(tmp_path_factory.mktemp("adv_sweep"))
+  res = at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, seeds=SWEEP_SEEDS, weight_decays=SWEEP_DECAYS,
+                                 data_seed=0, workdir=workdir, eval_data=(xt, yt))
+  return res, workdir
+
+
+def _trees_close(a, b, atol):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for u, v in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(u, np.float64), np.asarray(v, np.float64), rtol=0, atol=atol)
+
+
+def test_sweep_members_end_where_the_single_runs_end(sweep_run, full_run, tiny):
+  res, _ = sweep_run
+  x, y, xt, yt = tiny
+  assert res.weight_decays.shape == (3, 3) and list(res.seeds) == list(SWEEP_SEEDS)
+  np.testing.assert_allclose(res.weight_decays[2], 1e-2)
+  member = lambda i: jax.tree.map(lambda a: a[i], res.state)  # pylint: disable=unnecessary-lambda-assignment
+  # Member 0 is the reference run (seed 0, data seed 0, the config's λ); member 1 is seed 1 on the same batches.
+  _trees_close(member(0), full_run[0].state, atol=1e-5)
+  single1 = at.train_with_pool(_model(), x, y, CONFIG, POOL, seed=1, data_seed=0, eval_data=(xt, yt))
+  _trees_close(member(1), single1.state, atol=1e-5)
+  assert res.history[-1]["eval_error"][:2] == pytest.approx(
+      [full_run[0].history[-1]["eval_error"], single1.history[-1]["eval_error"]])
+  # Every member refreshed its own pools on the same steps; seeds give different pools.
+  assert [int(n) for n in res.state.num_refreshes] == [int(full_run[0].state.num_refreshes)] * 3
+  assert not np.allclose(res.state.pools["input"][0], res.state.pools["input"][1])
+  # λ reaches its member: same seed and batches, 100x the decay -> smaller weights.
+  norm = lambda p: sum(float(jnp.sum(jnp.square(l["kernel"]))) for l in p.values())  # pylint: disable=unnecessary-lambda-assignment
+  assert norm(res.variables[2]["params"]) < 0.9 * norm(res.variables[0]["params"])
+  assert set(res.history[-1]) >= {"loss", "clean_error", "input/attack_success", "eval_error", "seconds"}
+  assert all(len(v) == 3 for k, v in res.history[-1].items() if k not in ("epoch", "seconds"))
+
+
+def _scan_body(jaxpr):
+  """The body of the first scan in ``jaxpr`` (searched through jit/pjit wrappers)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      return eqn.params["jaxpr"].jaxpr
+    sub = eqn.params.get("jaxpr")
+    if sub is not None:
+      found = _scan_body(getattr(sub, "jaxpr", sub))
+      if found is not None:
+        return found
+  return None
+
+
+def test_sweep_refresh_stays_a_branch_taken_on_refresh_steps_only(tiny):
+  # vmap turns a cond on a per-member predicate into a select that evaluates both branches, i.e. the attack
+  # on every step. The stacked epoch keeps one cond (on the shared step) and every L-BFGS loop inside it.
+  x, y, _, _ = tiny
+  epoch_fn = at._build_sweep_epoch_fn(_model(), CONFIG, POOL, x.shape[1:], NUM_TRAIN, 10)  # pylint: disable=protected-access
+  model = _model()
+  params = jax.vmap(lambda k: model.init(k, jnp.asarray(x[:1]))["params"])(jax.random.split(jax.random.PRNGKey(0), 2))
+  layers = at.model_pool_layers(model, POOL.layers)
+  tx = train.make_optimizer(CONFIG, STEPS, jax.tree.map(lambda a: a[0], params))
+  rngs = jax.random.split(jax.random.PRNGKey(1), 2)
+  state = jax.vmap(lambda p, r: at.init_state(layers, p, tx, jnp.asarray(x[:1]), POOL, r))(params, rngs)
+  jaxpr = jax.make_jaxpr(epoch_fn)(state, x, y, jax.random.PRNGKey(0), jnp.ones((2, 3)) * 1e-4).jaxpr
+  body = _scan_body(jaxpr)
+  assert body is not None, "no scan in the epoch"
+  top = [e.primitive.name for e in body.eqns]
+  assert top.count("cond") == 1, top
+  assert "while" not in top, top
+
+
+def test_sweep_resumes_mid_run_and_checks_its_inputs(sweep_run, tiny, tmp_path):
+  res, _ = sweep_run
+  x, y, xt, yt = tiny
+  workdir = str(tmp_path / "sweep_resume")
+  kw = dict(seeds=SWEEP_SEEDS, weight_decays=SWEEP_DECAYS, data_seed=0, workdir=workdir, eval_data=(xt, yt))
+  part = at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, stop_after_epoch=2, **kw)
+  assert [int(e) for e in part.state.epoch] == [2, 2, 2]
+  rest = at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, **kw)
+  assert [h["epoch"] for h in rest.history] == [3, 4]
+  _trees_equal(rest.state, res.state)
+  with pytest.raises(ValueError, match="different settings"):  # other seeds, same workdir
+    at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, **{**kw, "seeds": (0, 1, 2)})
+  with pytest.raises(ValueError, match=r"weight_decays \(2\) and seeds \(3\)"):
+    at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, seeds=(0, 1, 2), weight_decays=(1e-4, 1e-3))
+  with pytest.raises(ValueError, match="weight_decays\\[1\\]"):
+    at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, seeds=(0, 1), weight_decays=(1e-4, [1e-4, 1e-4]))
+  with pytest.raises(ValueError, match="NaN"):
+    at.train_with_pool_sweep(_model(), np.full_like(x, np.nan), y, CONFIG, POOL, seeds=(0, 1))

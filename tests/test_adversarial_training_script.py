@@ -12,7 +12,11 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+
+from intriguing_jax import checkpoint
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "adversarial_training.py"
 
@@ -83,6 +87,43 @@ def test_script_end_to_end_and_resume(synthetic_idx_dir, tmp_path):
   assert adv_wd.stderr.count("restored from") == 2
 
 
+def test_script_sweep_mode_matches_the_single_seed_run(synthetic_idx_dir, tmp_path):
+  # --sweep_seeds=0,1 trains each run for both seeds as one program; seed 0 (= --seed, hence the same batch
+  # order) must end where the plain --seed=0 run ends.
+  common = [f"--data_dir={synthetic_idx_dir}", *_TINY]
+  sweep_dir, single_dir = str(tmp_path / "sweep"), str(tmp_path / "single")
+  proc = _run(f"--workdir={sweep_dir}", "--sweep_seeds=0,1", *common)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.load(open(os.path.join(sweep_dir, "results.json")))
+  assert res["seeds"] == [0, 1] and res["data_seed"] == 0 and res["num_attacked"] == 4
+  for name in ("weight_decay", "dropout", "adversarial"):
+    rows = res["per_seed"][name]
+    assert len(rows) == 2 and all(0.0 <= r["test_error"] <= 1.0 and "av_min_distortion" in r for r in rows)
+    assert res["mean"][name]["test_error"] == pytest.approx(sum(r["test_error"] for r in rows) / 2)
+  assert res["claims"]["seeds_with_adversarial_error_at_most_1.2%"].endswith("of 2")
+  assert "mean_adversarial_error_below_both_baselines" in res["claims"]
+  assert os.path.isfile(os.path.join(sweep_dir, "report.md"))
+  single = _run(f"--workdir={single_dir}", "--seed=0", *common)
+  assert single.returncode == 0, single.stderr[-3000:]
+  one = json.load(open(os.path.join(single_dir, "results.json")))["summary"]
+  for name in ("weight_decay", "dropout", "adversarial"):
+    # The trained weights agree up to float rounding; so do the errors (at most one flipped prediction).
+    stacked = checkpoint.load_pytree(os.path.join(sweep_dir, name, "final.msgpack"))
+    alone = checkpoint.load_pytree(os.path.join(single_dir, name, "final.msgpack"))
+    flat_s, flat_a = jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(alone)
+    assert len(flat_s) == len(flat_a) == 6, name
+    for u, v in zip(flat_s, flat_a):
+      assert u.shape == (2,) + v.shape
+      np.testing.assert_allclose(u[0], v, rtol=0, atol=1e-4, err_msg=name)
+      assert not np.allclose(u[1], v, atol=1e-3), name  # seed 1 is another network
+    assert abs(res["per_seed"][name][0]["test_error"] - one[name]["test_error"]) <= 1 / 128 + 1e-9, name
+  # A rerun restores the three sweeps; other seeds in the same workdir are refused, naming the difference.
+  again = _run(f"--workdir={sweep_dir}", "--sweep_seeds=0,1", *common)
+  assert again.returncode == 0 and again.stderr.count("restored from") == 3, again.stderr[-3000:]
+  other = _run(f"--workdir={sweep_dir}", "--sweep_seeds=0,2", *common)
+  assert other.returncode != 0 and "other settings (seeds)" in other.stderr
+
+
 @pytest.mark.parametrize("flags_, message", [
     (["--pool_rms=0.05", "--pool_scale=0.5"], "not both"),
     (["--pool_scale=0.5"], "--pool_rms=0 turns it off"),  # --pool_rms is on by default
@@ -90,6 +131,8 @@ def test_script_end_to_end_and_resume(synthetic_idx_dir, tmp_path):
     (["--weight_decay=1e-5,x"], "--weight_decay must be numbers"),
     (["--adv_weight_decay=x"], "--adv_weight_decay must be numbers"),
     (["--mix_ratio=1.0"], "mix_ratio"),
+    (["--sweep_seeds=0,x"], "--sweep_seeds must be integers"),
+    (["--sweep_seeds=1,1"], "--sweep_seeds must be distinct"),
 ])
 def test_script_rejects_impossible_flags(synthetic_idx_dir, tmp_path, flags_, message):
   proc = _run(f"--workdir={tmp_path / 'w'}", f"--data_dir={synthetic_idx_dir}", "--epochs=1", *flags_)
