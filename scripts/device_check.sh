@@ -5,19 +5,22 @@
 #   OUT=runs/device MNIST_DIR=../shared/data/mnist bash scripts/device_check.sh attack   # phase A
 #   OUT=runs/device MNIST_DIR=../shared/data/mnist bash scripts/device_check.sh pool     # phase B
 #   OUT=runs/device MNIST_DIR=../shared/data/mnist bash scripts/device_check.sh tests    # phase C
+#   OUT=runs/device MNIST_DIR=../shared/data/mnist bash scripts/device_check.sh sweep    # phase D
 #
 # Phase "attack" (issues 4 and 9): the full 60,000-image attack of the trained FC100-100-10, the
 # throughput curve vs batch size, and bench_attack's engine-vs-scipy comparison and convex check.
 # Phase "pool" (issue 8): the pool-generation cost vs refresh size and one adversarial-training seed
 # with the script's defaults (all three runs). Phase "tests": the attack and adversarial-training tests
-# on the accelerator. WHEELS=DIR installs the wheels in DIR first (e.g. jaxopt where the host lacks it).
+# on the accelerator. Phase "sweep" (issue 8): bench_pool_sweep's seconds per model-epoch alone vs vmapped
+# sweeps, then the three runs for SEEDS (default 0-15) as one program each (--sweep_seeds; EXTRA adds flags
+# to adversarial_training.py, e.g. "--num_val=10000 --runs=adversarial" for a validation screen). WHEELS=DIR installs the wheels in DIR first (e.g. jaxopt where the host lacks it).
 #
 # Needs the trained runs runs/models/fc100-100-10 and runs/models/fc10-1e-4 (scripts/train.py), and for
 # phase "pool" --params of an adversarially trained network (POOL_PARAMS). Every step runs under its own
 # time limit and appends to $OUT/log.txt; figures go to $OUT/*.json (at most 8 files, as the lease tool
 # returns). SMALL=1 shrinks every step for a dry run on a CPU.
 set -u
-phase=${1:?usage: device_check.sh attack|pool}
+phase=${1:?usage: device_check.sh attack|pool|tests|sweep}
 OUT=${OUT:-runs/device}
 PY=${PYTHON:-python3}
 MNIST_DIR=${MNIST_DIR:?set MNIST_DIR to the MNIST IDX directory}
@@ -48,10 +51,13 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs its outp
 if [ "$SMALL" = 1 ]; then
   full_n=(--num_examples=600 --chunk_size=300); curve_b=64,128; cmp=(--num_compare=20 --num_baseline=5 --num_convex=10)
   sizes=4,16; adv=(--smoke); tests=(tests/test_attack.py -k "untargeted")
+  ks=0,2; bench_n=(--num_train=2048); SEEDS=${SEEDS:-0,1}
 else
   full_n=(); curve_b=1024,4096,16384; cmp=(--num_baseline=100)
   sizes=4,16,64,256,1024; adv=(); tests=(tests/test_attack.py tests/test_adversarial_training.py)
+  ks=0,4,16,64; bench_n=(); SEEDS=${SEEDS:-0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}
 fi
+read -r -a extra <<< "${EXTRA:-}"
 
 step env 60 bash -c "nvidia-smi -L 2>/dev/null; $PY -c 'import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'"
 
@@ -71,6 +77,13 @@ case $phase in
     step adversarial_training 300 "$PY" scripts/adversarial_training.py --workdir="$WORK/adv_seed0" \
       --data_dir="$MNIST_DIR" --seed=0 "${adv[@]}"
     cp "$WORK/adv_seed0/results.json" "$OUT/adversarial_results.json" 2>/dev/null
+    ;;
+  sweep)
+    step bench_pool_sweep 150 "$PY" scripts/bench_pool_sweep.py --data_dir="$MNIST_DIR" --ks=$ks "${bench_n[@]}" \
+      --out="$OUT/bench_pool_sweep.json"
+    step adversarial_sweep 420 "$PY" scripts/adversarial_training.py --workdir="$WORK/adv_sweep" \
+      --data_dir="$MNIST_DIR" --sweep_seeds="$SEEDS" "${adv[@]}" "${extra[@]}"
+    cp "$WORK/adv_sweep/results.json" "$OUT/adversarial_sweep_results.json" 2>/dev/null
     ;;
   tests)
     step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}"

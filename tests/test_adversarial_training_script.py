@@ -144,3 +144,20 @@ def test_script_reports_missing_data_dir(tmp_path):
   proc = _run(f"--workdir={tmp_path / 'w'}", f"--data_dir={tmp_path / 'nowhere'}", "--epochs=1")
   assert proc.returncode != 0
   assert "nowhere" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_bench_pool_sweep_runs_and_writes_its_figures(synthetic_idx_dir, tmp_path):
+  out = tmp_path / "bench.json"
+  script = _SCRIPT.parent / "bench_pool_sweep.py"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(script), f"--data_dir={synthetic_idx_dir}", "--ks=0,2", "--epochs=2",
+                         "--warmup_steps=2", f"--out={out}"], capture_output=True, text=True, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.load(open(out))["rows"]
+  assert [r["k"] for r in rows] == [0, 2] and all(len(r["epoch_seconds"]) == 2 for r in rows)
+  assert rows[0]["speedup_vs_one_run"] == pytest.approx(1.0)
+  assert rows[1]["seconds_per_model_epoch"] == pytest.approx(rows[1]["epoch_seconds"][1] / 2)
+  assert "speed-up vs one run" in proc.stdout
+  bad = subprocess.run([sys.executable, str(script), f"--data_dir={synthetic_idx_dir}", "--ks=a"],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert bad.returncode != 0 and "--ks must be integers" in bad.stderr
