@@ -840,8 +840,8 @@ def train_with_pool_sweep(model, images, labels, config: train_lib.TrainConfig, 
   with weight_decay=weight_decays[i], pool_config, seed=seeds[i], data_seed=data_seed)`` ends, up to float
   rounding. For many-seed comparisons of a setting (on MNIST, the test error of one setting varies by
   ~0.05 points between seeds) and for λ sweeps. Meant for accelerators, where a refresh of 16 examples is
-  latency-bound (H200: 4.9 ms for 16, 6.9 ms for 256); on 2 CPU cores it is no faster per model than
-  separate runs (``scripts/bench_pool_sweep.py``). Runs on the default device (the members are not
+  latency-bound (H200: 4.9 ms for 16, 6.9 ms for 256); on 2 CPU cores it is barely faster per model than
+  one run alone (1.03-1.07x at k = 4-8, ``scripts/bench_pool_sweep.py``). Runs on the default device (the members are not
   sharded). Resumes from ``workdir/ckpt``.
 
   Args:

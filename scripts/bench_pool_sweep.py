@@ -12,9 +12,10 @@ Command::
     nice -n 5 .venv/bin/python scripts/bench_pool_sweep.py --data_dir=../shared/data/mnist --ks=0,4,8 \
         --out=runs/bench_pool_sweep.json
 
-Expected result (2 CPU cores; BUILD_NOTES.md, "Adversarial training (issue 8)"): no speed-up on the CPU
-(about 1.8 s per model-epoch alone and at k = 4, more at k = 8): one run already keeps both cores busy.
-The sweep is for accelerators, where one refresh of 16 examples is latency-bound.
+Expected result (2 CPU cores, idle, session 6, the command above, ~2 min; BUILD_NOTES.md, "Adversarial
+training (issue 8)"): 1.50 s per model-epoch alone, 1.41 s at k = 4, 1.45 s at k = 8, i.e. 1.07x and 1.03x:
+no real speed-up on the CPU, where one run already keeps both cores busy. The sweep is meant for
+accelerators, where one refresh of 16 examples is latency-bound (not measured there yet).
 """
 
 import time
