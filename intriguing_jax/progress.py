@@ -32,8 +32,23 @@ def _to_py(v: Any) -> Any:
   return v
 
 
+def _fmt(key: str, value: Any) -> str:
+  """One ``key=value`` of a log line; a list of numbers (one per sweep member) as ``mean [min, max] (n)``."""
+  if isinstance(value, float):
+    return f"{key}={value:.5g}"
+  if (isinstance(value, list) and len(value) > 3 and
+      all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)):
+    a = np.asarray(value, np.float64)
+    return f"{key}={np.mean(a):.5g} [{np.min(a):.5g}, {np.max(a):.5g}] ({a.size})"
+  return f"{key}={value}"
+
+
 class MetricWriter:
-  """Logs metrics with absl and appends one JSON object per call to ``workdir/<filename>``."""
+  """Logs metrics with absl and appends one JSON object per call to ``workdir/<filename>``.
+
+  The JSON keeps every value; the log line shortens lists of more than 3 numbers (sweep members) to
+  ``mean [min, max] (count)``.
+  """
 
   def __init__(self, workdir: Optional[str], filename: str = "metrics.jsonl", prefix: str = ""):
     self.path = None
@@ -49,7 +64,7 @@ class MetricWriter:
     for k, v in record.items():
       if k == "time":
         continue
-      parts.append(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}")
+      parts.append(_fmt(k, v))
     logging.info("%s%s", self.prefix, ", ".join(parts))
     if self.path:
       with open(self.path, "a", encoding="utf-8") as f:
