@@ -46,10 +46,10 @@ one of them is a ``PoolConfig`` field. Here:
 
 Everything runs in one jitted ``lax.scan`` per epoch (the refresh is a ``lax.cond`` branch inside it,
 executed only on refresh steps; in a sweep, the branch is taken for all members together and runs one
-vmapped attack over their k x refresh_size examples). A run checkpoints, atomically, its whole state (params, optimiser,
-pools, the step of birth of every pool entry, rng) each epoch and resumes from the last one; the data
-order, pool samples and attack targets derive from ``fold_in(key, step)``, so a resumed run repeats
-exactly what the uninterrupted run would have done.
+vmapped attack over their k x refresh_size examples). A run checkpoints, atomically, its whole state
+(params, optimiser, pools, the step of birth of every pool entry, rng) each epoch and resumes from the
+last one; the data order, pool samples and attack targets derive from ``fold_in(key, step)``, so a
+resumed run repeats exactly what the uninterrupted run would have done.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ from intriguing_jax.types import Array, Params, PRNGKey
 __all__ = [
     "PoolConfig", "PoolLayer", "PoolTrainState", "PoolTrainResult", "model_pool_layers", "mlp_head_fn",
     "generate_adversarial", "make_generate_fn", "init_state", "mixed_batch_sizes", "sample_mixed_batch", "make_epoch_fn",
-    "train_with_pool", "train_with_pool_sweep", "PoolSweepResult", "softmax_cross_entropy", "pool_schedule",
+    "train_with_pool", "train_with_pool_sweep", "PoolSweepResult", "softmax_cross_entropy",
+    "pool_schedule",
 ]
 
 INPUT = "input"

@@ -423,7 +423,9 @@ def test_sweep_members_end_where_the_single_runs_end(sweep_run, full_run, tiny):
   assert [int(n) for n in res.state.num_refreshes] == [int(full_run[0].state.num_refreshes)] * 3
   assert not np.allclose(res.state.pools["input"][0], res.state.pools["input"][1])
   # λ reaches its member: same seed and batches, 100x the decay -> smaller weights.
-  norm = lambda p: sum(float(jnp.sum(jnp.square(l["kernel"]))) for l in p.values())  # pylint: disable=unnecessary-lambda-assignment
+  def norm(params):
+    return sum(float(jnp.sum(jnp.square(layer["kernel"]))) for layer in params.values())
+
   assert norm(res.variables[2]["params"]) < 0.9 * norm(res.variables[0]["params"])
   assert set(res.history[-1]) >= {"loss", "clean_error", "input/attack_success", "eval_error", "seconds"}
   assert all(len(v) == 3 for k, v in res.history[-1].items() if k not in ("epoch", "seconds"))
