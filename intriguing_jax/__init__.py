@@ -29,6 +29,7 @@ _SUBMODULES = (
     "exact",
     "metrics",
     "transfer",
+    "transfer_report",
     "units",
     "spectral",
     "plotting",

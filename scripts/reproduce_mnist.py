@@ -43,6 +43,7 @@ from intriguing_jax import checkpoint
 from intriguing_jax import data
 from intriguing_jax import progress
 from intriguing_jax import transfer
+from intriguing_jax import transfer_report
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _DEFAULT_MNIST = _REPO.parent / "shared" / "data" / "mnist"
@@ -131,7 +132,7 @@ def _run_seed(seed, tables, train, test, workdir, num_examples, num_train, epoch
       writer.write(step=seed, stage="table2")
     if _FIGURES.value:
       pair = [n for n in ("FC10(10^-4)", "FC200-200-10") if n in fns]
-      figures += transfer.save_figures(workdir, adv, fns, prefix=f"{tag}_train", pair_models=pair, seed=seed)
+      figures += transfer_report.save_figures(workdir, adv, fns, prefix=f"{tag}_train", pair_models=pair, seed=seed)
   if tables & {3, 4}:
     p1, p2 = data.split_p1_p2(*train)
     with progress.Timer() as t:
@@ -153,7 +154,7 @@ def _run_seed(seed, tables, train, test, workdir, num_examples, num_train, epoch
       out["table4"] = transfer.table4(fns, adversarial=adv, seed=seed)
       writer.write(step=seed, stage="table4")
     if _FIGURES.value:
-      figures += transfer.save_figures(workdir, adv, fns, prefix=f"{tag}_test", seed=seed)
+      figures += transfer_report.save_figures(workdir, adv, fns, prefix=f"{tag}_test", seed=seed)
   return out, figures
 
 
@@ -202,9 +203,9 @@ def main(argv):
       figures = figs
 
   agg_keys = {"table1": "model", "table2": "row", "table3": "model", "table4": "row"}
-  results = {name: transfer.aggregate_rows([per_seed[s][name] for s in seeds], key)
+  results = {name: transfer_report.aggregate_rows([per_seed[s][name] for s in seeds], key)
              for name, key in agg_keys.items() if name in per_seed[seeds[0]]}
-  results["claims"] = transfer.qualitative_claims(results, lambda_order=transfer.LAMBDA_ORDER)
+  results["claims"] = transfer_report.qualitative_claims(results, lambda_order=transfer.LAMBDA_ORDER)
   timings["total"] = time.perf_counter() - t_start
   results.update({
       "command": " ".join(["python", "scripts/reproduce_mnist.py"] + sys.argv[1:]),
@@ -222,7 +223,7 @@ def main(argv):
     results["notes"] = ["Quick mode: models trained for a few epochs on a subset and a lighter attack on 100 "
                         "examples, so the numbers are a smoke test, not a reproduction."]
   checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
-  md, html = transfer.build_report(results, figures=figures).write(workdir, "report")
+  md, html = transfer_report.build_report(results, figures=figures).write(workdir, "report")
   for c in results["claims"]:
     logging.info("claim %s: %s %s", "HOLDS" if c["holds"] else "DOES NOT HOLD", c["claim"], c["evidence"])
   logging.info("wrote %s, %s and %s in %.1fs", os.path.join(workdir, "results.json"), md, html, timings["total"])
