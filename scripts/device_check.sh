@@ -55,7 +55,7 @@ if [ "$SMALL" = 1 ]; then
 else
   full_n=(); curve_b=1024,4096,16384; cmp=(--num_baseline=100)
   sizes=4,16,64,256,1024; adv=(); tests=(tests/test_attack.py tests/test_adversarial_training.py)
-  ks=0,4,16,64; bench_n=(); SEEDS=${SEEDS:-0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}
+  ks=0,16,64; bench_n=(); SEEDS=${SEEDS:-0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}
 fi
 read -r -a extra <<< "${EXTRA:-}"
 
@@ -79,9 +79,9 @@ case $phase in
     cp "$WORK/adv_seed0/results.json" "$OUT/adversarial_results.json" 2>/dev/null
     ;;
   sweep)
-    step bench_pool_sweep 150 "$PY" scripts/bench_pool_sweep.py --data_dir="$MNIST_DIR" --ks=$ks "${bench_n[@]}" \
+    step bench_pool_sweep 200 "$PY" scripts/bench_pool_sweep.py --data_dir="$MNIST_DIR" --ks=$ks "${bench_n[@]}" \
       --out="$OUT/bench_pool_sweep.json"
-    step adversarial_sweep 420 "$PY" scripts/adversarial_training.py --workdir="$WORK/adv_sweep" \
+    step adversarial_sweep 380 "$PY" scripts/adversarial_training.py --workdir="$WORK/adv_sweep" \
       --data_dir="$MNIST_DIR" --sweep_seeds="$SEEDS" "${adv[@]}" "${extra[@]}"
     cp "$WORK/adv_sweep/results.json" "$OUT/adversarial_sweep_results.json" 2>/dev/null
     ;;
