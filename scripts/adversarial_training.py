@@ -37,8 +37,10 @@ test error (notes/adversarial_training.md)::
         --input_dropout_rate=0.1
 
 Many seeds at once (each run is ONE compiled program over the seeds, vmapped; the report gives every seed,
-the mean and the standard deviation; seed S of the sweep ends where ``--seed=S`` would, up to float rounding,
-when S is also --seed, and otherwise differs from it only in the batch order, which is --seed's)::
+the mean and the standard deviation; seed S of the sweep is the ``--seed=S`` run computed with vmap's float
+rounding when S is also --seed, and otherwise differs from it in the batch order too, which is --seed's;
+over 150 epochs rounding alone makes it another draw of the same setting: 1.43 % vs 1.42 % validation
+error for seed 0. On 2 CPU cores two separate processes are faster; the sweep is meant for accelerators)::
 
     python scripts/adversarial_training.py --workdir=runs/adv_sweep --sweep_seeds=0,1,2,3,4,5,6,7
 
