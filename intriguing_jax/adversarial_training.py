@@ -71,7 +71,6 @@ import optax
 from intriguing_jax import attack as attack_lib
 from intriguing_jax import checkpoint
 from intriguing_jax import models as models_lib
-from intriguing_jax import precision as precision_lib
 from intriguing_jax import progress
 from intriguing_jax import train as train_lib
 from intriguing_jax.types import Array, Params, PRNGKey
@@ -679,16 +678,6 @@ def _summarise(stats: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
   return out
 
 
-@functools.lru_cache(maxsize=16)
-def _count_errors_fn(model):
-  def count(params, x, y):
-    with precision_lib.scope("highest"):  # as train's evaluation: float32 matmuls on every backend
-      logits = model.apply({"params": params}, x)
-    return jnp.sum(((jnp.argmax(logits, -1) != y) & (y >= 0)).astype(jnp.int32))
-
-  return jax.jit(count)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The training loop for the models of ``models``.
 
@@ -761,7 +750,7 @@ def train_with_pool(model, images, labels, config: train_lib.TrainConfig, pool_c
   else:  # cached: a second run with the same settings reuses the compiled program
     epoch_fn = _cached_epoch_fn(model, config, pool_config, images.shape[1:], num_train, num_classes,
                                 tuple(decays.tolist()))
-  count_fn = _count_errors_fn(model) if eval_data is not None else None
+  count_fn = train_lib.count_errors_fn(model) if eval_data is not None else None
   writer = progress.MetricWriter(workdir, prefix="[adv] ")
   data_key = jax.random.PRNGKey(int(data_seed))
   images_d, labels_d = jnp.asarray(images), jnp.asarray(labels)
@@ -888,7 +877,7 @@ def train_with_pool_sweep(model, images, labels, config: train_lib.TrainConfig, 
       logging.info("adversarial_training: sweep resumed from %s at epoch %d", ckpt_dir, step)
 
   epoch_fn = _cached_sweep_epoch_fn(model, base, pool_config, tuple(images.shape[1:]), num_train, num_classes)
-  count_fn = jax.jit(jax.vmap(_count_errors_fn(model), in_axes=(0, None, None))) if eval_data is not None else None
+  count_fn = train_lib.count_errors_fn(model, stacked=True) if eval_data is not None else None
   writer = progress.MetricWriter(workdir, prefix="[adv sweep] ")
   data_key = jax.random.PRNGKey(int(data_seed))
   images_d, labels_d, decays_d = jnp.asarray(images), jnp.asarray(labels), jnp.asarray(decays, jnp.float32)

@@ -44,7 +44,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from absl import logging
 from flax import struct
@@ -65,7 +65,7 @@ from intriguing_jax.types import Array, Params, PRNGKey
 __all__ = [
     "TrainConfig", "TrainState", "TrainResult", "SweepResult", "train_model", "train_sweep", "get_or_train",
     "RECIPES", "weight_decay_penalty", "decay_layer_specs", "make_optimizer", "evaluate",
-    "data_fingerprint", "load_run", "unstack", "default_run_name", "sweep_members",
+    "data_fingerprint", "load_run", "unstack", "default_run_name", "sweep_members", "count_errors_fn",
 ]
 
 _OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -401,14 +401,8 @@ def _compiled_fns(model, config: TrainConfig, example_shape: Tuple[int, ...], nu
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, jnp.stack([loss, data_loss, err])
 
-  def count(params, x, y):
-    with precision_lib.scope("highest"):  # reported errors in float32 matmuls on every backend (GPU: not TF32)
-      logits = model.apply({"params": params}, x)
-    return jnp.sum(((jnp.argmax(logits, -1) != y) & (y >= 0)).astype(jnp.int32))  # y = -1: padding
-
   if stacked:
     step_fn = jax.vmap(step_fn, in_axes=(0, None, None, 0))
-    count = jax.vmap(count, in_axes=(0, None, None))
 
   def epoch_fn(state, images, labels, decays, perm_key):
     """One epoch: a scan over the mini-batches of permutation(perm_key); returns mean (loss, data, error)."""
@@ -428,7 +422,23 @@ def _compiled_fns(model, config: TrainConfig, example_shape: Tuple[int, ...], nu
 
   if stacked:
     init_fn = jax.vmap(init_fn)
-  return tx, specs, jax.jit(init_fn), jax.jit(epoch_fn, donate_argnums=(0,)), jax.jit(count)
+  return tx, specs, jax.jit(init_fn), jax.jit(epoch_fn, donate_argnums=(0,)), count_errors_fn(model, stacked)
+
+
+@functools.lru_cache(maxsize=32)
+def count_errors_fn(model, stacked: bool = False) -> Callable:
+  """``count(params, x, y) -> number of errors`` of a Flax model, jitted (rows with ``y = -1`` are padding).
+
+  The model is traced under float32 matmuls ("highest") on every backend, so reported errors do not
+  depend on a GPU's TF32 default. ``stacked``: ``params`` have a leading member axis and the count is [k]
+  (``jax.vmap``). Cached per (model, stacked); use with :func:`evaluate`.
+  """
+  def count(params, x, y):
+    with precision_lib.scope("highest"):
+      logits = model.apply({"params": params}, x)
+    return jnp.sum(((jnp.argmax(logits, -1) != y) & (y >= 0)).astype(jnp.int32))
+
+  return jax.jit(jax.vmap(count, in_axes=(0, None, None)) if stacked else count)
 
 
 def evaluate(count_fn, params: Params, images: np.ndarray, labels: np.ndarray, batch_size: int, *,

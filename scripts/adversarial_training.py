@@ -173,30 +173,43 @@ def _err_key():
   return "val_error" if _NUM_VAL.value else "test_error"
 
 
-def _train_run(name, train_data, test_data, config, pool_config, run_dir):
-  """Trains (or resumes) one run; returns (variables, result dict). Finished runs are restored."""
+def _restore_finished(name, run_dir, want):
+  """(variables as stored, result) of a finished run in ``run_dir`` whose settings are ``want``; None when
+  the run is not finished. A finished run with other settings is an error that names them."""
   result_path = os.path.join(run_dir, "result.json")
   final_path = os.path.join(run_dir, "final.msgpack")
-  if os.path.exists(result_path) and os.path.exists(final_path):
-    result = checkpoint.read_json(result_path)
-    want = json.loads(json.dumps(_run_settings(name, config, pool_config)))
-    have = {k: result.get(k) for k in want}
-    if have != want:
-      diff = sorted(k for k in want if have[k] != want[k])
-      raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another "
-                       "--workdir or delete that run directory")
-    logging.info("%s: restored from %s", name, run_dir)
-    return jax.tree.map(jnp.asarray, checkpoint.load_pytree(final_path)), result
+  if not (os.path.exists(result_path) and os.path.exists(final_path)):
+    return None
+  result = checkpoint.read_json(result_path)
+  want = json.loads(json.dumps(want))
+  diff = sorted(k for k in want if result.get(k) != want[k])
+  if diff:
+    raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another "
+                     "--workdir or delete that run directory")
+  logging.info("%s: restored from %s", name, run_dir)
+  return jax.tree.map(jnp.asarray, checkpoint.load_pytree(final_path)), result
+
+
+def _run_model(name):
+  """FC100-100-10 as trained by run ``name`` (dropout for the dropout run, and the adversarial run with
+  --adv_dropout)."""
+  if name == "dropout" or (name == "adversarial" and _ADV_DROPOUT.value):
+    return models.get_model(MODEL, dropout_rate=_DROPOUT.value, input_dropout_rate=_INPUT_DROPOUT.value)
+  return models.get_model(MODEL)
+
+
+def _train_run(name, train_data, test_data, config, pool_config, run_dir):
+  """Trains (or resumes) one run; returns (variables, result dict). Finished runs are restored."""
+  finished = _restore_finished(name, run_dir, _run_settings(name, config, pool_config))
+  if finished is not None:
+    return finished
   x, y = train_data
   t0 = time.perf_counter()
-  dropout_kw = dict(dropout_rate=_DROPOUT.value, input_dropout_rate=_INPUT_DROPOUT.value)
   if name == "adversarial":
-    res = at.train_with_pool(models.get_model(MODEL, **(dropout_kw if _ADV_DROPOUT.value else {})), x, y, config,
-                             pool_config, seed=_SEED.value,
+    res = at.train_with_pool(_run_model(name), x, y, config, pool_config, seed=_SEED.value,
                              workdir=os.path.join(run_dir, "train"), eval_data=test_data)
   else:
-    kw = dropout_kw if name == "dropout" else {}
-    res = train.train_model(models.get_model(MODEL, **kw), x, y, config, seed=_SEED.value,
+    res = train.train_model(_run_model(name), x, y, config, seed=_SEED.value,
                             workdir=os.path.join(run_dir, "train"), eval_data=test_data)
   seconds = time.perf_counter() - t0
   eval_model = models.get_model(MODEL)
@@ -207,8 +220,8 @@ def _train_run(name, train_data, test_data, config, pool_config, run_dir):
             "train_error": metrics.error_rate(fn, *train_data), "train_seconds_this_call": seconds,
             "epoch_seconds": [h["seconds"] for h in history], "history": history,
             **_run_settings(name, config, pool_config)}
-  checkpoint.save_pytree(final_path, res.variables)
-  checkpoint.atomic_write_json(result_path, result)
+  checkpoint.save_pytree(os.path.join(run_dir, "final.msgpack"), res.variables)
+  checkpoint.atomic_write_json(os.path.join(run_dir, "result.json"), result)
   logging.info("%s: %s %.4f (%.0fs)", name, _err_key(), result[_err_key()], seconds)
   return res.variables, result
 
@@ -396,40 +409,27 @@ def _sweep_seeds():
 
 def _train_sweep_run(name, seeds, train_data, test_data, config, pool_config, run_dir):
   """Trains (or restores) one run for all ``seeds`` as one program; returns (per-seed variables, result)."""
-  result_path = os.path.join(run_dir, "result.json")
-  final_path = os.path.join(run_dir, "final.msgpack")
-  want = json.loads(json.dumps({**_run_settings(name, config, pool_config), "seeds": seeds,
-                                "data_seed": _SEED.value}))
-  if os.path.exists(result_path) and os.path.exists(final_path):
-    result = checkpoint.read_json(result_path)
-    diff = sorted(k for k in want if result.get(k) != want[k])
-    if diff:
-      raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another "
-                       "--workdir or delete that run directory")
-    logging.info("%s: restored from %s", name, run_dir)
-    stacked = jax.tree.map(jnp.asarray, checkpoint.load_pytree(final_path))
+  want = {**_run_settings(name, config, pool_config), "seeds": seeds, "data_seed": _SEED.value}
+  finished = _restore_finished(name, run_dir, want)
+  if finished is not None:
+    stacked, result = finished
     return train.unstack(stacked, len(seeds)), result
   x, y = train_data
   t0 = time.perf_counter()
-  dropout_kw = dict(dropout_rate=_DROPOUT.value, input_dropout_rate=_INPUT_DROPOUT.value)
   kw = dict(seeds=seeds, data_seed=_SEED.value, workdir=os.path.join(run_dir, "train"), eval_data=test_data)
   if name == "adversarial":
-    res = at.train_with_pool_sweep(models.get_model(MODEL, **(dropout_kw if _ADV_DROPOUT.value else {})), x, y,
-                                   config, pool_config, **kw)
+    res = at.train_with_pool_sweep(_run_model(name), x, y, config, pool_config, **kw)
   else:
-    res = train.train_sweep(models.get_model(MODEL, **(dropout_kw if name == "dropout" else {})), x, y, config,
-                            **kw)
+    res = train.train_sweep(_run_model(name), x, y, config, **kw)
   seconds = time.perf_counter() - t0
-  eval_model = models.get_model(MODEL)
-  errors = {_err_key(): [], "train_error": []}
-  for variables in res.variables:
-    fn = functools.partial(eval_model.apply, variables)
-    errors[_err_key()].append(metrics.error_rate(fn, *test_data))
-    errors["train_error"].append(metrics.error_rate(fn, *train_data))
+  # Every member's errors in one stacked, float32 counting program (as metrics.error_rate counts one model).
+  count = train.count_errors_fn(models.get_model(MODEL), stacked=True)
+  errors = {key: train.evaluate(count, res.stacked_variables["params"], *data_, config.eval_batch_size).tolist()
+            for key, data_ in ((_err_key(), test_data), ("train_error", train_data))}
   result = {"run": name, **errors, "train_seconds_this_call": seconds,
             "epoch_seconds": [float(h["seconds"]) for h in res.history], **want}
-  checkpoint.save_pytree(final_path, res.stacked_variables)
-  checkpoint.atomic_write_json(result_path, result)
+  checkpoint.save_pytree(os.path.join(run_dir, "final.msgpack"), res.stacked_variables)
+  checkpoint.atomic_write_json(os.path.join(run_dir, "result.json"), result)
   logging.info("%s: %s %s (%.0fs for %d seeds)", name, _err_key(), np.round(result[_err_key()], 4), seconds,
                len(seeds))
   return res.variables, result

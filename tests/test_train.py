@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import dot_precisions
-from intriguing_jax import adversarial_training
 from intriguing_jax import checkpoint
 from intriguing_jax import data
 from intriguing_jax import metrics
@@ -241,15 +240,18 @@ def test_get_or_train_epochs_override_shortens_the_pretraining_too(tiny, tmp_pat
 
 def test_reported_errors_use_float32_matmuls():
   # Reported errors must not depend on the backend's default float32 matmul (TF32 on a GPU): the counting
-  # programs of train and adversarial_training trace the model under "highest", whatever the ambient setting.
+  # programs (train's, also used by adversarial_training, single and stacked) trace the model under "highest",
+  # whatever the ambient setting.
   model = models.get_model("fc16-16-10")
   config = train.TrainConfig(epochs=1, batch_size=4)
   count_fn = train._compiled_fns(model, config, (28, 28, 1), 8, False)[4]  # pylint: disable=protected-access
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
   x, y = jnp.zeros((3, 28, 28, 1)), jnp.zeros((3,), jnp.int32)
-  for fn in (count_fn, adversarial_training._count_errors_fn(model)):  # pylint: disable=protected-access
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  for fn, p in ((count_fn, params), (train.count_errors_fn(model), params),
+                (train.count_errors_fn(model, stacked=True), stacked)):
     with jax.default_matmul_precision("default"):
-      jaxpr = jax.make_jaxpr(fn)(params, x, y)
+      jaxpr = jax.make_jaxpr(fn)(p, x, y)
     precisions = dot_precisions(jaxpr.jaxpr)
     hi = jax.lax.Precision.HIGHEST
     assert len(precisions) == 3 and all(p == (hi, hi) for p in precisions), precisions
