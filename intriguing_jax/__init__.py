@@ -2,13 +2,12 @@
 
 Usage::
 
-    import functools
     import intriguing_jax as ij
 
-    images, labels = ij.data.load_mnist("test")          # offline: INTRIGUING_JAX_MNIST_DIR=/path/to/idx
+    images, labels = ij.data.load_mnist("test")          # data_dir=..., else $INTRIGUING_JAX_MNIST_DIR, else tfds
     model = ij.models.get_model("fc100-100-10")
     ...
-    result = ij.attack.lbfgs_attack(functools.partial(model.apply, params), x, target)
+    result = ij.attack.lbfgs_attack(model.apply, variables, x, target)   # every function: fn(params, x)
 
 Submodules are imported lazily, so ``import intriguing_jax`` stays cheap (TensorFlow Datasets, matplotlib
 and scipy are only loaded by the modules that need them).
@@ -28,8 +27,13 @@ _SUBMODULES = (
     "attack",
     "exact",
     "metrics",
-    "transfer",
-    "transfer_report",
+    "paper",
+    "tables",
+    "tables_report",
+    "reproduce",
+    "driver",
+    "scale",
+    "cli",
     "units",
     "spectral",
     "plotting",

@@ -74,14 +74,11 @@ class MnistChecksumError(MnistFormatError):
   """A file's SHA-256 does not match its entry in SHA256SUMS (or the canonical checksum)."""
 
 
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: PathLike) -> str:
   """Hex SHA-256 of a file's bytes."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
-    while True:
-      block = f.read(chunk)
-      if not block:
-        break
+    for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
 
@@ -94,13 +91,15 @@ def resolve_file(directory: PathLike, name: str) -> str:
   """
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
-    raise MnistNotFoundError(directory, f"MNIST directory does not exist or is not a directory. {WHERE_TO_GET}")
+    raise MnistNotFoundError(directory, f"MNIST directory does not exist or is not a directory. "
+                             f"{WHERE_TO_GET}")
   path = os.path.join(directory, name)
   if os.path.isfile(path):
     return path
   if name.endswith(".gz") and os.path.isfile(path[:-3]):
     return path[:-3]
-  raise MnistNotFoundError(path, f"MNIST file is missing (nor is an uncompressed {os.path.basename(path[:-3])!r} "
+  raise MnistNotFoundError(path, f"MNIST file is missing (nor is an uncompressed "
+                           f"{os.path.basename(path[:-3])!r} "
                            f"there). {WHERE_TO_GET}")
 
 
@@ -139,11 +138,11 @@ def parse_idx(data: bytes, path: str, expected_magic: int) -> np.ndarray:
       header dimensions (truncated or trailing bytes).
   """
   if len(data) < 4:
-    raise MnistFormatError(path, f"truncated IDX file: {len(data)} bytes, no room for the 4-byte magic number")
+    raise MnistFormatError(path, f"truncated IDX file: {len(data)} bytes, no room for the magic number")
   (magic,) = struct.unpack(">i", data[:4])
   if magic != expected_magic:
     kind = "images" if expected_magic == IMAGES_MAGIC else "labels"
-    raise MnistFormatError(path, f"wrong IDX magic number {magic} (expected {expected_magic} for MNIST {kind})")
+    raise MnistFormatError(path, f"wrong IDX magic number {magic} (expected {expected_magic} for {kind})")
   ndim = magic & 0xFF
   header = 4 + 4 * ndim
   if len(data) < header:
@@ -153,7 +152,8 @@ def parse_idx(data: bytes, path: str, expected_magic: int) -> np.ndarray:
   got = len(data) - header
   if got != expected:
     what = "truncated" if got < expected else "trailing bytes after"
-    raise MnistFormatError(path, f"{what} IDX payload: header dims {dims} need {expected} bytes, file has {got}")
+    raise MnistFormatError(path, f"{what} IDX payload: header dims {dims} need {expected} bytes, "
+                           f"file has {got}")
   return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -206,13 +206,10 @@ def verify_sha256sums(directory: PathLike, names=None) -> Dict[str, str]:
     MnistChecksumError: a listed file's digest differs (message names file, expected and actual digest).
   """
   directory = os.fspath(directory)
-  sums = read_sha256sums(directory)
   verified = {}
-  for name, expected in sums.items():
-    if names is not None and name not in names:
-      continue
+  for name, expected in read_sha256sums(directory).items():
     path = os.path.join(directory, name)
-    if not os.path.isfile(path):
+    if (names is not None and name not in names) or not os.path.isfile(path):
       continue
     actual = sha256_file(path)
     if actual != expected:
@@ -221,27 +218,20 @@ def verify_sha256sums(directory: PathLike, names=None) -> Dict[str, str]:
   return verified
 
 
-def read_split(directory: PathLike, split: str, *, verify: bool = True,
-               expected_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+def read_split(directory: PathLike, split: str, *, verify: bool = True) -> Tuple[np.ndarray, np.ndarray]:
   """Reads one split from an IDX directory.
 
   Args:
     directory: directory holding the IDX files (gzipped or plain).
     split: "train" or "test".
     verify: check the files against ``SHA256SUMS`` when that file is present.
-    expected_count: if given, the number of examples the split must have.
 
   Returns:
-    (images uint8 [N, 28, 28], labels uint8 [N]).
-
-  Raises:
-    ValueError: ``split`` is not "train"/"test".
-    MnistNotFoundError / MnistFormatError / MnistChecksumError: see module docstring.
+    (images uint8 [N, 28, 28], labels uint8 [N]); errors as in the module docstring.
   """
   if split not in FILES:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  img_path = resolve_file(directory, FILES[split][0])
-  lbl_path = resolve_file(directory, FILES[split][1])
+  img_path, lbl_path = (resolve_file(directory, name) for name in FILES[split])
   if verify:
     verify_sha256sums(directory, names={os.path.basename(img_path), os.path.basename(lbl_path)})
   images = read_images(img_path)
@@ -249,6 +239,4 @@ def read_split(directory: PathLike, split: str, *, verify: bool = True,
   if images.shape[0] != labels.shape[0]:
     raise MnistFormatError(img_path, f"image/label count mismatch: {images.shape[0]} images in {img_path} "
                            f"but {labels.shape[0]} labels in {lbl_path}")
-  if expected_count is not None and images.shape[0] != expected_count:
-    raise MnistFormatError(img_path, f"{split} split has {images.shape[0]} examples, expected {expected_count}")
   return images, labels

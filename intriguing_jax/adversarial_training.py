@@ -2,67 +2,56 @@
 
 Usage::
 
-    from intriguing_jax import adversarial_training as at, data, models, train
+    from intriguing_jax import adversarial_training as at, attack, data, models, train
 
     images, labels = data.load_mnist("train")
     model = models.get_model("fc100-100-10")
-    config = train.TrainConfig(epochs=40, weight_decay=(1e-5, 1e-5, 1e-6))      # weight decay, no dropout
-    pool_config = at.PoolConfig(layers=("input", "hidden_0", "hidden_1"), pool_size=5000,
-                                refresh_every=50, refresh_fraction=0.05, mix_ratio=0.5)
+    config = train.TrainConfig(epochs=40, weight_decay=(1e-5, 1e-5, 1e-6))
+    pool_config = at.PoolConfig(layers=("input", "hidden_0", "hidden_1"), pool_size=5000, refresh_every=50,
+                                refresh_fraction=0.05, mix_ratio=0.5,
+                                attack=dataclasses.replace(at.POOL_ATTACK, maxiter=20))
     result = at.train_with_pool(model, images, labels, config, pool_config, workdir="runs/adv")
     result.variables                    # {"params": ...} for model.apply; resumes from workdir/ckpt
 
-    # k models (seeds and/or λ) as ONE vmapped program; member i is train_with_pool(seed=seeds[i], data_seed=0,
-    # config with weight_decay=weight_decays[i]) computed with vmap's float rounding:
+    # k models (seeds and/or λ) as ONE vmapped program; member i is train_with_pool(seed=seeds[i],
+    # data_seed=0, weight_decay=weight_decays[i]) computed with vmap's float rounding:
     sweep = at.train_with_pool_sweep(model, images, labels, config, pool_config, seeds=range(8), data_seed=0)
-    sweep.variables[3]                  # seed 3's {"params": ...}; sweep.history[-1]["loss"] is a [8] list
 
-    # The same machinery for any model and loss, from pure functions (params -> logits):
-    layers = [at.PoolLayer("input", feature_fn=lambda p, x: x, head_fn=my_apply, box=(0.0, 1.0))]
-    epoch_fn = at.make_epoch_fn(my_apply, layers, tx, pool_config, batch_size=128, num_train=n,
-                                loss_fn=my_per_example_loss, penalty_fn=my_penalty)
+    # Any model and loss, from pure functions of the params: make_epoch_fn + driver.run.
 
-The method. The paper trained a 100-100-10 sigmoid network to below 1.2% test error "by keeping a pool of
-adversarial examples a random subset of which is continuously replaced by newly generated adversarial
-examples and which is mixed into the original training set all the time", with one pool per layer: the
-examples of layer k are perturbed layer-k activations, found by the attack run on the sub-network above
-layer k, and "used to train all the layers above". Sizes, rates and schedules are not given (A21); every
-one of them is a ``PoolConfig`` field. Here:
+The method. The paper kept "a pool of adversarial examples a random subset of which is continuously
+replaced by newly generated adversarial examples and which is mixed into the original training set all the
+time", one pool per layer: the examples of layer k are perturbed layer-k activations, found by the attack
+on the sub-network above layer k, and "used to train all the layers above". Sizes, rates and schedules are
+not given (A21); each is a ``PoolConfig`` field. Here:
 
-* One pool per entry of ``PoolConfig.layers``: ``pool_size`` stored inputs of the layer (pixels for
-  "input", post-activation features for a hidden layer) with the TRUE label of the clean example.
-* Generation (``generate_adversarial``): training examples drawn at random, mapped to the layer by
-  ``feature_fn``, attacked through ``head_fn`` (the network above the layer) by the attack engine
-  (``attack.py``: box-constrained L-BFGS with a c grid) with cheap settings (few iterations, two c values,
-  no bisection by default), toward random wrong targets (or untargeted).
-* Schedule: ``warmup_steps`` of clean training, then the pools are filled completely (in chunks of
-  ``refresh_size`` examples) with the current network, then every ``refresh_every`` steps a random
-  ``refresh_fraction`` of each pool is replaced by new examples of the current network.
-* Mixing: every training step uses ``batch_size`` clean examples plus, from each pool, a uniform sample,
-  so that pool examples make up ``mix_ratio`` of the mixed batch (split evenly over the pools). The loss is
-  the mean per-example loss over the whole mixed batch (pool-k examples through ``head_fn`` of layer k, so
-  they only train the layers above k) plus the penalty. Before the pools are filled the pool part has
-  weight zero.
+* One pool per entry of ``PoolConfig.layers``: ``pool_size`` stored layer values (pixels for "input",
+  post-activation features for a hidden layer) with the TRUE label of the clean example.
+* Generation: random training examples mapped to the layer (``model.features``), attacked through the head
+  above it (``model.apply(..., layer, method="head")``) by ``attack.make_attack`` with the cheap
+  ``PoolConfig.attack`` options, toward random wrong targets (or untargeted); the stored point is the
+  attack's, optionally moved along its direction (``perturbation_scale``, ``perturbation_rms``).
+* Schedule: ``warmup_steps`` of clean training, then the pools are filled (in chunks of ``refresh_size``),
+  then every ``refresh_every`` steps a random ``refresh_fraction`` of each pool is replaced.
+* Mixing: every step uses ``batch_size`` clean examples plus uniform samples of each pool making up
+  ``mix_ratio`` of the mixed batch; the loss is the weighted mean per-example loss (pool-k examples through
+  the head of layer k, with dropout when the model has it) plus the weight decay.
 
-Everything runs in one jitted ``lax.scan`` per epoch (the refresh is a ``lax.cond`` branch inside it,
-executed only on refresh steps; in a sweep, the branch is taken for all members together and runs one
-vmapped attack over their k x refresh_size examples). A run checkpoints, atomically, its whole state
-(params, optimiser, pools, the step of birth of every pool entry, rng) each epoch and resumes from the
-last one; the data order, pool samples and attack targets derive from ``fold_in(key, step)``, so a
-resumed run repeats exactly what the uninterrupted run would have done.
+Everything runs in the driver's one jitted ``lax.scan`` per epoch; the refresh is a ``lax.cond`` on the
+global step, taken only on refresh steps (also in a sweep, where it attacks for all members at once).
+Every key derives from ``fold_in(fold_in(rng, salt), step)``, so a resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
-import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
-from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,23 +59,28 @@ import optax
 
 from intriguing_jax import attack as attack_lib
 from intriguing_jax import checkpoint
+from intriguing_jax import data as data_lib
+from intriguing_jax import driver
 from intriguing_jax import models as models_lib
-from intriguing_jax import progress
+from intriguing_jax import report
+from intriguing_jax import reproduce
+from intriguing_jax import tables
 from intriguing_jax import train as train_lib
 from intriguing_jax.types import Array, Params, PRNGKey
 
 __all__ = [
-    "PoolConfig", "PoolLayer", "PoolTrainState", "PoolTrainResult", "model_pool_layers", "mlp_head_fn",
-    "generate_adversarial", "make_generate_fn", "init_state", "mixed_batch_sizes", "sample_mixed_batch", "make_epoch_fn",
-    "train_with_pool", "train_with_pool_sweep", "PoolSweepResult", "softmax_cross_entropy",
-    "pool_schedule",
+    "PoolConfig", "PoolLayer", "PoolTrainState", "POOL_ATTACK", "model_pool_layers", "generate_adversarial",
+    "place_at_rms", "make_generate_fn", "init_state", "mixed_batch_sizes", "sample_mixed_batch",
+    "pool_schedule", "make_epoch_fn", "train_with_pool", "train_with_pool_sweep", "softmax_cross_entropy",
+    "validate", "run_experiment", "STEP_STATS", "POOL_STATS",
 ]
 
 INPUT = "input"
-_ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu}
-
-# Salts of the per-step keys derived from the state's rng (fold_in(fold_in(rng, salt), step)).
 _SALT_REFRESH, _SALT_SAMPLE, _SALT_DROPOUT = 1, 2, 3
+
+# The pool attack: cheap (the pools need many examples, not minimal ones). ``box`` is each layer's.
+POOL_ATTACK = attack_lib.AttackOptions(maxiter=10, history_size=5, tol=1e-3, c_grid=(0.1, 1.0),
+                                       num_bisection=0, refine_rounds=0, refine_steps=10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,34 +91,16 @@ class PoolConfig:
     layers: which pools: "input" (pixels) and/or feature names of the model (e.g. "hidden_0").
     pool_size: stored examples per pool.
     refresh_every: steps between two refreshes.
-    refresh_fraction: fraction of each pool replaced by new examples at each refresh; the number of new
-      examples per pool and refresh is ``refresh_size = max(1, round(refresh_fraction * pool_size))``.
+    refresh_fraction: fraction of each pool replaced at each refresh (``refresh_size`` examples).
     mix_ratio: fraction of each mixed training batch drawn from the pools (all pools together), in (0, 1).
     warmup_steps: clean training steps before the pools are filled and mixed in.
-    untargeted: attack away from the true label instead of toward a random wrong target.
-    maxiter: L-BFGS-B iterations per solve (cheap: the pools need many examples, not minimal ones).
-    history_size: L-BFGS memory.
-    tol: L-BFGS-B projected-gradient tolerance.
-    c_grid: penalty weights of the pool attack (the engine's default continuous schedule tries them from
-      the largest down and keeps the first success).
-    num_bisection: bisection rounds on c after the grid (0: none).
-    refine: move each success back toward the clean point, to the decision boundary (attack.py step 3);
-      without it the c-grid minimiser overshoots deep into the target class. Skipped when
-      ``perturbation_rms`` is set: the refinement only slides the point along the same direction, which
-      the RMS rescaling discards (the stored examples are the same to float32 round-off; measured on the
-      trained FC100-100-10: at most 1.2e-7 apart), so it would only cost time.
-    refine_rounds: rounds of the engine's linearised-boundary projection before the bisection (0: the
-      cheap bisection along x -> x_adv only).
-    refine_steps: bisection steps of the refinement.
-    perturbation_scale: the stored example is ``clip(h + s (h_adv - h), box)`` with ``s`` this value: 1 keeps
-      the attack's point (at the decision boundary when refined); s < 1 stops short of the boundary (still
-      classified correctly), s > 1 pushes past it, deeper into the target class.
-    pool_loss_weight: weight of one pool example relative to one clean example in the batch's mean loss
-      (1: every example counts the same).
-    perturbation_rms: if set, the stored example is ``clip(h + e (h_adv - h) / RMS(h_adv - h), box)`` with
-      ``e`` this value: the attack's direction at a FIXED RMS distortion (the paper's measure), whatever the
-      example's distance to the boundary: examples closer to the boundary than ``e`` cross it, the others
-      stop short of it. Excludes ``perturbation_scale != 1``. None (default): ``perturbation_scale`` rules.
+    perturbation_scale: the stored example is ``clip(h + s (h_adv - h), box)``: 1 keeps the attack's point,
+      s < 1 stops short of it, s > 1 goes past it.
+    pool_loss_weight: weight of one pool example relative to one clean example in the batch's mean loss.
+    perturbation_rms: if set, the stored example is the attack's direction at this RMS distortion
+      (:func:`place_at_rms`); excludes ``perturbation_scale != 1``; the attack's refinement is then skipped
+      (it only slides the point along the direction that the rescaling keeps).
+    attack: the pool attack's options (``attack.AttackOptions``; ``box`` is replaced by each layer's box).
   """
   layers: Tuple[str, ...] = (INPUT,)
   pool_size: int = 5000
@@ -132,77 +108,49 @@ class PoolConfig:
   refresh_fraction: float = 0.05
   mix_ratio: float = 0.5
   warmup_steps: int = 0
-  untargeted: bool = False
-  maxiter: int = 10
-  history_size: int = 5
-  tol: float = 1e-3
-  c_grid: Tuple[float, ...] = (0.1, 1.0)
-  num_bisection: int = 0
-  refine: bool = True
-  refine_rounds: int = 0
-  refine_steps: int = 10
   perturbation_scale: float = 1.0
   pool_loss_weight: float = 1.0
   perturbation_rms: Optional[float] = None
-
-  # Knobs added after the first real runs; ``to_dict`` leaves them out at their defaults so that the
-  # settings stored by those runs still match (checkpoint.guard_run_config, the script's restore check).
-  _LATE_DEFAULTS = (("perturbation_scale", 1.0), ("pool_loss_weight", 1.0), ("perturbation_rms", None))
+  attack: attack_lib.AttackOptions = POOL_ATTACK
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(str(l) for l in self.layers))
-    object.__setattr__(self, "c_grid", tuple(float(c) for c in self.c_grid))
-    if not self.layers:
-      raise ValueError("PoolConfig.layers must name at least one layer (e.g. ('input',))")
-    if len(set(self.layers)) != len(self.layers):
-      raise ValueError(f"PoolConfig.layers has duplicates: {self.layers}")
-    for name in ("pool_size", "refresh_every", "maxiter", "history_size"):
+    if not isinstance(self.attack, attack_lib.AttackOptions):
+      object.__setattr__(self, "attack", attack_lib.AttackOptions(**self.attack))
+    if not self.layers or len(set(self.layers)) != len(self.layers):
+      raise ValueError(f"PoolConfig.layers must name at least one layer, no duplicates; got {self.layers}")
+    for name, lower in (("pool_size", 1), ("refresh_every", 1), ("warmup_steps", 0)):
       v = getattr(self, name)
-      if not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"PoolConfig.{name} must be an integer >= 1, got {v!r}")
-    for name in ("warmup_steps", "num_bisection", "refine_rounds", "refine_steps"):
-      v = getattr(self, name)
-      if not isinstance(v, (int, np.integer)) or v < 0:
-        raise ValueError(f"PoolConfig.{name} must be an integer >= 0, got {v!r}")
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lower:
+        raise ValueError(f"PoolConfig.{name} must be an integer >= {lower}, got {v!r}")
     if not 0.0 < self.refresh_fraction <= 1.0:
       raise ValueError(f"PoolConfig.refresh_fraction must be in (0, 1], got {self.refresh_fraction}")
     if not 0.0 < self.mix_ratio < 1.0:
       raise ValueError(f"PoolConfig.mix_ratio must be in (0, 1), got {self.mix_ratio}")
-    optional = ("perturbation_rms",)                   # None = off
-    for name in ("perturbation_scale", "pool_loss_weight") + optional:
+    for name in ("perturbation_scale", "pool_loss_weight", "perturbation_rms"):
       v = getattr(self, name)
-      if v is None and name in optional:
+      if v is None and name == "perturbation_rms":
         continue
-      if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
-          math.isfinite(v) and v > 0):
-        none = "None or " if name in optional else ""
-        raise ValueError(f"PoolConfig.{name} must be {none}a finite number > 0, got {v!r}")
+      number = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+      if not (number and math.isfinite(v) and v > 0):
+        raise ValueError(f"PoolConfig.{name} must be a finite number > 0, got {v!r}")
       object.__setattr__(self, name, float(v))
     if self.perturbation_rms is not None and self.perturbation_scale != 1.0:
       raise ValueError("PoolConfig: set perturbation_rms or perturbation_scale, not both "
                        f"(got {self.perturbation_rms!r} and {self.perturbation_scale!r})")
-    self.attack_options((0.0, 1.0)).validate()
 
   @property
   def refresh_size(self) -> int:
-    """New examples per pool and refresh."""
+    """New examples per pool and refresh: ``max(1, round(refresh_fraction * pool_size))``."""
     return max(1, int(round(self.refresh_fraction * self.pool_size)))
 
   def attack_options(self, box: Tuple[float, float]) -> attack_lib.AttackOptions:
-    """The attack engine's options for a pool whose values live in ``box``."""
-    refine = self.refine and self.perturbation_rms is None  # the rescaling keeps only the direction
-    return attack_lib.AttackOptions(
-        untargeted=self.untargeted, box=(float(box[0]), float(box[1])), maxiter=self.maxiter,
-        history_size=self.history_size, tol=self.tol, c_grid=self.c_grid, num_bisection=self.num_bisection,
-        warm_start=True, refine=refine, refine_rounds=self.refine_rounds, refine_steps=self.refine_steps)
+    """The pool attack's options for values in ``box`` (no refinement under ``perturbation_rms``)."""
+    refine = self.attack.refine and self.perturbation_rms is None
+    return dataclasses.replace(self.attack, box=(float(box[0]), float(box[1])), refine=refine)
 
   def to_dict(self) -> Dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["layers"], d["c_grid"] = list(self.layers), list(self.c_grid)
-    for name, default in self._LATE_DEFAULTS:
-      if d[name] == default:
-        del d[name]
-    return d
+    return checkpoint.jsonable(dataclasses.asdict(self))
 
 
 class PoolLayer(NamedTuple):
@@ -210,14 +158,11 @@ class PoolLayer(NamedTuple):
 
   Attributes:
     name: pool name ("input" or a feature name).
-    feature_fn: ``feature_fn(params, x) -> h`` maps a batch of inputs [B, ...] to the layer's values
-      [B, *layer_shape] (identity for the input layer).
-    head_fn: ``head_fn(params, h) -> logits`` [B, num_classes], the network above the layer (the whole
-      network for the input layer). Pool examples of this layer train only what ``head_fn`` uses.
+    feature_fn: ``feature_fn(params, x) -> h``: inputs [B, ...] to the layer's values [B, *layer_shape].
+    head_fn: ``head_fn(params, h) -> logits`` [B, num_classes], the network above the layer (attacked).
     box: (lower, upper) bounds of the layer's values (pixels and sigmoid activations: (0, 1)).
-    train_head_fn: optional ``train_head_fn(params, h, key) -> logits``, the head as trained (e.g. with
-      dropout drawn from ``key``), used for the pool examples' loss; None = ``head_fn``. The attack always
-      uses the deterministic ``head_fn``.
+    train_head_fn: optional ``train_head_fn(params, h, key) -> logits``, the head as trained (e.g. dropout
+      from ``key``) for the pool examples' loss; None = ``head_fn``.
   """
   name: str
   feature_fn: Callable[[Params, Array], Array]
@@ -226,26 +171,16 @@ class PoolLayer(NamedTuple):
   train_head_fn: Optional[Callable[[Params, Array, PRNGKey], Array]] = None
 
 
-class PoolTrainState(struct.PyTreeNode):
-  """Everything a resumed run needs (checkpointed each epoch).
+class PoolTrainState(driver.TrainState):
+  """``driver.TrainState`` plus the pools (checkpointed each epoch).
 
   Attributes:
-    step: int32 [] optimiser steps taken.
-    epoch: int32 [] completed epochs.
-    params: trained parameters (for Flax models the "params" collection).
-    opt_state: optax state.
-    rng: uint32 [2] base key; step t draws its keys from ``fold_in(fold_in(rng, salt), t)``.
     pools: name -> [pool_size, *layer_shape] stored adversarial layer values.
     pool_labels: name -> [pool_size] int32 true labels.
     pool_born: name -> [pool_size] int32 step at which each entry was generated (-1: never filled).
     filled: bool [] whether the pools have been filled (pool examples count in the loss from then on).
     num_refreshes: int32 [] refresh events so far (the initial fill counts as one).
   """
-  step: Array
-  epoch: Array
-  params: Params
-  opt_state: Any
-  rng: PRNGKey
   pools: Dict[str, Array]
   pool_labels: Dict[str, Array]
   pool_born: Dict[str, Array]
@@ -253,126 +188,42 @@ class PoolTrainState(struct.PyTreeNode):
   num_refreshes: Array
 
 
-class PoolTrainResult(NamedTuple):
-  """Output of :func:`train_with_pool`: ``variables`` = {"params": ...} for ``model.apply``."""
-  variables: Params
-  state: PoolTrainState
-  history: List[Dict[str, Any]]
+def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
+  """Per-example cross-entropy [B] (the default ``loss_fn``)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Layers of a Flax model.
 
 
-def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
-  """Per-example cross-entropy [B] (the default ``loss_fn``)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def _features(model, layer, params, x):
+  return x if layer == INPUT else model.apply({"params": params}, x, method="features")[layer]
 
 
-def mlp_head_fn(model, feature: str, *, dropout_rate: float = 0.0) -> Callable[..., Array]:
-  """``head(params, h, key=None) -> logits``: the layers of ``model`` above its feature ``feature``.
+def _head(model, layer, params, h):
+  return model.apply({"params": params}, h, layer, method="head")
 
-  With ``dropout_rate`` > 0 and a ``key``, dropout is applied to the input of every dense layer of the head
-  (inverted dropout, as ``models.SigmoidMLP`` does when training: dropout on the input of every dense layer
-  after the first); without a key the head is deterministic.
 
-  Built from ``model.architecture()`` (dense, sigmoid, relu, flatten, dropout = identity at evaluation,
-  softmax = the logits), so it covers the fully connected models (SigmoidMLP, FC10, AE400-10).
+def _train_head(model, layer, params, h, key):
+  return model.apply({"params": params}, h, layer, train=True, method="head", rngs={"dropout": key})
 
-  Args:
-    model: a module of ``models`` with ``architecture()``.
-    feature: a key of the model's ``return_features`` dict.
+
+def model_pool_layers(model, names: Sequence[str], *,
+                      box: Tuple[float, float] = (0.0, 1.0)) -> List[PoolLayer]:
+  """PoolLayers of a Flax model with ``features`` and ``head`` methods, its params the "params" collection.
+
+  Layer values: ``model.features``; the attacked head: ``model.head`` (the deterministic network above the
+  layer; for "input" the whole network); pool examples are trained through ``model.head(..., train=True)``
+  (dropout, when the model has it, drawn from the step's key).
 
   Raises:
-    ValueError: unknown feature, or a layer above it that is not fully connected (conv, pooling...):
-      pass a hand-written ``PoolLayer`` for such models.
+    ValueError: a model without ``head``/``features``.
   """
-  arch = model.architecture()
-  idx = [i for i, d in enumerate(arch) if d.get("feature") == feature]
-  if not idx:
-    known = [d["feature"] for d in arch if "feature" in d]
-    raise ValueError(f"mlp_head_fn: {type(model).__name__} has no feature {feature!r}; known: {known}")
-  i = idx[0]
-  rest = arch[i + 1:]
-  if arch[i]["type"] in ("dense", "conv") and rest and rest[0]["type"] in _ACTIVATIONS:
-    rest = rest[1:]  # the feature is post-activation: that activation is already applied
-  for d in rest:
-    if d["type"] not in ("dense", "flatten", "dropout", "softmax") and d["type"] not in _ACTIVATIONS:
-      raise ValueError(f"mlp_head_fn: layer {d['name']!r} of type {d['type']!r} above {feature!r} is not "
-                       "supported; build a PoolLayer with your own head_fn")
-  rest = tuple((d["type"], tuple(d.get("param_path", ()))) for d in rest)
-
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"mlp_head_fn: dropout_rate must be in [0, 1), got {dropout_rate}")
-
-  def head(params, h, key=None):
-    for i, (kind, path) in enumerate(rest):
-      if kind == "dense":
-        if key is not None and dropout_rate > 0:
-          keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - dropout_rate, h.shape)
-          h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0)
-        layer = models_lib.get_param(params, path)
-        h = h @ layer["kernel"] + layer["bias"][None, :]
-      elif kind == "flatten":
-        h = h.reshape(h.shape[0], -1)
-      elif kind in _ACTIVATIONS:
-        h = _ACTIVATIONS[kind](h)
-    return h
-
-  return head
-
-
-def model_pool_layers(model, names: Sequence[str], *, box: Tuple[float, float] = (0.0, 1.0)) -> List[PoolLayer]:
-  """PoolLayers of a Flax model whose parameters are the "params" collection.
-
-  "input" attacks the whole network (``model.apply``); a feature name attacks the layers above it
-  (:func:`mlp_head_fn`), its values given by ``model.apply(..., return_features=True)``. For a
-  ``models.SigmoidMLP`` with dropout, the pool examples are trained through the network with dropout
-  (``train_head_fn``: ``model.apply(train=True)`` for "input", the head with dropout on the input of each
-  dense layer for hidden features); the attack and the features use the network without dropout.
-
-  Args:
-    model: a module of ``models``.
-    names: pool names, e.g. ("input", "hidden_0", "hidden_1").
-    box: bounds of every pool's values ((0, 1) fits pixels and sigmoid activations).
-  """
-  layers = []
-  rate = _dropout_rates(model)
-  for name in names:
-    if name == INPUT:
-      train_head = functools.partial(_train_apply, model) if any(rate) else None
-      layers.append(PoolLayer(INPUT, _identity_features, functools.partial(_apply_params, model), box, train_head))
-    else:
-      head = mlp_head_fn(model, name, dropout_rate=rate[1])
-      layers.append(PoolLayer(name, functools.partial(_model_feature, model, name), head, box,
-                              head if rate[1] else None))
-  return layers
-
-
-def _dropout_rates(model) -> Tuple[float, float]:
-  """(input_dropout_rate, dropout_rate) of a model; dropout is supported for ``models.SigmoidMLP`` only."""
-  rates = (float(getattr(model, "input_dropout_rate", 0.0) or 0.0), float(getattr(model, "dropout_rate", 0.0) or 0.0))
-  if any(rates) and not isinstance(model, models_lib.SigmoidMLP):
-    raise ValueError(f"adversarial_training supports dropout only for models.SigmoidMLP, not "
-                     f"{type(model).__name__}; pass PoolLayers and train_apply_fn of your own")
-  return rates
-
-
-def _train_apply(model, params, x, key):
-  return model.apply({"params": params}, x, train=True, rngs={"dropout": key})
-
-
-def _identity_features(params, x):
-  del params
-  return x
-
-
-def _apply_params(model, params, x):
-  return model.apply({"params": params}, x)
-
-
-def _model_feature(model, name, params, x):
-  return model.apply({"params": params}, x, return_features=True)[1][name]
+  if not (hasattr(model, "head") and hasattr(model, "features")):
+    raise ValueError(f"{type(model).__name__} has no head/features methods; build PoolLayers of your own")
+  return [PoolLayer(n, functools.partial(_features, model, n), functools.partial(_head, model, n), box,
+                    functools.partial(_train_head, model, n)) for n in names]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -381,29 +232,23 @@ def _model_feature(model, name, params, x):
 
 def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Array, key: PRNGKey,
                          config: PoolConfig, num_classes: int) -> Tuple[Array, attack_lib.AttackResult]:
-  """Adversarial layer values for a batch of clean inputs, with the attack engine (pure, jittable).
+  """Adversarial layer values for a batch of clean inputs (pure, jittable).
 
   Args:
-    layer: the pool's layer.
-    params: current parameters (traced).
-    x: [R, ...] clean inputs.
-    labels: [R] their true labels.
-    key: draws the random wrong targets (unused when ``config.untargeted``).
-    config: attack settings (``maxiter``, ``c_grid``, ...).
-    num_classes: number of classes.
+    layer: the pool's layer; params: current parameters (traced, not differentiated).
+    x: [R, ...] clean inputs; labels: [R] their true labels.
+    key: draws the random wrong targets (unused when ``config.attack.untargeted``).
 
   Returns:
-    (h_adv [R, *layer_shape], AttackResult of the engine, on the layer's values). ``h_adv`` is the
-    engine's ``x_adv`` moved along ``x_adv - h`` by ``config.perturbation_scale``, or to the RMS distance
-    ``config.perturbation_rms`` along it (and clipped to the box); the AttackResult is the engine's, unscaled.
-    An example whose attack did not move it (zero direction) stays at ``h``.
+    (h_adv [R, *layer_shape], the attack's AttackResult on the layer's values). ``h_adv`` is the attack's
+    ``x_adv`` moved along ``x_adv - h`` by ``perturbation_scale``, or to RMS ``perturbation_rms`` along it
+    (clipped to the box); an example the attack did not move stays at ``h``.
   """
-  h = jax.lax.stop_gradient(layer.feature_fn(params, x))
-  target = labels if config.untargeted else attack_lib.random_targets(key, labels, num_classes)
   params = jax.lax.stop_gradient(params)
-  # The engine as a pure function, traced inline (attack.lbfgs_attack checks inputs on the host and
-  # cannot run under jit).
-  attack_fn = attack_lib.make_attack(layer.head_fn, options=config.attack_options(layer.box))
+  h = jax.lax.stop_gradient(layer.feature_fn(params, x))
+  untargeted = config.attack.untargeted
+  target = labels if untargeted else attack_lib.random_targets(key, labels, num_classes)
+  attack_fn = attack_lib.make_attack(layer.head_fn, config.attack_options(layer.box))
   res = attack_fn(params, h, target.astype(jnp.int32))
   h_adv = res.x_adv
   if config.perturbation_rms is not None:
@@ -414,47 +259,40 @@ def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Arr
 
 
 def place_at_rms(h: Array, h_adv: Array, rms: float, box: Tuple[float, float]) -> Array:
-  """``clip(h + rms (h_adv - h) / RMS(h_adv - h), box)`` per example: the direction h -> h_adv at RMS ``rms``.
-
-  Rows with ``h_adv == h`` (no direction) stay at ``h``. ``PoolConfig.perturbation_rms``'s placement.
-  """
+  """``clip(h + rms (h_adv - h) / RMS(h_adv - h), box)`` per example; rows with ``h_adv == h`` stay at h."""
   delta = h_adv - h
   norm = jnp.sqrt(jnp.mean(jnp.square(delta.reshape(delta.shape[0], -1)), axis=1))
   factor = jnp.where(norm > 0, rms / jnp.where(norm > 0, norm, 1.0), 0.0)
   return jnp.clip(h + factor.reshape((-1,) + (1,) * (delta.ndim - 1)) * delta, box[0], box[1])
 
 
+def _draw_and_attack(layer, params, images, labels, key, config, num_classes, i):
+  """refresh_size random training examples for pool ``i``, attacked: (labels [r], h_adv, AttackResult)."""
+  k_src, k_tgt = jax.random.split(jax.random.fold_in(key, i))
+  idx = jax.random.randint(k_src, (config.refresh_size,), 0, images.shape[0])
+  h_adv, res = generate_adversarial(layer, params, images[idx], labels[idx], k_tgt, config, num_classes)
+  return labels[idx], h_adv, res
+
+
 def make_generate_fn(layers: Sequence[PoolLayer], config: PoolConfig, num_classes: int):
-  """``generate(params, images, labels, key) -> {name: (h_adv, AttackResult)}``, jitted.
-
-  One refresh's worth of generation (``config.refresh_size`` random source examples per pool) outside the
-  training loop: for timing the generation against the training steps, and for inspecting the pools.
-  """
-  r = config.refresh_size
-
+  """``generate(params, images, labels, key) -> {name: (h_adv, AttackResult)}``, jitted: one refresh's
+  generation outside training (for timing it, and for inspecting the pools)."""
   def generate(params, images, labels, key):
-    out = {}
-    for i, layer in enumerate(layers):
-      k_src, k_tgt = jax.random.split(jax.random.fold_in(key, i))
-      idx = jax.random.randint(k_src, (r,), 0, images.shape[0])
-      out[layer.name] = generate_adversarial(layer, params, images[idx], labels[idx], k_tgt, config, num_classes)
-    return out
+    return {l.name: _draw_and_attack(l, params, images, labels, key, config, num_classes, i)[1:]
+            for i, l in enumerate(layers)}
 
   return jax.jit(generate)
 
 
 def mixed_batch_sizes(batch_size: int, config: PoolConfig) -> Dict[str, int]:
-  """Examples drawn from each pool per step for ``batch_size`` clean examples.
-
-  The pools together give ``round(batch_size * r / (1 - r))`` examples (r = ``mix_ratio``), split evenly
-  over the pools (the remainder to the first ones).
+  """Examples drawn from each pool per step: ``round(batch_size r / (1 - r))`` (r = ``mix_ratio``) in all,
+  split evenly over the pools (the remainder to the first ones).
 
   Raises:
     ValueError: when that leaves a pool with no example.
   """
-  r = config.mix_ratio
+  r, k = config.mix_ratio, len(config.layers)
   total = int(round(batch_size * r / (1.0 - r)))
-  k = len(config.layers)
   if total < k:
     raise ValueError(f"mix_ratio={r} with batch_size={batch_size} gives {total} pool examples per step, "
                      f"fewer than the {k} pools; raise mix_ratio or batch_size")
@@ -462,12 +300,12 @@ def mixed_batch_sizes(batch_size: int, config: PoolConfig) -> Dict[str, int]:
   return {name: base + (1 if i < extra else 0) for i, name in enumerate(config.layers)}
 
 
-def sample_mixed_batch(state: PoolTrainState, key: PRNGKey, sizes: Dict[str, int]) -> Dict[str, Tuple[Array, Array]]:
+def sample_mixed_batch(state: PoolTrainState, key: PRNGKey,
+                       sizes: Dict[str, int]) -> Dict[str, Tuple[Array, Array]]:
   """Uniform samples (with replacement) from each pool: name -> (h [b_k, ...], labels [b_k])."""
   out = {}
   for i, (name, b) in enumerate(sizes.items()):
-    size = state.pool_labels[name].shape[0]
-    idx = jax.random.randint(jax.random.fold_in(key, i), (b,), 0, size)
+    idx = jax.random.randint(jax.random.fold_in(key, i), (b,), 0, state.pool_labels[name].shape[0])
     out[name] = (state.pools[name][idx], state.pool_labels[name][idx])
   return out
 
@@ -476,197 +314,152 @@ def pool_schedule(step: int, config: PoolConfig) -> str:
   """What happens to the pools before step ``step`` (0-based): "fill", "refresh" or "none"."""
   if step == config.warmup_steps:
     return "fill"
-  if step > config.warmup_steps and (step - config.warmup_steps) % config.refresh_every == 0:
-    return "refresh"
-  return "none"
+  return "refresh" if _is_due(step, config) else "none"
 
 
-def init_state(layers: Sequence[PoolLayer], params: Params, tx: optax.GradientTransformation, x_example: Array,
-               config: PoolConfig, rng: PRNGKey) -> PoolTrainState:
+def _is_due(step, config: PoolConfig):
+  return (step >= config.warmup_steps) & ((step - config.warmup_steps) % config.refresh_every == 0)
+
+
+def init_state(layers: Sequence[PoolLayer], params: Params, tx: optax.GradientTransformation,
+               x_example: Array, config: PoolConfig, rng: PRNGKey) -> PoolTrainState:
   """A fresh state: empty pools shaped like each layer's values for ``x_example`` ([1, ...] input)."""
-  pools, pool_labels, pool_born = {}, {}, {}
+  pools = {}
   for layer in layers:
     spec = jax.eval_shape(layer.feature_fn, params, x_example)
     pools[layer.name] = jnp.zeros((config.pool_size,) + tuple(spec.shape[1:]), spec.dtype)
-    pool_labels[layer.name] = jnp.zeros((config.pool_size,), jnp.int32)
-    pool_born[layer.name] = jnp.full((config.pool_size,), -1, jnp.int32)
-  return PoolTrainState(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=tx.init(params), rng=rng, pools=pools, pool_labels=pool_labels,
-                        pool_born=pool_born, filled=jnp.zeros((), bool), num_refreshes=jnp.zeros((), jnp.int32))
+  return PoolTrainState(**driver.state_fields(params, tx, rng), pools=pools,
+                        pool_labels={n: jnp.zeros((config.pool_size,), jnp.int32) for n in pools},
+                        pool_born={n: jnp.full((config.pool_size,), -1, jnp.int32) for n in pools},
+                        filled=jnp.zeros((), bool), num_refreshes=jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------------
-# The compiled epoch.
+# The pool training step.
 
 # Per-step statistics, in this order; the per-pool ones are appended for each pool.
 STEP_STATS = ("loss", "data_loss", "clean_loss", "pool_loss", "clean_error", "pool_error", "refreshed")
 POOL_STATS = ("attack_success", "attack_distortion")
 
 
+def _refresh_slots(layers, config, num_classes, state, images, labels, key, slots):
+  """Replaces pool entries ``slots`` ([num_pools, r]) with new examples of the current params."""
+  pools, plabels, pborn = dict(state.pools), dict(state.pool_labels), dict(state.pool_born)
+  stats = []
+  for i, layer in enumerate(layers):
+    y, h_adv, res = _draw_and_attack(layer, state.params, images, labels, key, config, num_classes, i)
+    pools[layer.name] = pools[layer.name].at[slots[i]].set(h_adv)
+    plabels[layer.name] = plabels[layer.name].at[slots[i]].set(y)
+    pborn[layer.name] = pborn[layer.name].at[slots[i]].set(state.step)
+    ok = res.success.astype(jnp.float32)
+    stats += [jnp.mean(ok), jnp.sum(ok * res.distortion) / jnp.maximum(jnp.sum(ok), 1.0)]
+  return state.replace(pools=pools, pool_labels=plabels, pool_born=pborn), jnp.stack(stats)
+
+
+def _regenerate(layers, config, num_classes, state, images, labels, key):
+  """Initial fill (every entry, in chunks of r) or refresh (r random entries of each pool), through ONE
+  ``_refresh_slots`` (one attack program per pool): the fill is a loop of ``ceil(pool_size / r)`` trips."""
+  r, num_pools = config.refresh_size, len(layers)
+  is_fill = ~state.filled
+  k_slots = jax.random.fold_in(key, 1_000_003)
+  random_slots = jnp.stack([jax.random.choice(jax.random.fold_in(k_slots, i), config.pool_size, (r,),
+                                              replace=False) for i in range(num_pools)])
+
+  def body(c, carry):
+    st, acc = carry
+    seq = jnp.broadcast_to((c * r + jnp.arange(r)) % config.pool_size, (num_pools, r))
+    st, stats = _refresh_slots(layers, config, num_classes, st, images, labels, jax.random.fold_in(key, c),
+                               jnp.where(is_fill, seq, random_slots))
+    return st, acc + stats
+
+  trips = jnp.where(is_fill, -(-config.pool_size // r), 1)
+  acc0 = jnp.zeros((num_pools * len(POOL_STATS),), jnp.float32)
+  state, acc = jax.lax.fori_loop(0, trips, body, (state, acc0))
+  state = state.replace(filled=jnp.ones((), bool), num_refreshes=state.num_refreshes + 1)
+  return state, acc / trips.astype(jnp.float32), jnp.ones((), jnp.float32)
+
+
+def _no_refresh(num_pools, state, images, labels, key):
+  del images, labels, key
+  return state, jnp.zeros((num_pools * len(POOL_STATS),), jnp.float32), jnp.zeros((), jnp.float32)
+
+
+def _mixed_loss(layers, config, loss_fn, apply_fn, train_apply_fn, penalty_fn, params, x, y, pool_batch,
+                pool_weight, key, hyper):
+  """(loss, [data_loss, clean_loss, pool_loss, clean_error, pool_error]) of a mixed batch."""
+  logits_clean = apply_fn(params, x) if train_apply_fn is None else train_apply_fn(params, x, key)
+  clean = loss_fn(logits_clean, y)
+  pool_sum, pool_count, pool_err = 0.0, 0, 0.0
+  for i, layer in enumerate(layers):
+    h, yp = pool_batch[layer.name]
+    if layer.train_head_fn is None:
+      logits = layer.head_fn(params, h)
+    else:
+      logits = layer.train_head_fn(params, h, jax.random.fold_in(key, i + 1))
+    pool_sum = pool_sum + jnp.sum(loss_fn(logits, yp))
+    pool_err = pool_err + jnp.sum((jnp.argmax(logits, -1) != yp).astype(jnp.float32))
+    pool_count += yp.shape[0]
+  w = pool_weight * config.pool_loss_weight
+  data_loss = (jnp.sum(clean) + w * pool_sum) / (clean.shape[0] + w * pool_count)
+  penalty = 0.0 if penalty_fn is None else penalty_fn(params, hyper)
+  clean_err = jnp.mean((jnp.argmax(logits_clean, -1) != y).astype(jnp.float32))
+  return data_loss + penalty, jnp.stack([data_loss, jnp.mean(clean), pool_sum / pool_count, clean_err,
+                                         pool_err / pool_count])
+
+
+def _salted(rng, salt, step):
+  return jax.random.fold_in(jax.random.fold_in(rng, salt), step)
+
+
 def make_epoch_fn(apply_fn: Callable[[Params, Array], Array], layers: Sequence[PoolLayer],
                   tx: optax.GradientTransformation, config: PoolConfig, *, batch_size: int, num_train: int,
                   num_classes: int, loss_fn: Callable[[Array, Array], Array] = softmax_cross_entropy,
-                  penalty_fn: Optional[Callable[..., Array]] = None,
+                  penalty_fn: Optional[Callable[[Params, Any], Array]] = None,
                   train_apply_fn: Optional[Callable[[Params, Array, PRNGKey], Array]] = None,
                   stacked: bool = False):
-  """The jitted epoch of pool training, for any model and loss given as pure functions.
+  """The jitted epoch of pool training for any model and loss given as pure functions (``driver``'s).
 
   Args:
     apply_fn: ``apply_fn(params, x) -> logits`` [B, num_classes] of clean inputs.
     layers: one PoolLayer per pool, in ``config.layers`` order.
-    tx: the optimiser.
-    config: pool settings.
-    batch_size: clean examples per step; the pools add ``mixed_batch_sizes(batch_size, config)``.
-    num_train: training set size; an epoch is ``num_train // batch_size`` steps.
-    num_classes: number of classes (random attack targets).
+    tx: the optimiser; config: pool settings.
+    batch_size: clean examples per step (the pools add ``mixed_batch_sizes(batch_size, config)``).
+    num_train: training set size; num_classes: number of classes (random attack targets).
     loss_fn: ``loss_fn(logits, labels) -> [B]`` per-example loss.
-    penalty_fn: ``penalty_fn(params) -> scalar`` added to the mean loss (e.g. weight decay); None = 0.
-      With a ``hyper`` argument (stacked epochs): ``penalty_fn(params, hyper_i)``, member i's hyper-parameters.
-    train_apply_fn: optional ``train_apply_fn(params, x, key) -> logits`` for the clean examples' loss (e.g.
-      with dropout from ``key``; each step draws a fresh key); None = ``apply_fn``. Pool examples use each
-      layer's ``train_head_fn`` likewise.
-    stacked: train k models at once: every leaf of the state has a leading member axis [k] (see
-      :func:`train_with_pool_sweep`), ``jax.vmap`` runs the attack and the step over the members, all
-      members see the same mini-batches. The refresh schedule is read from member 0's step (members start
-      together), so that a refresh stays a branch taken only on refresh steps: a per-member condition
-      would turn it into a select that runs the attack on every step.
+    penalty_fn: ``penalty_fn(params, hyper) -> scalar`` added to the loss (e.g. weight decay with λ = hyper).
+    train_apply_fn: ``train_apply_fn(params, x, key) -> logits`` for the clean examples' loss (e.g. dropout);
+      None = ``apply_fn``.
+    stacked: k models at once (state and ``hyper`` with a leading [k] axis, ``jax.vmap``).
 
   Returns:
-    ``epoch_fn(state, images, labels, perm_key) -> (state, stats)``, jitted with the state donated;
-    ``stats`` is [steps, len(STEP_STATS) + len(POOL_STATS) * num_pools] per-step values (the pool ones
-    are means over the pools' latest generated examples, 0 on steps without a refresh). Stacked:
-    ``epoch_fn(state, images, labels, perm_key, hyper=None)`` with ``hyper`` None or a pytree with a
-    leading [k] axis (passed to ``penalty_fn``), and ``stats`` [steps, k, ...].
+    ``epoch_fn(state, images, labels, perm_key, epoch, hyper) -> (state, stats)`` (see
+    ``driver.make_epoch_fn``); ``stats`` [steps, len(STEP_STATS) + len(POOL_STATS) * num_pools] (the pool
+    ones: means over the latest generated examples, 0 on steps without a refresh), [k, steps, ...] stacked.
   """
-  names = tuple(l.name for l in layers)
-  if names != tuple(config.layers):
-    raise ValueError(f"make_epoch_fn: layers {names} differ from config.layers {config.layers}")
+  if tuple(l.name for l in layers) != tuple(config.layers):
+    raise ValueError(f"make_epoch_fn: layers {[l.name for l in layers]} differ from config.layers "
+                     f"{config.layers}")
   sizes = mixed_batch_sizes(batch_size, config)
-  steps = num_train // batch_size
-  if steps < 1:
-    raise ValueError(f"batch_size {batch_size} is larger than the {num_train} training examples")
-  r = config.refresh_size
-  num_fill_chunks = -(-config.pool_size // r)
-  num_pools = len(layers)
+  regenerate = functools.partial(_regenerate, tuple(layers), config, num_classes)
+  no_refresh = functools.partial(_no_refresh, len(layers))
+  loss = functools.partial(_mixed_loss, tuple(layers), config, loss_fn, apply_fn, train_apply_fn, penalty_fn)
 
-  def refresh_slots(state, images, labels, key, slots):
-    """Replaces pool entries ``slots`` ([r] per pool) with new examples of the current params."""
-    pools, plabels, pborn = dict(state.pools), dict(state.pool_labels), dict(state.pool_born)
-    stats = []
-    for i, layer in enumerate(layers):
-      k_src, k_tgt = jax.random.split(jax.random.fold_in(key, i))
-      idx = jax.random.randint(k_src, (r,), 0, images.shape[0])
-      y = labels[idx]
-      h_adv, res = generate_adversarial(layer, state.params, images[idx], y, k_tgt, config, num_classes)
-      s = slots[i]
-      pools[layer.name] = pools[layer.name].at[s].set(h_adv)
-      plabels[layer.name] = plabels[layer.name].at[s].set(y)
-      pborn[layer.name] = pborn[layer.name].at[s].set(state.step)
-      ok = res.success.astype(jnp.float32)
-      stats += [jnp.mean(ok), jnp.sum(ok * res.distortion) / jnp.maximum(jnp.sum(ok), 1.0)]
-    state = state.replace(pools=pools, pool_labels=plabels, pool_born=pborn)
-    return state, jnp.stack(stats)
+  def step_fn(state, t, x, y, images, labels, hyper):
+    key = _salted(state.rng, _SALT_REFRESH, state.step)
+    state, pool_stats, refreshed = jax.lax.cond(_is_due(t, config), regenerate, no_refresh, state, images,
+                                                labels, key)
+    pool_batch = sample_mixed_batch(state, _salted(state.rng, _SALT_SAMPLE, state.step), sizes)
+    key = _salted(state.rng, _SALT_DROPOUT, state.step)
+    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
+        state.params, x, y, pool_batch, state.filled.astype(jnp.float32), key, hyper)
+    state = driver.apply_gradients(state, grads, tx)
+    return state, jnp.concatenate([value[None], aux, refreshed[None], pool_stats])
 
-  def regenerate(state, images, labels, key):
-    """Initial fill (all entries, in chunks of r) or refresh (r random entries of each pool).
-
-    Both go through ONE ``refresh_slots`` (one attack program per pool): the fill is a loop whose trip
-    count is ``num_fill_chunks`` instead of 1.
-    """
-    is_fill = ~state.filled
-    k_slots = jax.random.fold_in(key, 1_000_003)
-    random_slots = jnp.stack([jax.random.choice(jax.random.fold_in(k_slots, i), config.pool_size, (r,),
-                                                replace=False) for i in range(num_pools)])
-
-    def body(c, carry):
-      st, acc = carry
-      seq = jnp.broadcast_to((c * r + jnp.arange(r)) % config.pool_size, (num_pools, r))
-      slots = jnp.where(is_fill, seq, random_slots)
-      st, stats = refresh_slots(st, images, labels, jax.random.fold_in(key, c), slots)
-      return st, acc + stats
-
-    trips = jnp.where(is_fill, num_fill_chunks, 1)
-    acc0 = jnp.zeros((num_pools * len(POOL_STATS),), jnp.float32)
-    state, acc = jax.lax.fori_loop(0, trips, body, (state, acc0))
-    state = state.replace(filled=jnp.ones((), bool), num_refreshes=state.num_refreshes + 1)
-    return state, acc / trips.astype(jnp.float32), jnp.ones((), jnp.float32)
-
-  def no_refresh(state, images, labels, key):
-    del images, labels, key
-    return state, jnp.zeros((num_pools * len(POOL_STATS),), jnp.float32), jnp.zeros((), jnp.float32)
-
-  def loss_and_stats(params, x, y, pool_batch, pool_weight, key, hyper):
-    logits_clean = apply_fn(params, x) if train_apply_fn is None else train_apply_fn(params, x, key)
-    clean = loss_fn(logits_clean, y)
-    clean_err = jnp.mean((jnp.argmax(logits_clean, -1) != y).astype(jnp.float32))
-    pool_sum, pool_count, pool_err = 0.0, 0, 0.0
-    for i, layer in enumerate(layers):
-      h, yp = pool_batch[layer.name]
-      if layer.train_head_fn is None:
-        logits = layer.head_fn(params, h)
-      else:
-        logits = layer.train_head_fn(params, h, jax.random.fold_in(key, i + 1))
-      pool_sum = pool_sum + jnp.sum(loss_fn(logits, yp))
-      pool_err = pool_err + jnp.sum((jnp.argmax(logits, -1) != yp).astype(jnp.float32))
-      pool_count += yp.shape[0]
-    pool_weight = pool_weight * config.pool_loss_weight
-    data_loss = (jnp.sum(clean) + pool_weight * pool_sum) / (clean.shape[0] + pool_weight * pool_count)
-    if penalty_fn is None:
-      penalty = 0.0
-    else:
-      penalty = penalty_fn(params) if hyper is None else penalty_fn(params, hyper)
-    aux = jnp.stack([data_loss, jnp.mean(clean), pool_sum / pool_count, clean_err, pool_err / pool_count])
-    return data_loss + penalty, aux
-
-  def is_due(step):
-    return (step >= config.warmup_steps) & ((step - config.warmup_steps) % config.refresh_every == 0)
-
-  def refresh_key(rng, step):
-    return jax.random.fold_in(jax.random.fold_in(rng, _SALT_REFRESH), step)
-
-  def step_fn(state, x, y, images, labels):
-    state, pool_stats, refreshed = jax.lax.cond(is_due(state.step), regenerate, no_refresh, state, images, labels,
-                                                refresh_key(state.rng, state.step))
-    return update(state, x, y, pool_stats, refreshed, None)
-
-  def stacked_step_fn(state, x, y, images, labels, hyper):
-    keys = jax.vmap(refresh_key)(state.rng, state.step)
-    member = (0, None, None, 0)
-    state, pool_stats, refreshed = jax.lax.cond(is_due(state.step[0]), jax.vmap(regenerate, in_axes=member),
-                                                jax.vmap(no_refresh, in_axes=member), state, images, labels, keys)
-    return jax.vmap(update, in_axes=(0, None, None, 0, 0, 0))(state, x, y, pool_stats, refreshed, hyper)
-
-  def update(state, x, y, pool_stats, refreshed, hyper):
-    """Samples the pool rows of the batch and takes one optimiser step (one member)."""
-    k_sample = jax.random.fold_in(jax.random.fold_in(state.rng, _SALT_SAMPLE), state.step)
-    pool_batch = sample_mixed_batch(state, k_sample, sizes)
-    pool_weight = state.filled.astype(jnp.float32)
-    k_dropout = jax.random.fold_in(jax.random.fold_in(state.rng, _SALT_DROPOUT), state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(state.params, x, y, pool_batch,
-                                                                          pool_weight, k_dropout, hyper)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return state, jnp.concatenate([loss[None], aux, refreshed[None], pool_stats])
-
-  def epoch_fn(state, images, labels, perm_key, hyper=None):
-    if hyper is not None and not stacked:
-      raise ValueError("make_epoch_fn: hyper is for stacked epochs (stacked=True)")
-    perm = jax.random.permutation(perm_key, num_train)[: steps * batch_size].reshape(steps, batch_size)
-
-    def body(st, idx):
-      if stacked:
-        return stacked_step_fn(st, images[idx], labels[idx], images, labels, hyper)
-      return step_fn(st, images[idx], labels[idx], images, labels)
-
-    state, stats = jax.lax.scan(body, state, perm)
-    return state.replace(epoch=state.epoch + 1), stats
-
-  return jax.jit(epoch_fn, donate_argnums=(0,))
+  return driver.make_epoch_fn(step_fn, num_train=num_train, batch_size=batch_size, stacked=stacked)
 
 
-def _summarise(stats: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
-  """Epoch summary of the per-step stats: means, and pool stats averaged over refresh steps."""
+def _summarise(names: Sequence[str], stats: np.ndarray) -> Dict[str, Any]:
+  """One member's epoch summary: means of the step stats, pool stats averaged over the refresh steps."""
   base = len(STEP_STATS)
   out = {n: float(np.mean(stats[:, i])) for i, n in enumerate(STEP_STATS) if n != "refreshed"}
   refreshed = stats[:, base - 1] > 0
@@ -679,265 +472,320 @@ def _summarise(stats: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The training loop for the models of ``models``.
+# Training the models of ``models``.
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(model, config, pool_config, input_shape, num_train, num_classes, stacked):
+  """(tx, decayed paths, layers, jitted init, epoch_fn); cached (λ is traced: ``config`` has it zeroed)."""
+  x0 = jnp.zeros((1,) + input_shape, jnp.float32)
+  paths = train_lib.decay_layer_paths(model, input_shape)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)["params"]
+  tx = train_lib.make_optimizer(config, num_train // config.batch_size, params)
+  layers = model_pool_layers(model, pool_config.layers)
+  penalty = functools.partial(_penalty, tuple(paths), config.trainable)
+  epoch_fn = make_epoch_fn(functools.partial(_head, model, INPUT), layers, tx, pool_config,
+                           batch_size=config.batch_size, num_train=num_train, num_classes=num_classes,
+                           penalty_fn=penalty,
+                           train_apply_fn=functools.partial(_train_head, model, INPUT), stacked=stacked)
+
+  def init(key):
+    return model.init(key, x0)["params"]
+
+  return tx, paths, layers, jax.jit(jax.vmap(init) if stacked else init), epoch_fn
+
+
+def _penalty(paths, trainable, params, decays):
+  return train_lib.weight_decay_penalty(params, decays, paths, trainable)
+
+
+def _check_inputs(model, images, labels, config, pool_config, who):
+  """Checks before anything is compiled; returns (images float32, labels int32, num_classes)."""
+  images, labels = train_lib.check_data(images, labels)
+  if config.task != "classify":
+    raise ValueError(f"{who}: config.task must be 'classify', got {config.task!r}")
+  if images.min() < 0 or images.max() > 1:
+    raise ValueError(f"{who}: images must lie in [0, 1] (the attack box), got [{images.min()}, "
+                     f"{images.max()}]")
+  if images.shape[0] < config.batch_size:
+    raise ValueError(f"{who}: batch_size {config.batch_size} > the {images.shape[0]} training examples")
+  mixed_batch_sizes(config.batch_size, pool_config)
+  x0 = jnp.zeros((1,) + images.shape[1:], jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)
+  num_classes = int(jax.eval_shape(model.apply, variables, x0).shape[-1])
+  known = [INPUT] + list(jax.eval_shape(functools.partial(model.apply, method="features"), variables, x0))
+  unknown = [n for n in pool_config.layers if n not in known]
+  if unknown:
+    raise ValueError(f"{who}: {type(model).__name__} has no feature {unknown}; known: {known}")
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"{who}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+  return images, labels, num_classes
+
+
+def _train_pool(model, images, labels, config, pool_config, *, weight_decays, seeds, data_seed, stacked,
+                workdir, eval_data, stop_after_epoch, who):
+  """train_with_pool (stacked=False) and train_with_pool_sweep: (state, decays, seeds, history)."""
+  images, labels, num_classes = _check_inputs(model, images, labels, config, pool_config, who)
+  tx, paths, layers, init_fn, epoch_fn = _compiled(
+      model, dataclasses.replace(config, weight_decay=(0.0,)), pool_config, tuple(images.shape[1:]),
+      images.shape[0], num_classes, stacked)
+  decays, seeds = train_lib.sweep_members(len(paths), config, weight_decays, seeds, who)
+  keys = jnp.stack([jax.random.split(jax.random.PRNGKey(s)) for s in seeds])
+  x0 = jnp.zeros((1,) + images.shape[1:], jnp.float32)
+  init = functools.partial(init_state, layers, tx=tx, x_example=x0, config=pool_config)
+  if stacked:
+    state = jax.vmap(lambda p, r: init(params=p, rng=r))(init_fn(keys[:, 0]), keys[:, 1])
+  else:
+    state, decays = init(params=init_fn(keys[0, 0]), rng=keys[0, 1]), decays[0]
+  members = len(seeds) if stacked else None
+  run_info = {"config": config.to_dict(), "pool_config": pool_config.to_dict(), "seeds": seeds,
+              "weight_decays": decays.tolist(), "data_seed": int(data_seed),
+              "num_train": int(images.shape[0]), "model": repr(model),
+              "data_fingerprint": train_lib.data_fingerprint(images, labels)}
+  state, history = driver.run(
+      state, epoch_fn, images, labels, jnp.asarray(decays), epochs=config.epochs, data_seed=data_seed,
+      summarise=functools.partial(_summarise, pool_config.layers),
+      evaluate=train_lib.make_evaluate(model, eval_data, config.eval_batch_size, members),
+      checkpoint_every=config.checkpoint_every, workdir=workdir, run_info=run_info,
+      stop_after_epoch=stop_after_epoch, members=members, prefix="[adv sweep] " if stacked else "[adv] ")
+  return state, decays, seeds, history
 
 
 def train_with_pool(model, images, labels, config: train_lib.TrainConfig, pool_config: PoolConfig, *,
                     seed: int = 0, data_seed: Optional[int] = None, workdir: Optional[str] = None,
-                    eval_data: Optional[Tuple[Any, Any]] = None, layers: Optional[Sequence[PoolLayer]] = None,
-                    stop_after_epoch: Optional[int] = None) -> PoolTrainResult:
+                    eval_data: Optional[Tuple[Any, Any]] = None,
+                    stop_after_epoch: Optional[int] = None) -> train_lib.TrainResult:
   """Trains a Flax model with adversarial pools mixed into every batch; resumes from ``workdir/ckpt``.
 
-  The loss is ``train.TrainConfig``'s (cross-entropy + per-layer weight decay, ``decay_form`` etc.),
-  with the optimiser and schedule of ``train.make_optimizer``; the mini-batch order is the same as
-  ``train.train_model``'s for the same ``data_seed``. The paper's pool network used no dropout; a
-  ``models.SigmoidMLP`` with ``dropout_rate``/``input_dropout_rate`` is trained with dropout on the clean
-  and the pool examples (see :func:`model_pool_layers`), evaluated and attacked without.
+  The loss is ``train.TrainConfig``'s (cross-entropy + ½ Σ λ_l Σ w², dropout when the model has it) over
+  the mixed batch, with ``train.make_optimizer``'s optimiser; the mini-batch order is
+  ``train.train_model``'s for the same ``data_seed``. Evaluated and attacked without dropout.
 
   Args:
-    model: a module of ``models`` (the default pool layers need ``mlp_head_fn`` support for hidden layers).
+    model: a module of ``models`` with ``features`` and ``head`` (the fully connected ones).
     images: [N, ...] float32 in [0, 1]; labels: [N] int.
-    config: training settings (``task`` must be "classify").
-    pool_config: pool settings.
-    seed: init and pool seed.
-    data_seed: seed of the per-epoch shuffling (default: ``seed``).
+    config: training settings (``task`` must be "classify"); pool_config: pool settings.
+    seed: init and pool seed; data_seed: seed of the per-epoch shuffling (default: ``seed``).
     workdir: checkpoints, ``metrics.jsonl`` and ``run_config.json`` (None: nothing is written).
     eval_data: optional (images, labels) whose error is logged each epoch.
-    layers: PoolLayers to use instead of ``model_pool_layers(model, pool_config.layers)``.
     stop_after_epoch: return after this epoch, as if interrupted.
-
-  Returns:
-    PoolTrainResult(variables={"params": ...}, state, history).
 
   Raises:
     ValueError: bad data, settings, or a workdir holding a run with other settings -- before compiling.
   """
-  images, labels, eval_data, num_classes = _check_inputs(model, images, labels, config, pool_config, eval_data,
-                                                         stop_after_epoch, "train_with_pool")
-  if layers is not None and any(_dropout_rates(model)):
-    raise ValueError("train_with_pool: custom layers with a dropout model are not supported; build the epoch "
-                     "with make_epoch_fn(train_apply_fn=...) instead")
-  custom_layers = layers is not None
-  num_train = images.shape[0]
-  steps_per_epoch = num_train // config.batch_size
-  x0 = jnp.asarray(images[:1])
-  init_key, rng = jax.random.split(jax.random.PRNGKey(int(seed)))
-  params = model.init(init_key, x0)["params"]
-  specs = train_lib.decay_layer_specs(model, {"params": params}, config)
-  decays = train_lib._broadcast_decays(config.weight_decay, len(specs), "TrainConfig.weight_decay")  # pylint: disable=protected-access
-  if layers is None:
-    layers = model_pool_layers(model, pool_config.layers)
-  elif tuple(l.name for l in layers) != pool_config.layers:
-    raise ValueError(f"layers {[l.name for l in layers]} differ from pool_config.layers {pool_config.layers}")
-  tx = train_lib.make_optimizer(config, steps_per_epoch, params)
-  state = init_state(layers, params, tx, x0, pool_config, rng)
-
-  ckpt_dir = os.path.join(workdir, "ckpt") if workdir else None
-  data_seed = seed if data_seed is None else data_seed
-  run_info = {"config": config.to_dict(), "pool_config": pool_config.to_dict(), "seed": int(seed),
-              "data_seed": int(data_seed), "num_train": int(num_train),
-              "data_fingerprint": train_lib.data_fingerprint(images, labels), "model": repr(model)}
-  if workdir:
-    checkpoint.guard_run_config(workdir, run_info)
-    restored, step = checkpoint.restore_checkpoint(ckpt_dir, target=state)
-    if step is not None:
-      state = jax.tree.map(jnp.asarray, restored)
-      logging.info("adversarial_training: resumed from %s at epoch %d", ckpt_dir, step)
-
-  if custom_layers:
-    epoch_fn = _build_epoch_fn(model, config, pool_config, images.shape[1:], num_train, num_classes,
-                               tuple(decays.tolist()), tuple(layers))
-  else:  # cached: a second run with the same settings reuses the compiled program
-    epoch_fn = _cached_epoch_fn(model, config, pool_config, images.shape[1:], num_train, num_classes,
-                                tuple(decays.tolist()))
-  count_fn = train_lib.count_errors_fn(model) if eval_data is not None else None
-  writer = progress.MetricWriter(workdir, prefix="[adv] ")
-  data_key = jax.random.PRNGKey(int(data_seed))
-  images_d, labels_d = jnp.asarray(images), jnp.asarray(labels)
-  history = []
-  last_epoch = config.epochs if stop_after_epoch is None else stop_after_epoch
-  for epoch in range(int(state.epoch), last_epoch):
-    t0 = time.perf_counter()
-    state, stats = epoch_fn(state, images_d, labels_d, jax.random.fold_in(data_key, epoch))
-    stats = np.asarray(stats)  # blocks
-    seconds = time.perf_counter() - t0
-    record = {"epoch": epoch + 1, **_summarise(stats, pool_config.layers), "seconds": seconds}
-    if count_fn is not None:
-      record["eval_error"] = float(train_lib.evaluate(count_fn, state.params, *eval_data, config.eval_batch_size))
-    history.append(record)
-    writer.write(**record)
-    if ckpt_dir and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == last_epoch):
-      checkpoint.save_checkpoint(ckpt_dir, state, step=epoch + 1)
-  return PoolTrainResult({"params": state.params}, state, history)
-
-
-def _check_inputs(model, images, labels, config, pool_config, eval_data, stop_after_epoch, who):
-  """Checks shared by train_with_pool and train_with_pool_sweep, before anything is compiled.
-
-  Returns (images float32, labels int32, eval_data checked or None, num_classes).
-  """
-  images, labels = train_lib._check_data(images, labels)  # pylint: disable=protected-access
-  if eval_data is not None:
-    eval_data = train_lib._check_data(*eval_data, name="eval_data")  # pylint: disable=protected-access
-  if config.task != "classify":
-    raise ValueError(f"{who}: config.task must be 'classify', got {config.task!r}")
-  if np.any(images < 0) or np.any(images > 1):
-    raise ValueError(f"images must lie in [0, 1] (the attack box), got [{images.min()}, {images.max()}]")
-  num_train = images.shape[0]
-  if num_train < config.batch_size:
-    raise ValueError(f"batch_size {config.batch_size} is larger than the {num_train} training examples")
-  if stop_after_epoch is not None and not 1 <= stop_after_epoch <= config.epochs:
-    raise ValueError(f"stop_after_epoch must be in [1, epochs={config.epochs}], got {stop_after_epoch}")
-  _dropout_rates(model)  # raises for dropout in a model other than SigmoidMLP
-  mixed_batch_sizes(config.batch_size, pool_config)  # validates the mix
-  x0 = jnp.asarray(images[:1])
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x0)["params"])
-  num_classes = int(jax.eval_shape(lambda p: model.apply({"params": p}, x0), params).shape[-1])
-  if np.any(labels < 0) or np.any(labels >= num_classes):
-    raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
-  return images, labels, eval_data, num_classes
-
-
-class PoolSweepResult(NamedTuple):
-  """Output of :func:`train_with_pool_sweep`.
-
-  Attributes:
-    variables: k ordinary {"params": ...}, one per member, for ``model.apply``.
-    stacked_variables: {"params": ...} with a leading [k] axis.
-    weight_decays: [k, num_decayed_layers] λ of each member.
-    seeds: [k] init/pool seeds.
-    state: the stacked PoolTrainState (every leaf [k, ...]).
-    history: per epoch, each statistic as a [k] list (one value per member), plus "seconds".
-  """
-  variables: List[Params]
-  stacked_variables: Params
-  weight_decays: np.ndarray
-  seeds: np.ndarray
-  state: PoolTrainState
-  history: List[Dict[str, Any]]
+  state, _, _, history = _train_pool(model, images, labels, config, pool_config, weight_decays=[None],
+                                     seeds=[seed], data_seed=seed if data_seed is None else data_seed,
+                                     stacked=False, workdir=workdir, eval_data=eval_data,
+                                     stop_after_epoch=stop_after_epoch, who="train_with_pool")
+  return train_lib.TrainResult({"params": state.params}, state, history)
 
 
 def train_with_pool_sweep(model, images, labels, config: train_lib.TrainConfig, pool_config: PoolConfig, *,
-                          weight_decays: Sequence[Any] = (None,), seeds: Sequence[int] = (0,), data_seed: int = 0,
-                          workdir: Optional[str] = None, eval_data: Optional[Tuple[Any, Any]] = None,
-                          stop_after_epoch: Optional[int] = None) -> PoolSweepResult:
+                          weight_decays: Sequence[Any] = (None,), seeds: Sequence[int] = (0,),
+                          data_seed: int = 0, workdir: Optional[str] = None,
+                          eval_data: Optional[Tuple[Any, Any]] = None,
+                          stop_after_epoch: Optional[int] = None) -> train_lib.SweepResult:
   """Trains k models with adversarial pools, differing in init/pool seed and/or λ, as ONE compiled program.
 
-  What ``train.train_sweep`` is to ``train_model``: the states are stacked on a leading [k] axis and
-  ``jax.vmap`` runs the pool attacks (k x refresh_size examples per pool in one L-BFGS program) and the
-  training steps over the members; every member sees the same mini-batches (order from ``data_seed``)
-  and refreshes its own pools on the same steps. Member i is ``train_with_pool(model, ..., config with
-  weight_decay=weight_decays[i], pool_config, seed=seeds[i], data_seed=data_seed)`` computed with vmap's
-  float rounding. Over a few hundred steps the two agree to ~1e-5 (tests). Over a long run the rounding
-  differences grow, through dropout and the attack's discrete choices, into a different draw of the same
-  setting: 150 epochs of the FC100-100-10 default on the validation split ended at 1.43 % vs 1.42 % alone.
-  For many-seed comparisons of a setting (on MNIST, the test error of one setting varies by ~0.05 points
-  between seeds) and for λ sweeps. Meant for accelerators, where a refresh of 16 examples is latency-bound
-  (H200: 4.9 ms for 16, 6.9 ms for 256). On 2 CPU cores it is barely faster per model than one run alone
-  (1.03-1.07x at k = 4-8, ``scripts/bench_pool_sweep.py``), and slower than two runs in two processes.
-  Runs on the default device (the members are not sharded). Resumes from ``workdir/ckpt``.
+  What ``train.train_sweep`` is to ``train_model``: the pool step under ``jax.vmap`` (k x refresh_size
+  examples per pool in one attack program, the refresh a branch on the shared step); every member sees the
+  same mini-batches and refreshes on the same steps. Member i is ``train_with_pool(..., weight_decay=
+  weight_decays[i], seed=seeds[i], data_seed=data_seed)`` up to vmap's float rounding (which, over a long
+  run, grows into another draw of the same setting; notes/adversarial_training.md). Members are sharded
+  over all devices.
 
   Args:
-    weight_decays: k entries, each a scalar or per-layer list (None: ``config.weight_decay``); a length-1
-      list is broadcast to the length of ``seeds``.
-    seeds: k init and pool seeds (or one, broadcast to the length of ``weight_decays``).
+    weight_decays: k entries, each a scalar or per-layer list (None: ``config.weight_decay``).
+    seeds: k init and pool seeds (a length-1 list is broadcast to the other's length).
     data_seed: seed of the shared per-epoch shuffling.
-    (other arguments as in :func:`train_with_pool`; the pool layers are ``model_pool_layers``'.)
+    (other arguments as in :func:`train_with_pool`.)
+  """
+  state, decays, seeds, history = _train_pool(model, images, labels, config, pool_config,
+                                              weight_decays=weight_decays, seeds=seeds, data_seed=data_seed,
+                                              stacked=True, workdir=workdir, eval_data=eval_data,
+                                              stop_after_epoch=stop_after_epoch, who="train_with_pool_sweep")
+  stacked = {"params": state.params}
+  return train_lib.SweepResult(train_lib.unstack(stacked, len(seeds)), stacked, decays, np.asarray(seeds),
+                               state, history)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment of scripts/adversarial_training.py: weight decay vs dropout vs pools (paper §4.2).
+
+RUNS = ("weight_decay", "dropout", "adversarial")
+PAPER_TEST_ERROR = {"weight_decay": 0.016, "dropout": 0.013, "adversarial": 0.012}
+
+
+class Experiment(NamedTuple):
+  """A validated ``configs/adversarial_training.py`` config."""
+  train: Dict[str, train_lib.TrainConfig]      # run -> its TrainConfig
+  model_kwargs: Dict[str, Dict[str, float]]    # run -> dropout rates of its model
+  pool: PoolConfig                             # warmup_steps set from the data size later
+  eval_attack: attack_lib.AttackOptions
+  seeds: List[int]
+
+
+def validate(config) -> Experiment:
+  """Builds every setting of ``config`` (TrainConfig, PoolConfig, AttackOptions), raising ValueError on a bad
+  one -- before any data is loaded."""
+  unknown = sorted(set(config.runs) - set(RUNS))
+  if unknown or not config.runs:
+    raise ValueError(f"runs must be a non-empty subset of {RUNS}, got {tuple(config.runs)}")
+  train_config = train_lib.TrainConfig(**config.train)
+  adv_wd = tuple(config.adversarial_weight_decay) or train_config.weight_decay
+  dropout = dict(config.dropout)
+  pool = dict(config.pool, attack=attack_lib.AttackOptions(**config.pool.attack), warmup_steps=0)
+  pool["perturbation_rms"] = pool["perturbation_rms"] or None  # 0: off
+  del pool["warmup_epochs"]
+  seeds = [int(s) for s in config.sweep_seeds] or [int(config.seed)]
+  if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    raise ValueError(f"sweep_seeds must be distinct integers >= 0, got {tuple(config.sweep_seeds)}")
+  if config.pool.warmup_epochs < 0 or config.num_attack < 0 or config.num_val < 0 or config.num_train < 0:
+    raise ValueError("pool.warmup_epochs, num_attack, num_val and num_train must be >= 0")
+  return Experiment(
+      train={"weight_decay": train_config, "dropout": train_config,
+             "adversarial": dataclasses.replace(train_config, weight_decay=adv_wd)},
+      model_kwargs={"weight_decay": {}, "dropout": dropout,
+                    "adversarial": dropout if config.adversarial_dropout else {}},
+      pool=PoolConfig(**pool), eval_attack=attack_lib.AttackOptions(**config.eval_attack), seeds=seeds)
+
+
+def _load(config, data_dir):
+  """(train, evaluation) sets: the test set, or with ``num_val`` a held-out part of the training set."""
+  train_set, test_set = data_lib.load_mnist("train", data_dir), data_lib.load_mnist("test", data_dir)
+  if config.num_val:
+    train_set, test_set = data_lib.train_val_split(*train_set, num_val=config.num_val, seed=0)
+  if config.num_train:
+    train_set = (train_set[0][:config.num_train], train_set[1][:config.num_train])
+  return tuple(np.asarray(a) for a in train_set), tuple(np.asarray(a) for a in test_set)
+
+
+def _train_run(name, exp, pool, config, train_set, eval_set, run_dir):
+  """Trains run ``name`` for every seed (one program for several); returns (stacked variables, result)."""
+  model = models_lib.get_model(config.model, **exp.model_kwargs[name])
+  kw = dict(workdir=os.path.join(run_dir, "train"), eval_data=eval_set)
+  cfg = exp.train[name]
+  if len(exp.seeds) > 1:
+    kw.update(seeds=exp.seeds, data_seed=config.seed)
+    res = (train_with_pool_sweep(model, *train_set, cfg, pool, **kw) if name == "adversarial"
+           else train_lib.train_sweep(model, *train_set, cfg, **kw))
+    stacked = res.stacked_variables
+  else:
+    res = (train_with_pool(model, *train_set, cfg, pool, seed=exp.seeds[0], **kw) if name == "adversarial"
+           else train_lib.train_model(model, *train_set, cfg, seed=exp.seeds[0], **kw))
+    stacked = jax.tree.map(lambda a: a[None], res.variables)
+  count = train_lib.count_errors_fn(models_lib.get_model(config.model), stacked=True)
+  errors = {key: train_lib.evaluate(count, stacked["params"], *s, cfg.eval_batch_size).tolist()
+            for key, s in (("eval_error", eval_set), ("train_error", train_set))}
+  return stacked, {**errors, "epoch_seconds": [h["seconds"] for h in res.history],
+                   "history": checkpoint.jsonable(res.history)}
+
+
+def _distortions(name, stacked, exp, config, attacked, workdir):
+  """Per seed: success rate and mean RMS distortion of the evaluation attack on ``attacked`` (x, targets)."""
+  apply_fn = models_lib.get_model(config.model).apply
+  out = []
+  for i, seed in enumerate(exp.seeds):
+    variables = jax.tree.map(lambda a, i=i: a[i], stacked)
+    rec = reproduce.attack_cached(tables.Model(apply_fn, variables), *attacked, options=exp.eval_attack,
+                                  cache_dir=os.path.join(workdir, name, "attack"),
+                                  chunk_size=config.chunk_size, name=f"{name} seed {seed}")
+    ok = rec.success
+    out.append({"attack_success": float(ok.mean()),
+                "av_min_distortion": float(np.mean(rec.distortion[ok])) if ok.any() else float("nan")})
+  return out
+
+
+def _claims(summary: Dict[str, Dict[str, float]], tag: str) -> Dict[str, bool]:
+  """The paper's three claims on per-run figures (``eval_error``, ``av_min_distortion``)."""
+  wd, do, adv = (summary.get(k) for k in RUNS)
+  claims = {}
+  if adv:
+    claims[f"adversarial_error_at_most_1.2%{tag}"] = adv["eval_error"] <= 0.012
+  if adv and wd and do:
+    best = min(wd["eval_error"], do["eval_error"])
+    claims[f"adversarial_error_below_both_baselines{tag}"] = adv["eval_error"] < best
+  if adv and wd and "av_min_distortion" in adv and "av_min_distortion" in wd:
+    claims["adversarial_distortion_above_weight_decay"] = adv["av_min_distortion"] > wd["av_min_distortion"]
+  return claims
+
+
+def _summarise_runs(per_seed: Dict[str, List[Dict[str, float]]], results, exp, tag):
+  """(mean over seeds per run, claims on the means and per seed)."""
+  mean = {}
+  for name, rows in per_seed.items():
+    e = np.array([r["eval_error"] for r in rows])
+    mean[name] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    mean[name].update(eval_error_sd=float(e.std(ddof=1)) if len(e) > 1 else 0.0,
+                      paper_test_error=PAPER_TEST_ERROR[name],
+                      train_seconds=float(np.sum(results[name][1]["epoch_seconds"])))
+  claims = _claims(mean, tag)
+  if len(exp.seeds) > 1 and all(n in per_seed for n in RUNS):
+    per = [_claims({n: per_seed[n][i] for n in RUNS}, tag) for i in range(len(exp.seeds))]
+    claims.update({f"seeds_with_{k}": f"{sum(c[k] for c in per)} of {len(per)}" for k in per[0]})
+  return mean, claims
+
+
+def _write_report(workdir, out):
+  rep = report.Report("Adversarial training with a pool of adversarial examples (paper §4.2)")
+  rep.paragraph(f"{out['model']} trained three ways on MNIST: weight decay, weight decay + dropout, and "
+                f"weight decay (+ dropout) + pools of adversarial examples, seeds {out['seeds']}. Errors on "
+                f"the {out['evaluation_set']} set; distortion: the mean RMS of the "
+                f"successful evaluation attacks on {out['num_attacked']} images (the same for every model).")
+  rows = [{"run": n, "seed": s, **r} for n, per in out["per_seed"].items() for s, r in zip(out["seeds"], per)]
+  rep.table(rows, list(rows[0]), floatfmt=".4g", caption="Per seed")
+  means = [{"run": n, **m} for n, m in out["mean"].items()]
+  rep.table(means, list(means[0]), floatfmt=".4g", caption="Over the seeds (sd: sample standard deviation)")
+  rep.heading("Claims checked")
+  rep.bullets([f"{k}: {v}" for k, v in out["claims"].items()] or ["(needs the adversarial run)"])
+  rep.heading("Settings")
+  rep.code(json.dumps(out["config"], indent=1))
+  rep.write(workdir, "report")
+
+
+def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
+  """Weight decay vs dropout vs adversarial pools on MNIST; writes ``results.json``, ``report.md``/``.html``.
+
+  ``config``: ``configs/adversarial_training.py``'s ConfigDict, validated (:func:`validate`) before the data
+  are loaded. Each run of ``config.runs`` is trained (or restored, ``driver.restore_or_run``) in
+  ``workdir/<run>`` for every seed (several seeds: one vmapped sweep per run, batch order of ``config.seed``);
+  runs not asked for but finished there (by another process) are reported too. Each model's error on the
+  evaluation set (test, or the held-out ``num_val`` images) and, with ``num_attack``, the evaluation
+  attack's success and mean distortion on the same ``num_attack`` images and random targets.
 
   Returns:
-    PoolSweepResult.
-
-  Raises:
-    ValueError: bad data or settings, mismatched ``weight_decays``/``seeds``, or a workdir holding a run with
-      other settings -- before compiling.
+    The ``results.json`` contents: per_seed, mean (over seeds), claims, config.
   """
-  images, labels, eval_data, num_classes = _check_inputs(model, images, labels, config, pool_config, eval_data,
-                                                         stop_after_epoch, "train_with_pool_sweep")
-  decays, seeds = train_lib.sweep_members(model, images[:1], config, weight_decays, seeds, "train_with_pool_sweep")
-  k = len(seeds)
-  num_train = images.shape[0]
-  x0 = jnp.asarray(images[:1])
-  layers = model_pool_layers(model, pool_config.layers)
-  keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-  init_keys, rngs = jax.vmap(jax.random.split)(keys).transpose(1, 0, 2)
-  params = jax.vmap(lambda key: model.init(key, x0)["params"])(init_keys)
-  base = dataclasses.replace(config, weight_decay=(0.0,))  # λ is traced (``hyper``), not compiled in
-  tx = train_lib.make_optimizer(base, num_train // config.batch_size, jax.tree.map(lambda a: a[0], params))
-  state = jax.vmap(lambda p, r: init_state(layers, p, tx, x0, pool_config, r))(params, rngs)
-
-  ckpt_dir = os.path.join(workdir, "ckpt") if workdir else None
-  if workdir:
-    run_info = {"config": config.to_dict(), "pool_config": pool_config.to_dict(), "seeds": seeds,
-                "weight_decays": decays.tolist(), "data_seed": int(data_seed), "num_train": int(num_train),
-                "data_fingerprint": train_lib.data_fingerprint(images, labels), "model": repr(model)}
-    checkpoint.guard_run_config(workdir, run_info)
-    restored, step = checkpoint.restore_checkpoint(ckpt_dir, target=state)
-    if step is not None:
-      state = jax.tree.map(jnp.asarray, restored)
-      logging.info("adversarial_training: sweep resumed from %s at epoch %d", ckpt_dir, step)
-
-  epoch_fn = _cached_sweep_epoch_fn(model, base, pool_config, tuple(images.shape[1:]), num_train, num_classes)
-  count_fn = train_lib.count_errors_fn(model, stacked=True) if eval_data is not None else None
-  writer = progress.MetricWriter(workdir, prefix="[adv sweep] ")
-  data_key = jax.random.PRNGKey(int(data_seed))
-  images_d, labels_d, decays_d = jnp.asarray(images), jnp.asarray(labels), jnp.asarray(decays, jnp.float32)
-  history = []
-  last_epoch = config.epochs if stop_after_epoch is None else stop_after_epoch
-  for epoch in range(int(np.max(np.asarray(state.epoch))), last_epoch):
-    t0 = time.perf_counter()
-    state, stats = epoch_fn(state, images_d, labels_d, jax.random.fold_in(data_key, epoch), decays_d)
-    stats = np.asarray(stats)  # blocks; [steps, k, columns]
-    seconds = time.perf_counter() - t0
-    members = [_summarise(stats[:, i], pool_config.layers) for i in range(k)]
-    record = {"epoch": epoch + 1, **{n: [m[n] for m in members] for n in members[0]}, "seconds": seconds}
-    if count_fn is not None:
-      record["eval_error"] = train_lib.evaluate(count_fn, state.params, *eval_data, config.eval_batch_size).tolist()
-    history.append(record)
-    writer.write(**record)
-    if ckpt_dir and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == last_epoch):
-      checkpoint.save_checkpoint(ckpt_dir, state, step=epoch + 1)
-  stacked_vars = {"params": state.params}
-  return PoolSweepResult(train_lib.unstack(stacked_vars, k), stacked_vars, decays, np.asarray(seeds), state, history)
-
-
-def _build_sweep_epoch_fn(model, config, pool_config, input_shape, num_train, num_classes):
-  """The stacked make_epoch_fn of train_with_pool_sweep: λ per member is the traced ``hyper`` argument."""
-  x0 = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x0)["params"])
-  specs = tuple(train_lib.decay_layer_specs(model, {"params": params}, config))
-  tx = train_lib.make_optimizer(config, num_train // config.batch_size, params)
-
-  def penalty_fn(p, decays):
-    return _penalty(p, decays=decays, specs=specs, config=config, num_train=num_train)
-
-  train_apply = functools.partial(_train_apply, model) if any(_dropout_rates(model)) else None
-  return make_epoch_fn(functools.partial(_apply_params, model), model_pool_layers(model, pool_config.layers), tx,
-                       pool_config, batch_size=config.batch_size, num_train=num_train, num_classes=num_classes,
-                       penalty_fn=penalty_fn, train_apply_fn=train_apply, stacked=True)
-
-
-_cached_sweep_epoch_fn = functools.lru_cache(maxsize=4)(_build_sweep_epoch_fn)
-
-
-def _build_epoch_fn(model, config, pool_config, input_shape, num_train, num_classes, decays, layers=None):
-  """make_epoch_fn for a Flax model trained with ``config``'s loss and optimiser."""
-  x0 = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x0)["params"])
-  specs = tuple(train_lib.decay_layer_specs(model, {"params": params}, config))
-  tx = train_lib.make_optimizer(config, num_train // config.batch_size, params)
-  if layers is None:
-    layers = model_pool_layers(model, pool_config.layers)
-  penalty_fn = functools.partial(_penalty, decays=np.asarray(decays, np.float32), specs=specs, config=config,
-                                 num_train=num_train)
-  train_apply = functools.partial(_train_apply, model) if any(_dropout_rates(model)) else None
-  return make_epoch_fn(functools.partial(_apply_params, model), layers, tx, pool_config,
-                       batch_size=config.batch_size, num_train=num_train, num_classes=num_classes,
-                       penalty_fn=penalty_fn, train_apply_fn=train_apply)
-
-
-_cached_epoch_fn = functools.lru_cache(maxsize=8)(_build_epoch_fn)
-
-
-def _penalty(params, *, decays, specs, config, num_train):
-  p = train_lib.weight_decay_penalty(params, decays, specs, config)
-  return p / num_train if config.data_term == "sum" else p
+  exp = validate(config)
+  train_set, eval_set = _load(config, data_dir)
+  steps = train_set[0].shape[0] // exp.train["adversarial"].batch_size
+  pool = dataclasses.replace(exp.pool, warmup_steps=int(round(config.pool.warmup_epochs * steps)))
+  results = {}
+  for name in RUNS:
+    run_dir = os.path.join(workdir, name)
+    if name not in config.runs and not os.path.exists(os.path.join(run_dir, "result.json")):
+      continue
+    settings = {"train_config": exp.train[name].to_dict(), "model_kwargs": exp.model_kwargs[name],
+                "pool_config": pool.to_dict() if name == "adversarial" else None, "seeds": exp.seeds,
+                "data_seed": config.seed, "num_train": int(train_set[0].shape[0]), "num_val": config.num_val}
+    results[name] = driver.restore_or_run(run_dir, settings, functools.partial(
+        _train_run, name, exp, pool, config, train_set, eval_set, run_dir), who=name)
+  idx = tables.select_examples(eval_set[1].shape[0], min(config.num_attack, eval_set[1].shape[0]) or None,
+                               seed=config.seed)[:config.num_attack]
+  attacked = (eval_set[0][idx], tables.draw_targets(eval_set[1][idx], seed=config.seed))
+  per_seed = {name: [{"eval_error": r[1]["eval_error"][i], "train_error": r[1]["train_error"][i]}
+                     for i in range(len(exp.seeds))] for name, r in results.items()}
+  for name, (stacked, _) in results.items():
+    if config.num_attack:
+      for row, dist in zip(per_seed[name], _distortions(name, stacked, exp, config, attacked, workdir)):
+        row.update(dist)
+  tag = "_on_validation" if config.num_val else ""
+  mean, claims = _summarise_runs(per_seed, results, exp, tag)
+  out = {"model": config.model, "seeds": exp.seeds,
+         "evaluation_set": "validation" if config.num_val else "test", "num_attacked": int(len(idx)),
+         "per_seed": per_seed, "mean": mean, "claims": claims, "config": config.to_dict()}
+  checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), out)
+  _write_report(workdir, out)
+  for name, m in mean.items():
+    logging.info("%s: %s", name, m)
+  return out

@@ -9,8 +9,11 @@ Usage::
 
 Every write goes to a temporary file in the destination directory, is flushed and fsync'ed, then moved
 into place with ``os.replace`` (atomic on POSIX), so a crash mid-write never leaves a half-written file
-under the final name. Checkpoint files carry a magic header and the SHA-256 of their payload, so a
-truncated or corrupted file is reported as such (naming the file) instead of being half-restored.
+under the final name; the file gets the mode ``0o666 & ~umask``, as ``open`` would give it. Checkpoint
+files carry a magic header and the SHA-256 of their payload, so a truncated or corrupted file is reported
+as such (naming the file) instead of being half-restored; restoring into a ``target`` checks every leaf's
+shape and names the ones that differ. ``restore_checkpoint`` falls back to the newest intact checkpoint
+(with a warning) when the latest one is corrupted.
 
 Layout of a checkpoint directory (big_vision style)::
 
@@ -20,6 +23,7 @@ Layout of a checkpoint directory (big_vision style)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,8 +31,10 @@ import re
 import tempfile
 from typing import Any, Optional, Tuple, Union
 
-import numpy as np
+from absl import logging
 from flax import serialization
+import jax
+import numpy as np
 
 PathLike = Union[str, os.PathLike]
 
@@ -40,26 +46,20 @@ class CheckpointError(RuntimeError):
   """A checkpoint file is missing, truncated, corrupted or does not fit the target."""
 
 
-def _fsync_dir(dirname: str) -> None:
-  try:
-    fd = os.open(dirname, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-  """Writes ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+  """Writes ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``), mode 0o666 & ~umask."""
   path = os.fspath(path)
   dirname = os.path.dirname(os.path.abspath(path))
   os.makedirs(dirname, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=dirname)
   try:
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
@@ -69,20 +69,30 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
-  _fsync_dir(dirname)
+  with contextlib.suppress(OSError):  # make the rename durable
+    dir_fd = os.open(dirname, os.O_RDONLY)
+    try:
+      os.fsync(dir_fd)
+    finally:
+      os.close(dir_fd)
 
 
 def _json_default(obj: Any) -> Any:
-  if isinstance(obj, (np.generic,)):
+  if isinstance(obj, np.generic):
     return obj.item()
   if hasattr(obj, "__array__"):
     return np.asarray(obj).tolist()
   raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
 
 
+def jsonable(obj: Any) -> Any:
+  """``obj`` as it reads back from JSON (arrays and tuples as lists, numpy scalars as numbers)."""
+  return json.loads(json.dumps(obj, default=_json_default))
+
+
 def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
   """Writes ``obj`` as JSON atomically; numpy/JAX arrays and scalars become lists/numbers."""
-  text = json.dumps(obj, indent=indent, sort_keys=False, default=_json_default, allow_nan=True)
+  text = json.dumps(obj, indent=indent, default=_json_default, allow_nan=True)
   atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
@@ -98,42 +108,50 @@ def read_json(path: PathLike) -> Any:
     raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
-def pytree_to_bytes(tree: Any) -> bytes:
-  """Serialises a pytree of arrays (Flax state-dict conventions) with a checksummed header."""
-  payload = serialization.msgpack_serialize(serialization.to_state_dict(tree))
-  return _MAGIC + hashlib.sha256(payload).digest() + payload
+def _shapes(tree: Any) -> dict:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", np.shape(leaf))) for path, leaf in flat}
 
 
-def pytree_from_bytes(data: bytes, target: Any = None, *, name: str = "<bytes>") -> Any:
-  """Inverse of :func:`pytree_to_bytes`. With ``target`` the structure (NamedTuples, dataclasses) is rebuilt."""
-  if len(data) < len(_MAGIC) + 32 or data[: len(_MAGIC)] != _MAGIC:
-    raise CheckpointError(f"{name}: not an intriguing_jax checkpoint (bad header or truncated file)")
-  digest = data[len(_MAGIC): len(_MAGIC) + 32]
-  payload = data[len(_MAGIC) + 32:]
-  if hashlib.sha256(payload).digest() != digest:
-    raise CheckpointError(f"{name}: checksum mismatch (file truncated or corrupted)")
-  state = serialization.msgpack_restore(payload)
-  if target is None:
-    return state
-  try:
-    return serialization.from_state_dict(target, state)
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{name}: checkpoint does not match the target structure: {e}") from e
+def _check_shapes(state: Any, target: Any, name: str) -> None:
+  """Raises CheckpointError naming the leaves whose shapes differ (e.g. a checkpoint of another model)."""
+  got, want = _shapes(state), _shapes(target)
+  diff = [f"{k}: {got[k]} in the file, {want[k]} expected" for k in want if k in got and got[k] != want[k]]
+  diff += [f"{k}: missing from the file" for k in want if k not in got]
+  diff += [f"{k}: in the file, not expected" for k in got if k not in want]
+  if diff:
+    more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+    raise CheckpointError(f"{name} does not fit the target (another architecture?): "
+                          f"{'; '.join(diff[:8])}{more}")
 
 
 def save_pytree(path: PathLike, tree: Any) -> None:
-  """Saves one pytree to one file, atomically."""
-  atomic_write_bytes(path, pytree_to_bytes(tree))
+  """Saves one pytree (Flax state-dict conventions) to one checksummed file, atomically."""
+  payload = serialization.msgpack_serialize(serialization.to_state_dict(tree))
+  atomic_write_bytes(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
 def load_pytree(path: PathLike, target: Any = None) -> Any:
-  """Loads a pytree written by :func:`save_pytree`."""
+  """Loads a pytree written by :func:`save_pytree`; with ``target`` its structure (NamedTuples,
+  dataclasses) is rebuilt and every leaf's shape checked (``target`` may hold ``jax.ShapeDtypeStruct``s)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   with open(path, "rb") as f:
     data = f.read()
-  return pytree_from_bytes(data, target, name=path)
+  if len(data) < len(_MAGIC) + 32 or data[: len(_MAGIC)] != _MAGIC:
+    raise CheckpointError(f"{path}: not an intriguing_jax checkpoint (bad header or truncated file)")
+  payload = data[len(_MAGIC) + 32:]
+  if hashlib.sha256(payload).digest() != data[len(_MAGIC): len(_MAGIC) + 32]:
+    raise CheckpointError(f"{path}: checksum mismatch (file truncated or corrupted)")
+  state = serialization.msgpack_restore(payload)
+  if target is None:
+    return state
+  _check_shapes(state, serialization.to_state_dict(target), path)
+  try:
+    return serialization.from_state_dict(target, state)
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path}: checkpoint does not match the target structure: {e}") from e
 
 
 def _ckpt_name(step: int) -> str:
@@ -143,25 +161,17 @@ def _ckpt_name(step: int) -> str:
 def all_steps(ckpt_dir: PathLike) -> list:
   """Steps of the complete checkpoints in ``ckpt_dir``, ascending."""
   ckpt_dir = os.fspath(ckpt_dir)
-  if not os.path.isdir(ckpt_dir):
-    return []
-  steps = []
-  for name in os.listdir(ckpt_dir):
-    m = _NAME_RE.match(name)
-    if m:
-      steps.append(int(m.group(1)))
-  return sorted(steps)
+  names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+  return sorted(int(m.group(1)) for m in map(_NAME_RE.match, names) if m)
 
 
 def latest_step(ckpt_dir: PathLike) -> Optional[int]:
   """The step named by ``LAST`` (or the newest checkpoint file), or None if there is none."""
-  ckpt_dir = os.fspath(ckpt_dir)
-  last = os.path.join(ckpt_dir, "LAST")
+  last = os.path.join(os.fspath(ckpt_dir), "LAST")
   if os.path.isfile(last):
     with open(last, "r", encoding="utf-8") as f:
-      name = f.read().strip()
-    m = _NAME_RE.match(name)
-    if m and os.path.isfile(os.path.join(ckpt_dir, name)):
+      m = _NAME_RE.match(f.read().strip())
+    if m and os.path.isfile(os.path.join(os.fspath(ckpt_dir), m.group(0))):
       return int(m.group(1))
   steps = all_steps(ckpt_dir)
   return steps[-1] if steps else None
@@ -176,36 +186,45 @@ def save_checkpoint(ckpt_dir: PathLike, tree: Any, step: int, *, keep: int = 2) 
   if keep < 1:
     raise ValueError(f"keep must be >= 1, got {keep}")
   ckpt_dir = os.fspath(ckpt_dir)
-  os.makedirs(ckpt_dir, exist_ok=True)
-  name = _ckpt_name(step)
-  path = os.path.join(ckpt_dir, name)
+  path = os.path.join(ckpt_dir, _ckpt_name(step))
   save_pytree(path, tree)
-  atomic_write_bytes(os.path.join(ckpt_dir, "LAST"), (name + "\n").encode())
+  atomic_write_bytes(os.path.join(ckpt_dir, "LAST"), (_ckpt_name(step) + "\n").encode())
   for old in all_steps(ckpt_dir)[:-keep]:
     if old != int(step):
-      try:
+      with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(ckpt_dir, _ckpt_name(old)))
-      except FileNotFoundError:
-        pass
   return path
 
 
 def restore_checkpoint(ckpt_dir: PathLike, target: Any = None,
                        step: Optional[int] = None) -> Tuple[Any, Optional[int]]:
-  """Restores the checkpoint of ``step`` (default: the latest).
+  """Restores the checkpoint of ``step``; by default the latest intact one.
+
+  Without ``step``, a corrupted or truncated latest checkpoint is skipped with a warning and the next
+  older one restored (``save_checkpoint`` keeps two).
 
   Returns:
     ``(tree, step)``; ``(target, None)`` when the directory holds no checkpoint.
 
   Raises:
-    CheckpointError: the file is corrupted or does not fit ``target``.
+    CheckpointError: the file (without ``step``: every file) is corrupted, or does not fit ``target``.
   """
-  if step is None:
-    step = latest_step(ckpt_dir)
-    if step is None:
-      return target, None
-  path = os.path.join(os.fspath(ckpt_dir), _ckpt_name(step))
-  return load_pytree(path, target), int(step)
+  ckpt_dir = os.fspath(ckpt_dir)
+  if step is not None:
+    return load_pytree(os.path.join(ckpt_dir, _ckpt_name(step)), target), int(step)
+  latest = latest_step(ckpt_dir)
+  candidates = [] if latest is None else [latest] + [s for s in reversed(all_steps(ckpt_dir)) if s < latest]
+  for i, s in enumerate(candidates):
+    try:
+      return load_pytree(os.path.join(ckpt_dir, _ckpt_name(s)), target), int(s)
+    except CheckpointError as e:
+      if "does not fit" in str(e):
+        raise
+      if i + 1 == len(candidates):
+        raise CheckpointError(f"{e}; no intact checkpoint left in {ckpt_dir}: delete that directory to start "
+                              "the run again from scratch") from e
+      logging.warning("%s; falling back to the checkpoint of step %d", e, candidates[i + 1])
+  return target, None
 
 
 def guard_run_config(workdir: PathLike, run_info: Any, *, filename: str = "run_config.json") -> None:
@@ -215,12 +234,12 @@ def guard_run_config(workdir: PathLike, run_info: Any, *, filename: str = "run_c
   mismatch raises ``ValueError`` naming the keys that differ.
   """
   info_path = os.path.join(os.fspath(workdir), filename)
-  new = json.loads(json.dumps(run_info, default=_json_default))
-  if os.path.exists(info_path):
-    old = read_json(info_path)
-    if old != new:
-      diff = sorted(k for k in new if old.get(k) != new[k])
-      raise ValueError(f"{os.fspath(workdir)} holds a run with different settings ({', '.join(diff)}); "
-                       "use another workdir or delete it")
-  else:
+  new = jsonable(run_info)
+  if not os.path.exists(info_path):
     atomic_write_json(info_path, run_info)
+    return
+  old = read_json(info_path)
+  if old != new:
+    diff = sorted(k for k in set(new) | set(old) if old.get(k) != new.get(k))
+    raise ValueError(f"{os.fspath(workdir)} holds a run with different settings ({', '.join(diff)}); "
+                     "use another workdir or delete it")

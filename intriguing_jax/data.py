@@ -9,7 +9,7 @@ Usage::
     (xt, yt), (xv, yv) = data.train_val_split(x_train, y_train, num_val=5000, seed=0)
     xs, ys = data.synthetic_mnist(256, seed=0)                          # tiny learnable data for tests
 
-Where the data comes from (``load_mnist``):
+Where the data comes from (``load_mnist``; every script's ``--data_dir`` is its ``data_dir``), in order:
 
 1. ``data_dir`` if given: a local directory with the four canonical IDX files (gzipped or plain). Never
    falls back to the network. Files are validated on their decoded content (IDX magic numbers 2051/2049,
@@ -20,9 +20,8 @@ Where the data comes from (``load_mnist``):
    with ``tfds.data_source``, no TensorFlow needed), which downloads the canonical files with their
    checksums on first use -- or fails within seconds, saying what to set, when there is no network.
 
-Decoded arrays are cached in-process (keyed on the files' path, size and mtime), so repeated calls are
-free; the returned arrays are read-only views of that cache (copy before writing in place). A cold load of
-the real 60000-image training set takes well under two seconds (see notes/data.md).
+Decoded arrays are cached in-process (keyed on the files' path, size and mtime); the returned arrays are
+read-only views of that cache (copy before writing in place).
 
 All errors derive from :class:`MnistError` and name the file and the problem:
 :class:`MnistNotFoundError` (a ``FileNotFoundError``) for missing directories/files or no reachable
@@ -91,19 +90,7 @@ def _load_idx_cached(directory: str, split: str, verify: bool, key) -> ArrayPair
   return _readonly(_to_float(images), labels.astype(np.int32))
 
 
-def load_mnist_idx(directory: PathLike, split: str, *, verify: bool = True) -> ArrayPair:
-  """Loads one split from a local IDX directory (no network, ever).
-
-  Args:
-    directory: directory with ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
-    split: "train" or "test".
-    verify: check ``SHA256SUMS`` when present in ``directory``.
-
-  Returns:
-    (images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N]); read-only, cached in-process.
-  """
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+def _load_idx(directory: PathLike, split: str, verify: bool) -> ArrayPair:
   directory = os.path.realpath(os.path.expanduser(os.fspath(directory)))
   if not os.path.isdir(directory):
     raise MnistNotFoundError(directory, f"MNIST directory does not exist or is not a directory. "
@@ -117,8 +104,9 @@ def load_mnist(split: str, data_dir: Optional[PathLike] = None, *, verify: bool 
 
   Args:
     split: "train" (60000 examples) or "test" (10000).
-    data_dir: local directory with the four IDX files. None: ``$INTRIGUING_JAX_MNIST_DIR`` if set, else
-      the tfds builder (:mod:`intriguing_jax.mnist_tfds`).
+    data_dir: local directory with the four IDX files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``),
+      read offline. None: ``$INTRIGUING_JAX_MNIST_DIR`` if set, else the tfds builder
+      (:mod:`intriguing_jax.mnist_tfds`).
     verify: check ``SHA256SUMS`` when the local directory has one.
     tfds_data_dir: tfds data directory for the tfds path (None: tfds default, ~/tensorflow_datasets).
     download: tfds path only; allow downloading the canonical files when the dataset is not built yet.
@@ -141,21 +129,17 @@ def load_mnist(split: str, data_dir: Optional[PathLike] = None, *, verify: bool 
         raise MnistNotFoundError(env, f"${ENV_VAR} points to a missing directory. {_idx.WHERE_TO_GET}")
       data_dir = env
   if data_dir is not None:
-    return load_mnist_idx(data_dir, split, verify=verify)
+    return _load_idx(data_dir, split, verify)
   from intriguing_jax import mnist_tfds  # Lazy: tfds is heavy to import.
   return mnist_tfds.load(split, data_dir=tfds_data_dir, download=download)
 
 
-def flatten(images) -> np.ndarray:
-  """[N, H, W, C] (or already [N, D]) -> [N, H*W*C]; works for numpy and jax arrays."""
-  if images.ndim < 2:
-    raise ValueError(f"images must have a batch dimension, got shape {images.shape}")
-  return images.reshape(images.shape[0], -1)
-
-
 def _check_pair(images, labels):
   if images.ndim < 1 or labels.ndim != 1:
-    raise ValueError(f"labels must be 1-d and images batched; got images {images.shape}, labels {labels.shape}")
+    raise ValueError(f"labels must be 1-d and images batched; got images {images.shape}, "
+                     f"labels {labels.shape}")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
   if images.shape[0] != labels.shape[0]:
     raise ValueError(f"images and labels disagree on the number of examples: {images.shape[0]} vs "
                      f"{labels.shape[0]}")

@@ -30,7 +30,7 @@ matching upper bound once it is feasible (the duality gap is reported).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import numpy as np
 
@@ -88,13 +88,9 @@ def _solve_one(a, beta, x, lower, upper, *, tol):
     slack = a_s @ (x + r) + beta_s
     return -(r @ r - mu @ slack), slack
 
-  def fg(mu):
-    v, slack = neg_dual(mu)
-    return v, slack  # d(-g)/dmu = +slack (Danskin)
-
-  k = a.shape[0]
+  k = a.shape[0]   # d(-g)/dmu = +slack (Danskin), so neg_dual returns (value, gradient)
   mu = np.zeros(k)
-  mu, _, _ = optimize.fmin_l_bfgs_b(fg, mu, bounds=[(0.0, None)] * k, m=20, factr=10.0, pgtol=tol,
+  mu, _, _ = optimize.fmin_l_bfgs_b(neg_dual, mu, bounds=[(0.0, None)] * k, m=20, factr=10.0, pgtol=tol,
                                     maxiter=20000, maxfun=40000)
   # Active-set polish: with the free pixels F (not clipped) and active rows S (mu > 0), the KKT system
   # is linear: r_F = A_SF^T mu_S / 2, r_clipped fixed, A_S (x + r) + beta_S = 0. A few Newton rounds.
@@ -115,12 +111,10 @@ def _solve_one(a, beta, x, lower, upper, *, tol):
       break
     new = mu.copy()
     new[act] = np.maximum(mu_act, 0.0)
-    if neg_dual(new)[0] <= neg_dual(mu)[0] + 1e-15 * max(1.0, abs(neg_dual(mu)[0])):
-      if np.allclose(new, mu, rtol=1e-13, atol=1e-15):
-        mu = new
-        break
-      mu = new
-    else:
+    if neg_dual(new)[0] > neg_dual(mu)[0] + 1e-15 * max(1.0, abs(neg_dual(mu)[0])):
+      break   # the Newton step does not improve the dual: keep mu
+    converged, mu = np.allclose(new, mu, rtol=1e-13, atol=1e-15), new
+    if converged:
       break
   r = r_of(mu)
   dual = -neg_dual(mu)[0]
@@ -146,10 +140,8 @@ def linear_min_norm(kernel, bias, x, target, *, box: Tuple[float, float] = (0.0,
   Raises:
     ValueError: on shape mismatch, non-finite input, x outside the box or target out of range.
   """
-  kernel = np.asarray(kernel, np.float64)
-  bias = np.asarray(bias, np.float64)
-  x = np.asarray(x, np.float64)
-  target = np.asarray(target)
+  kernel, bias, x, target = (np.asarray(kernel, np.float64), np.asarray(bias, np.float64),
+                             np.asarray(x, np.float64), np.asarray(target))
   if kernel.ndim != 2:
     raise ValueError(f"kernel must be [m, k], got shape {kernel.shape}")
   m, k = kernel.shape
@@ -172,11 +164,7 @@ def linear_min_norm(kernel, bias, x, target, *, box: Tuple[float, float] = (0.0,
 
   flat = x.reshape(b, m)
   lo_v, hi_v = np.full(m, lower), np.full(m, upper)
-  x_adv = flat.copy()
-  dist = np.zeros(b)
-  lower_bound = np.zeros(b)
-  viol = np.zeros(b)
-  feasible = np.ones(b, bool)
+  x_adv, dist, lower_bound, viol, feasible = flat.copy(), np.zeros(b), np.zeros(b), np.zeros(b), np.ones(b, bool)
   for i in range(b):
     a, beta = _constraints(kernel, bias, int(target[i]))
     if np.all(a @ flat[i] + beta >= 0):  # already classified as the target (up to ties): r* = 0
@@ -193,60 +181,23 @@ def linear_min_norm(kernel, bias, x, target, *, box: Tuple[float, float] = (0.0,
   return ExactSolution(x_adv.reshape(x.shape), dist, lower_bound, viol, feasible)
 
 
-def linear_min_norm_primal(kernel, bias, x, target, *, box: Tuple[float, float] = (0.0, 1.0)
-                           ) -> np.ndarray:
-  """Cross-check: the same QP solved in the primal by scipy SLSQP (slow; small problems only).
-
-  Returns:
-    [B] RMS distortions of the SLSQP optima.
-  """
-  from scipy import optimize  # pylint: disable=g-import-not-at-top
-  kernel = np.asarray(kernel, np.float64)
-  bias = np.asarray(bias, np.float64)
-  x = np.asarray(x, np.float64)
-  b = x.shape[0]
-  m = kernel.shape[0]
-  flat = x.reshape(b, m)
-  out = np.zeros(b)
-  for i in range(b):
-    a, beta = _constraints(kernel, bias, int(target[i]))
-    xi = flat[i]
-    res = optimize.minimize(
-        lambda r: r @ r, np.zeros(m), jac=lambda r: 2 * r, method="SLSQP",
-        bounds=list(zip(box[0] - xi, box[1] - xi)),
-        constraints=[{"type": "ineq", "fun": lambda r, xi=xi, a=a, beta=beta: a @ (xi + r) + beta,
-                      "jac": lambda r, a=a: a}],
-        options={"ftol": 1e-14, "maxiter": 1000})
-    out[i] = np.sqrt(np.mean(res.x ** 2))
-  return out
-
-
-def dense_kernel_bias(params, path: Optional[Tuple[str, ...]] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """Finds the single Dense layer's (kernel, bias) in Flax variables of a linear model (e.g. FC10).
-
-  Args:
-    params: Flax variables ({"params": {...}}) or the params dict itself.
-    path: optional explicit key path to the {"kernel", "bias"} dict.
+def dense_kernel_bias(variables) -> Tuple[np.ndarray, np.ndarray]:
+  """The (kernel [m, k], bias [k]) of the single Dense layer of a linear model's variables (e.g. FC10).
 
   Raises:
-    ValueError: when there is not exactly one kernel/bias pair.
+    ValueError: when there is not exactly one {"kernel", "bias"} pair.
   """
-  tree = params.get("params", params) if hasattr(params, "get") else params
-  if path is not None:
-    for key in path:
-      tree = tree[key]
-    return np.asarray(tree["kernel"]), np.asarray(tree["bias"])
   found = []
 
   def walk(node):
     if hasattr(node, "keys"):
       if "kernel" in node and "bias" in node:
         found.append(node)
-        return
-      for key in node:
-        walk(node[key])
+      else:
+        for key in node:
+          walk(node[key])
 
-  walk(tree)
+  walk(variables)
   if len(found) != 1:
     raise ValueError(f"expected exactly one Dense layer in a linear model, found {len(found)}")
   return np.asarray(found[0]["kernel"]), np.asarray(found[0]["bias"])

@@ -2,16 +2,15 @@
 
 Usage::
 
-    import functools
     from intriguing_jax import metrics
-    logits_fn = functools.partial(model.apply, params)
-    err = metrics.error_rate(logits_fn, images, labels)           # fraction in [0, 1]
-    d = metrics.rms_distortion(images, adversarial_images)         # (N,) per example
+    err = metrics.error_rate(model.apply, variables, images, labels)     # fraction in [0, 1]
+    pred = metrics.predict(model.apply, variables, images)               # [N] int32
+    d = metrics.rms_distortion(images, adversarial_images)               # [N]
 
-Evaluation streams over the data in fixed-size batches (the last one padded), so one compiled program
-serves any dataset size; each batch is sharded over all devices (``distributed.stream_map``: a 1-D
-``jax.sharding`` mesh, batch size rounded up to a multiple of the device count; multi-host: every
-process passes the full data, feeds its own rows and receives all predictions).
+Evaluation streams over the data in fixed-size batches (``distributed.stream_map``: the last batch padded,
+each batch sharded over all devices, multi-host: every process passes the full data and receives all
+predictions), so one compiled program serves any dataset size. ``params`` is a traced argument: every model
+of one architecture shares the program. Progress lines are logged at ``--v=1``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import numpy as np
 
 from intriguing_jax import distributed
 from intriguing_jax import precision as precision_lib
-from intriguing_jax.types import Array, LogitsFn
+from intriguing_jax.types import ApplyFn, Array, Params, static_fn
 
 
 def rms_distortion(x: Array, x_adv: Array) -> Array:
@@ -45,50 +44,64 @@ def rms_distortion(x: Array, x_adv: Array) -> Array:
   return jnp.sqrt(jnp.mean(diff * diff, axis=1))
 
 
+def argmax_fn(apply_fn: ApplyFn, precision: Optional[str] = "highest") -> Callable:
+  """``f(params, x) -> argmax(apply_fn(params, x), -1)`` (int32), traced under matmul ``precision``.
+
+  Cached per (apply_fn, precision) -- equal Flax modules' ``apply`` count as one (``types.static_fn``) --, so
+  the same function object, hence compiled program, is reused.
+  """
+  return _argmax_fn(static_fn(apply_fn), precision)
+
+
 @functools.lru_cache(maxsize=64)
-def _argmax_fn(logits_fn: Callable, precision: Optional[str]) -> Callable:
-  def argmax(xb):
+def _argmax_fn(apply_fn: ApplyFn, precision: Optional[str]) -> Callable:
+  def argmax(params, xb):
     with precision_lib.scope(precision):
-      return jnp.argmax(logits_fn(xb), axis=-1).astype(jnp.int32)
+      return jnp.argmax(apply_fn(params, xb), axis=-1).astype(jnp.int32)
   return argmax
 
 
-def predict(logits_fn: LogitsFn, x: Array, *, batch_size: int = 1000,
+def predict(apply_fn: ApplyFn, params: Params, x: Array, *, batch_size: int = 1000,
             precision: Optional[str] = "highest") -> np.ndarray:
-  """Predicted labels argmax(logits_fn(x)) for a dataset of any size, batched, jitted, sharded over devices.
+  """Predicted labels ``argmax(apply_fn(params, x))`` for a dataset of any size.
 
-  ``logits_fn`` should be a stable object (e.g. one ``functools.partial(model.apply, params)`` reused
-  across calls) so the compiled program is reused. ``batch_size`` is rounded up to a multiple of the
-  number of devices. ``precision``: the matmul precision of the evaluation (``intriguing_jax.precision``);
-  "highest" (float32) by default, so that an adversarial example the attack verified at float32 is
-  classified the same way on a GPU (TF32) or TPU; None keeps the ambient setting.
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits [B, K]`` (a Flax ``model.apply``); hashable and reused
+      across calls, so its compiled program is.
+    params: the model's parameters (Flax: the whole variables dict); traced.
+    x: [N, ...] inputs.
+    batch_size: examples per compiled batch (rounded up to a multiple of the device count).
+    precision: matmul precision of the evaluation (:mod:`intriguing_jax.precision`); "highest" (float32) so
+      an adversarial example the attack verified at float32 is classified the same way on a GPU (TF32) or
+      TPU; None keeps the ambient setting.
 
   Returns:
     [N] int32 numpy array.
   """
   if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    raise ValueError(f"predict: batch_size must be >= 1, got {batch_size}")
   precision_lib.validate(precision)
   x = np.asarray(x)
   if x.ndim < 1:
     raise ValueError(f"predict: x must be [N, ...], got shape {x.shape}")
-  n = x.shape[0]
-  if n == 0:
+  if x.shape[0] == 0:
     return np.zeros((0,), np.int32)
-  return distributed.stream_map(_argmax_fn(logits_fn, precision), x, chunk_size=min(batch_size, n),
-                                name="predict")
+  return distributed.stream_map(argmax_fn(apply_fn, precision), x, broadcast=(params,),
+                                chunk_size=min(batch_size, x.shape[0]), name="predict")
 
 
-def error_rate(logits_fn: LogitsFn, x: Array, labels: Array, *, batch_size: int = 1000,
+def error_rate(apply_fn: ApplyFn, params: Params, x: Array, labels: Array, *, batch_size: int = 1000,
                precision: Optional[str] = "highest") -> float:
   """Fraction of examples whose predicted label differs from ``labels`` (paper.md A9: plain error rate).
 
-  ``precision``: as in :func:`predict`.
+  ``labels``: [N] integers. Other arguments as in :func:`predict`.
   """
   labels = np.asarray(labels)
   if labels.shape != (np.shape(x)[0],):
     raise ValueError(f"error_rate: labels shape {labels.shape} does not match {np.shape(x)[0]} examples")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"error_rate: labels must be integers, got dtype {labels.dtype}")
   if labels.shape[0] == 0:
     raise ValueError("error_rate: empty dataset")
-  pred = predict(logits_fn, x, batch_size=batch_size, precision=precision)
+  pred = predict(apply_fn, params, x, batch_size=batch_size, precision=precision)
   return float(np.mean(pred != labels))

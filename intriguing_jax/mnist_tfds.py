@@ -1,14 +1,12 @@
-"""A TensorFlow-free tensorflow-datasets builder for MNIST (array_record files, read with ``tfds.data_source``).
+"""A TensorFlow-free tensorflow-datasets builder for MNIST (array_record files, ``tfds.data_source``).
 
 Usage::
 
     from intriguing_jax import mnist_tfds
     images, labels = mnist_tfds.load("test")                     # builds on first use (download), then reads
     builder = mnist_tfds.build(data_dir="/tmp/tfds", manual_dir="/path/to/idx")   # offline build
-    source = mnist_tfds.data_source("train", data_dir="/tmp/tfds")                # random access, lazy
-
-    # Or through tfds itself once this module is imported (the builder registers itself):
-    #   tfds.data_source("intriguing_jax_mnist", split="test", data_dir=...)
+    # Random access through tfds itself once built (importing this module registers the builder):
+    source = tfds.data_source("intriguing_jax_mnist", split="test", data_dir="/tmp/tfds")
 
 Why a custom builder: tfds' own ``mnist`` stores PNG-encoded ``tfds.features.Image``s in TFRecord files
 and is read through ``tf.data`` -- both need TensorFlow. This builder stores each image as a raw
@@ -19,8 +17,8 @@ no TF) and reading through ``tfds.data_source`` (numpy example parser, no TF). A
 Where the IDX files come from (``_split_generators``):
 
 * ``manual_dir`` (``DownloadConfig(manual_dir=...)``, here the ``manual_dir`` argument of :func:`build`/
-  :func:`load`, defaulting to ``$INTRIGUING_JAX_MNIST_DIR``) holding the four IDX files: read offline, validated on decoded content and against the
-  directory's ``SHA256SUMS`` when present (recompressed files are accepted).
+  :func:`load`, defaulting to ``$INTRIGUING_JAX_MNIST_DIR``) holding the four IDX files: read offline,
+  validated on decoded content and against the directory's ``SHA256SUMS`` when present.
 * otherwise downloaded from ``storage.googleapis.com/cvdf-datasets/mnist/`` by tfds' download manager,
   which checks size and SHA-256 against :data:`URL_INFOS` (tfds' canonical checksums for mnist).
 
@@ -149,7 +147,7 @@ def network_reachable(host: str = "storage.googleapis.com", port: int = 443, tim
 
 
 def _builder(data_dir: Optional[PathLike]) -> IntriguingJaxMnist:
-  return IntriguingJaxMnist(data_dir=None if data_dir is None else os.fspath(data_dir), file_format=FILE_FORMAT)
+  return IntriguingJaxMnist(data_dir=data_dir and os.fspath(data_dir), file_format=FILE_FORMAT)
 
 
 def is_built(data_dir: Optional[PathLike] = None) -> bool:
@@ -181,7 +179,8 @@ def build(data_dir: Optional[PathLike] = None, *, manual_dir: Optional[PathLike]
   if manual_dir is not None:
     manual_dir = os.fspath(manual_dir)
     if not os.path.isdir(manual_dir):
-      raise MnistNotFoundError(manual_dir, f"manual_dir does not exist or is not a directory. {_idx.WHERE_TO_GET}")
+      raise MnistNotFoundError(manual_dir, f"manual_dir does not exist or is not a directory. "
+                               f"{_idx.WHERE_TO_GET}")
     for name in CANONICAL:  # Fail on missing files before tfds creates anything.
       _idx.resolve_file(manual_dir, name)
   else:
@@ -197,19 +196,9 @@ def build(data_dir: Optional[PathLike] = None, *, manual_dir: Optional[PathLike]
   return builder
 
 
-def data_source(split: str, data_dir: Optional[PathLike] = None, **build_kwargs):
-  """``tfds.data_source`` for ``split`` (random access to {"image": uint8 [28,28,1], "label": int64})."""
-  if split not in _idx.SPLITS:
-    raise ValueError(f"split must be one of {_idx.SPLITS}, got {split!r}")
-  builder = build(data_dir, **build_kwargs)
-  return tfds.data_source(NAME, split=split, data_dir=builder.data_dir_root, download=False)
-
-
 def _read_all(source) -> Tuple[np.ndarray, np.ndarray]:
-  n = len(source)
-  images = np.empty((n, 28, 28, 1), np.float32)
-  labels = np.empty((n,), np.int32)
-  step = 4096
+  n, step = len(source), 4096
+  images, labels = np.empty((n, 28, 28, 1), np.float32), np.empty((n,), np.int32)
   for start in range(0, n, step):
     batch = source.__getitems__(range(start, min(n, start + step)))
     images[start:start + len(batch)] = np.stack([ex["image"] for ex in batch]) * np.float32(1.0 / 255.0)
@@ -220,8 +209,7 @@ def _read_all(source) -> Tuple[np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=4)
 def _load_cached(split: str, data_root: str, fingerprint) -> Tuple[np.ndarray, np.ndarray]:
   del fingerprint  # Cache key only.
-  source = tfds.data_source(NAME, split=split, data_dir=data_root, download=False)
-  images, labels = _read_all(source)
+  images, labels = _read_all(tfds.data_source(NAME, split=split, data_dir=data_root, download=False))
   images.setflags(write=False)
   labels.setflags(write=False)
   return images, labels

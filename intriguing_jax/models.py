@@ -2,17 +2,12 @@
 
 Usage::
 
-    import jax
-    from intriguing_jax import models
-
     model = models.get_model("fc100-100-10")
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-    logits = model.apply(variables, x)                          # [B, 10]
-    logits, feats = model.apply(variables, x, return_features=True)
-    feats["hidden_0"]                                           # [B, 100], post-sigmoid
-    for layer in model.architecture():                          # ordered layer descriptors
-      if layer["type"] in ("dense", "conv"):
-        kernel = models.get_param(variables, layer["param_path"])["kernel"]
+    logits = model.apply(variables, x)                             # [B, 10]
+    feats = model.apply(variables, x, method="features")           # {"hidden_0": [B, 100], "hidden_1": ...}
+    logits = model.apply(variables, feats["hidden_0"], "hidden_0", method="head")  # the layers above
+    models.weight_layer_paths(model, variables, (28, 28, 1))  # [("hidden_0",), ("hidden_1",), ("output",)]
 
 Models (paper.md §4.1, Table 1, Table 3, Table 5):
 
@@ -25,22 +20,22 @@ Models (paper.md §4.1, Table 1, Table 3, Table 5):
 * ``AlexNet``: single-tower AlexNet with the paper's Table 5 layer sizes; 227x227x3 input so that conv5
   pools to 6x6x256 = 9216. Never trained here; for spectral analysis of given or random weights.
 
-Contract shared by every model: ``__call__(x, *, train=False, return_features=False)``; inputs are
-batched, ``[B, H, W, C]`` or ``[B, H*W*C]`` (reshaped as needed). With ``return_features=True`` the call
-returns ``(logits, features)``, ``features`` an ordered dict name -> post-nonlinearity activation of every
-hidden layer. ``architecture()`` lists layer descriptors (dicts) in forward order; dense/conv ones carry
-``param_path`` (keys into ``variables["params"]``), ``input_shape``/``output_shape`` (per example),
-``strides``, ``padding`` and ``window`` where relevant, and ``feature`` when their post-activation value is
-returned under that features key. Dropout needs ``rngs={"dropout": key}`` when ``train=True``.
+Contract shared by every model: ``__call__(x, train=False) -> logits [B, K]`` and
+``features(x, train=False) -> {name: [B, ...]}`` (post-nonlinearity activation of every hidden layer, in
+forward order); inputs are batched, ``[B, H, W, C]`` or ``[B, H*W*C]``. Every layer is a submodule (the
+parameter-free ones too: ``Activation``, ``Flatten``, ``MaxPool``, ``LocalResponseNorm``), so
+``trace_layers`` reads the network's structure from the module itself. Dropout needs
+``rngs={"dropout": key}`` when ``train=True``.
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,40 +46,71 @@ from intriguing_jax.types import Array, Params
 MNIST_SHAPE = (28, 28, 1)
 
 __all__ = [
-    "FC10", "SigmoidMLP", "AutoencoderClassifier", "MnistConvNet", "AlexNet", "get_model", "MODEL_NAMES",
-    "get_param", "weight_layers", "count_params", "local_response_norm", "model_name_widths",
+    "FC10", "SigmoidMLP", "AutoencoderClassifier", "MnistConvNet", "AlexNet", "Activation", "Flatten",
+    "MaxPool", "LocalResponseNorm", "LayerCall", "get_model", "MODEL_NAMES", "get_param", "trace_layers",
+    "weight_layer_paths", "feature_fn", "count_params", "local_response_norm", "model_name_widths",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers.
+# Parameter-free layers (modules so that a trace sees them).
 
 
-def get_param(variables: Params, param_path: Sequence[str]) -> Dict[str, Array]:
-  """The ``{"kernel", "bias"}`` dict at ``param_path`` inside ``variables["params"]`` (or bare params)."""
-  tree = variables["params"] if "params" in variables else variables
-  for key in param_path:
-    tree = tree[key]
-  return tree
+class Activation(nn.Module):
+  """Element-wise nonlinearity ``kind`` ("relu" or "sigmoid")."""
+  kind: str
+
+  def __call__(self, x: Array) -> Array:
+    return {"relu": nn.relu, "sigmoid": nn.sigmoid}[self.kind](x)
 
 
-def weight_layers(model: nn.Module) -> List[Dict[str, Any]]:
-  """The dense/conv descriptors of ``model.architecture()``, in forward order (the per-layer λ order)."""
-  return [d for d in model.architecture() if d["type"] in ("dense", "conv")]
+class Flatten(nn.Module):
+  """[B, ...] -> [B, D]."""
+
+  def __call__(self, x: Array) -> Array:
+    return x.reshape(x.shape[0], -1)
 
 
-def count_params(variables: Params) -> int:
-  """Total number of scalars in ``variables`` (any pytree)."""
-  return int(sum(np.prod(np.shape(a)) for a in jax.tree_util.tree_leaves(variables)))
+class MaxPool(nn.Module):
+  """Max pooling over [B, H, W, C] (``nn.max_pool``)."""
+  window: Tuple[int, int]
+  strides: Tuple[int, int]
+  padding: str = "VALID"
+
+  def __call__(self, x: Array) -> Array:
+    return nn.max_pool(x, self.window, strides=self.strides, padding=self.padding)
 
 
-def _check_batched(x: Array, name: str) -> None:
+def local_response_norm(x: Array, *, depth_radius: int = 2, bias: float = 2.0, alpha: float = 1e-4,
+                        beta: float = 0.75) -> Array:
+  """AlexNet's local response normalisation across channels (Krizhevsky et al. 2012, §3.3).
+
+  ``b_c = a_c / (bias + alpha / n * sum_{|c'-c| <= depth_radius} a_{c'}^2) ** beta`` with
+  ``n = 2 * depth_radius + 1`` (the Caffe convention, alpha divided by the window size); x: [..., C].
+  """
+  n = 2 * depth_radius + 1
+  sq = jnp.square(x)
+  pad = [(0, 0)] * (x.ndim - 1) + [(depth_radius, depth_radius)]
+  window = jax.lax.reduce_window(sq, 0.0, jax.lax.add, (1,) * (x.ndim - 1) + (n,), (1,) * x.ndim, pad)
+  return x / jnp.power(bias + (alpha / n) * window, beta)
+
+
+class LocalResponseNorm(nn.Module):
+  """``local_response_norm`` as a layer."""
+  depth_radius: int = 2
+  bias: float = 2.0
+  alpha: float = 1e-4
+  beta: float = 0.75
+
+  def __call__(self, x: Array) -> Array:
+    return local_response_norm(x, depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha,
+                               beta=self.beta)
+
+
+def _check_batched(x: Array, name: str) -> Array:
   if x.ndim < 2:
     raise ValueError(f"{name}: x must be batched, [B, H, W, C] or [B, D]; got shape {x.shape}")
-
-
-def _flatten(x: Array) -> Array:
-  return x.reshape(x.shape[0], -1)
+  return x
 
 
 def _to_image(x: Array, image_shape: Tuple[int, ...], name: str) -> Array:
@@ -97,32 +123,6 @@ def _to_image(x: Array, image_shape: Tuple[int, ...], name: str) -> Array:
                    f"nor [B, {math.prod(image_shape)}]")
 
 
-def local_response_norm(x: Array, *, depth_radius: int = 2, bias: float = 2.0, alpha: float = 1e-4,
-                        beta: float = 0.75) -> Array:
-  """AlexNet's local response normalisation across channels (Krizhevsky et al. 2012, §3.3).
-
-  ``b_c = a_c / (bias + alpha / n * sum_{|c'-c| <= depth_radius} a_{c'}^2) ** beta`` with
-  ``n = 2 * depth_radius + 1`` (the Caffe convention, alpha divided by the window size).
-
-  Args:
-    x: [..., C] activations (channels last).
-
-  Returns:
-    Array of the shape of ``x``.
-  """
-  n = 2 * depth_radius + 1
-  sq = jnp.square(x)
-  pad = [(0, 0)] * (x.ndim - 1) + [(depth_radius, depth_radius)]
-  window = jax.lax.reduce_window(sq, 0.0, jax.lax.add, (1,) * (x.ndim - 1) + (n,), (1,) * x.ndim, pad)
-  return x / jnp.power(bias + (alpha / n) * window, beta)
-
-
-def _conv_out(size: int, window: int, stride: int, padding: str) -> int:
-  if padding == "SAME":
-    return -(-size // stride)
-  return (size - window) // stride + 1
-
-
 # ----------------------------------------------------------------------------------------------------
 # Fully connected models.
 
@@ -130,54 +130,50 @@ def _conv_out(size: int, window: int, stride: int, padding: str) -> int:
 class SigmoidMLP(nn.Module):
   """Fully connected sigmoid network with a softmax (logits) output: FC100-100-10 and friends.
 
+  Dense layers ``hidden_0 .. hidden_{n-1}`` (sigmoid) and ``output``. When training, dropout at
+  ``input_dropout_rate`` on the pixels and at ``dropout_rate`` on the input of every later dense layer.
+
   Attributes:
     widths: hidden layer widths, input -> output (``()`` gives softmax regression).
     num_classes: output width.
     dropout_rate: dropout on the input of every dense layer after the first when training (0 = off).
     input_dropout_rate: dropout on the pixels when training (0 = off).
-    image_shape: per-example input shape used in ``architecture()`` (inputs are flattened).
   """
   widths: Sequence[int] = (100, 100)
   num_classes: int = 10
   dropout_rate: float = 0.0
   input_dropout_rate: float = 0.0
-  image_shape: Tuple[int, ...] = MNIST_SHAPE
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """x: [B, 28, 28, 1] or [B, 784] -> logits [B, num_classes]."""
+    return self._forward(x, "input", train)[0]
+
+  def features(self, x: Array, train: bool = False) -> Dict[str, Array]:
+    """x -> {"hidden_i": [B, widths[i]]} (post-sigmoid)."""
+    return self._forward(x, "input", train)[1]
+
+  def head(self, h: Array, layer: str, train: bool = False) -> Array:
+    """Logits from the activation ``h`` of feature ``layer`` ("input": the pixels, as ``__call__``)."""
+    return self._forward(h, layer, train)[0]
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, return_features: bool = False):
-    """Args: x: [B, 28, 28, 1] or [B, 784] in [0, 1]. Returns logits [B, num_classes] (and features)."""
-    _check_batched(x, type(self).__name__)
-    h = _flatten(x)
-    features = collections.OrderedDict()
-    if self.input_dropout_rate > 0:
-      h = nn.Dropout(self.input_dropout_rate, deterministic=not train)(h)
-    for i, width in enumerate(self.widths):
-      if i > 0 and self.dropout_rate > 0:
-        h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-      h = nn.sigmoid(nn.Dense(width, name=f"hidden_{i}")(h))
-      features[f"hidden_{i}"] = h
-    if self.widths and self.dropout_rate > 0:
-      h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    logits = nn.Dense(self.num_classes, name="output")(h)
-    return (logits, features) if return_features else logits
-
-  @nn.nowrap
-  def architecture(self) -> List[Dict[str, Any]]:
-    """Layer descriptors in forward order (see module docstring)."""
-    d_in = math.prod(self.image_shape)
-    layers = [{"name": "flatten", "type": "flatten", "input_shape": tuple(self.image_shape),
-               "output_shape": (d_in,)}]
-    for i, width in enumerate(self.widths):
-      layers.append({"name": f"hidden_{i}", "type": "dense", "param_path": (f"hidden_{i}",),
-                     "input_shape": (d_in,), "output_shape": (width,), "feature": f"hidden_{i}"})
-      layers.append({"name": f"hidden_{i}_sigmoid", "type": "sigmoid", "input_shape": (width,),
-                     "output_shape": (width,)})
-      d_in = width
-    layers.append({"name": "output", "type": "dense", "param_path": ("output",), "input_shape": (d_in,),
-                   "output_shape": (self.num_classes,)})
-    layers.append({"name": "softmax", "type": "softmax", "input_shape": (self.num_classes,),
-                   "output_shape": (self.num_classes,)})
-    return layers
+  def _forward(self, h: Array, start: str, train: bool) -> Tuple[Array, Dict[str, Array]]:
+    dense = [f"hidden_{i}" for i in range(len(self.widths))] + ["output"]
+    starts = ["input"] + dense[:-1]
+    if start not in starts:
+      raise ValueError(f"{type(self).__name__}: unknown layer {start!r}; known: {starts}")
+    rates = [self.input_dropout_rate] + [self.dropout_rate] * len(self.widths)  # before each dense layer
+    if start == "input":
+      h = Flatten(name="flatten")(_check_batched(h, type(self).__name__))
+    feats = {}
+    for j in range(starts.index(start), len(dense)):
+      if rates[j] > 0:  # named as Flax names them on the whole forward pass (same dropout draws)
+        name = f"Dropout_{sum(r > 0 for r in rates[:j])}"
+        h = nn.Dropout(rates[j], deterministic=not train, name=name)(h)
+      h = nn.Dense(self.widths[j] if j < len(self.widths) else self.num_classes, name=dense[j])(h)
+      if j < len(self.widths):
+        h = feats[dense[j]] = Activation("sigmoid", name=f"{dense[j]}_sigmoid")(h)
+    return h, feats
 
 
 class FC10(SigmoidMLP):
@@ -185,17 +181,12 @@ class FC10(SigmoidMLP):
   widths: Sequence[int] = ()
 
 
-# ----------------------------------------------------------------------------------------------------
-# AE400-10.
-
-
 class AutoencoderClassifier(nn.Module):
   """AE400-10: sparse autoencoder (784 -> 400 -> 784, sigmoid) with a softmax on its code (paper.md A13).
 
-  ``__call__`` is the classifier: logits = output(sigmoid(encoder(x))). ``reconstruct`` is the
-  autoencoder path used for unsupervised pre-training; it returns ``(code, recon_logits)`` where
-  ``sigmoid(recon_logits)`` is the reconstruction. Weights are untied. Params: ``encoder``, ``decoder``,
-  ``output``; training freezes ``encoder`` (and ignores ``decoder``) in the classifier stage.
+  ``__call__`` is the classifier: logits = output(sigmoid(encoder(x))); ``features`` gives the code as
+  "hidden_0"; ``reconstruct`` is the autoencoder path, ``(code, recon_logits)`` with
+  ``sigmoid(recon_logits)`` the reconstruction. Untied weights ``encoder``, ``decoder``, ``output``.
 
   Attributes:
     code_size: hidden units (400).
@@ -207,96 +198,55 @@ class AutoencoderClassifier(nn.Module):
   image_shape: Tuple[int, ...] = MNIST_SHAPE
 
   def setup(self):
+    self.flatten = Flatten()
     self.encoder = nn.Dense(self.code_size)
+    self.encoder_sigmoid = Activation("sigmoid")
     self.decoder = nn.Dense(math.prod(self.image_shape))
     self.output = nn.Dense(self.num_classes)
 
   def encode(self, x: Array) -> Array:
     """[B, 784] or [B, 28, 28, 1] -> code [B, code_size] in (0, 1)."""
-    _check_batched(x, "AutoencoderClassifier")
-    return nn.sigmoid(self.encoder(_flatten(x)))
+    return self.encoder_sigmoid(self.encoder(self.flatten(_check_batched(x, "AutoencoderClassifier"))))
 
   def reconstruct(self, x: Array) -> Tuple[Array, Array]:
     """Returns (code [B, code_size], reconstruction logits [B, 784])."""
     code = self.encode(x)
     return code, self.decoder(code)
 
-  def __call__(self, x: Array, *, train: bool = False, return_features: bool = False):
-    """Args: x: [B, 28, 28, 1] or [B, 784]. Returns logits [B, num_classes] (and features)."""
+  def features(self, x: Array, train: bool = False) -> Dict[str, Array]:
+    del train
+    return {"hidden_0": self.encode(x)}
+
+  def head(self, h: Array, layer: str, train: bool = False) -> Array:
+    """Logits from the activation ``h`` of ``layer`` ("input" or "hidden_0")."""
+    if layer not in ("input", "hidden_0"):
+      raise ValueError(f"AutoencoderClassifier: unknown layer {layer!r}; known: ['input', 'hidden_0']")
+    return self(h, train) if layer == "input" else self.output(h)
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
     del train
     code = self.encode(x)
     if self.is_initializing():
       self.decoder(code)  # create the decoder params too
-    logits = self.output(code)
-    if return_features:
-      return logits, collections.OrderedDict(hidden_0=code)
-    return logits
-
-  @nn.nowrap
-  def architecture(self) -> List[Dict[str, Any]]:
-    """The classifier's layers (the decoder is not part of the classifier function)."""
-    d_in = math.prod(self.image_shape)
-    return [
-        {"name": "flatten", "type": "flatten", "input_shape": tuple(self.image_shape), "output_shape": (d_in,)},
-        {"name": "encoder", "type": "dense", "param_path": ("encoder",), "input_shape": (d_in,),
-         "output_shape": (self.code_size,), "feature": "hidden_0"},
-        {"name": "encoder_sigmoid", "type": "sigmoid", "input_shape": (self.code_size,),
-         "output_shape": (self.code_size,)},
-        {"name": "output", "type": "dense", "param_path": ("output",), "input_shape": (self.code_size,),
-         "output_shape": (self.num_classes,)},
-        {"name": "softmax", "type": "softmax", "input_shape": (self.num_classes,),
-         "output_shape": (self.num_classes,)},
-    ]
+    return self.output(code)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Convolutional models.
 
 
-def _conv_architecture(image_shape, conv_specs, dense_widths, num_classes, *, lrn_after=(),
-                       lrn_params=None, pool_after=(), pool_window=(2, 2), pool_strides=(2, 2),
-                       pool_padding="VALID", dropout_before=()) -> List[Dict[str, Any]]:
-  """Descriptors for conv -> relu [-> lrn] [-> pool] ... -> flatten -> dense stacks."""
-  h, w, c = image_shape
-  layers = []
-  for name, features, window, strides, padding in conv_specs:
-    out_h = _conv_out(h, window[0], strides[0], padding)
-    out_w = _conv_out(w, window[1], strides[1], padding)
-    layers.append({"name": name, "type": "conv", "param_path": (name,), "input_shape": (h, w, c),
-                   "output_shape": (out_h, out_w, features), "window": tuple(window), "strides": tuple(strides),
-                   "padding": padding, "feature": name})
-    h, w, c = out_h, out_w, features
-    layers.append({"name": f"{name}_relu", "type": "relu", "input_shape": (h, w, c), "output_shape": (h, w, c)})
-    if name in lrn_after:
-      layers.append({"name": f"{name}_lrn", "type": "lrn", "input_shape": (h, w, c), "output_shape": (h, w, c),
-                     **(lrn_params or {})})
-    if name in pool_after:
-      pname = pool_after[name]
-      out_h = _conv_out(h, pool_window[0], pool_strides[0], pool_padding)
-      out_w = _conv_out(w, pool_window[1], pool_strides[1], pool_padding)
-      layers.append({"name": pname, "type": "maxpool", "input_shape": (h, w, c), "output_shape": (out_h, out_w, c),
-                     "window": tuple(pool_window), "strides": tuple(pool_strides), "padding": pool_padding,
-                     "feature": pname})
-      h, w = out_h, out_w
-  d_in = h * w * c
-  layers.append({"name": "flatten", "type": "flatten", "input_shape": (h, w, c), "output_shape": (d_in,)})
-  for name, width in dense_widths:
-    if name in dropout_before:
-      layers.append({"name": f"{name}_dropout", "type": "dropout", "input_shape": (d_in,), "output_shape": (d_in,)})
-    layers.append({"name": name, "type": "dense", "param_path": (name,), "input_shape": (d_in,),
-                   "output_shape": (width,), "feature": name})
-    layers.append({"name": f"{name}_relu", "type": "relu", "input_shape": (width,), "output_shape": (width,)})
-    d_in = width
-  if "output" in dropout_before:
-    layers.append({"name": "output_dropout", "type": "dropout", "input_shape": (d_in,), "output_shape": (d_in,)})
-  layers.append({"name": "output", "type": "dense", "param_path": ("output",), "input_shape": (d_in,),
-                 "output_shape": (num_classes,)})
-  layers.append({"name": "softmax", "type": "softmax", "input_shape": (num_classes,),
-                 "output_shape": (num_classes,)})
-  return layers
+class _ConvNet(nn.Module):
+  """``__call__`` and ``features`` from ``_forward(x, train) -> (logits, features)``."""
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """x: [B, H, W, C] or [B, H*W*C] -> logits [B, num_classes]."""
+    return self._forward(x, train)[0]
+
+  def features(self, x: Array, train: bool = False) -> Dict[str, Array]:
+    return self._forward(x, train)[1]
 
 
-class MnistConvNet(nn.Module):
+class MnistConvNet(_ConvNet):
   """Small LeNet-like ReLU ConvNet for MNIST (paper §3 unit analysis; spectral bounds).
 
   conv1 5x5 1->c1 VALID, ReLU, max-pool 2x2/2 -> conv2 5x5 c1->c2 VALID, ReLU, max-pool 2x2/2 ->
@@ -316,34 +266,22 @@ class MnistConvNet(nn.Module):
   image_shape: Tuple[int, ...] = MNIST_SHAPE
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, return_features: bool = False):
-    """Args: x: [B, 28, 28, 1] or [B, 784]. Returns logits [B, num_classes] (and features)."""
-    x = _to_image(x, self.image_shape, "MnistConvNet")
-    feats = collections.OrderedDict()
-    h = x
+  def _forward(self, x: Array, train: bool) -> Tuple[Array, Dict[str, Array]]:
+    h = _to_image(x, self.image_shape, "MnistConvNet")
+    feats = {}
     for i, c in enumerate(self.channels):
-      h = nn.relu(nn.Conv(c, (5, 5), padding="VALID", name=f"conv{i + 1}")(h))
-      feats[f"conv{i + 1}"] = h
-      h = nn.max_pool(h, (2, 2), strides=(2, 2), padding="VALID")
-      feats[f"pool{i + 1}"] = h
-    h = _flatten(h)
-    h = nn.relu(nn.Dense(self.hidden, name="fc1")(h))
-    feats["fc1"] = h
+      name = f"conv{i + 1}"
+      h = nn.Conv(c, (5, 5), padding="VALID", name=name)(h)
+      h = feats[name] = Activation("relu", name=f"{name}_relu")(h)
+      h = feats[f"pool{i + 1}"] = MaxPool((2, 2), (2, 2), name=f"pool{i + 1}")(h)
+    h = Flatten(name="flatten")(h)
+    h = feats["fc1"] = Activation("relu", name="fc1_relu")(nn.Dense(self.hidden, name="fc1")(h))
     if self.dropout_rate > 0:
       h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    logits = nn.Dense(self.num_classes, name="output")(h)
-    return (logits, feats) if return_features else logits
-
-  @nn.nowrap
-  def architecture(self) -> List[Dict[str, Any]]:
-    convs = [(f"conv{i + 1}", c, (5, 5), (1, 1), "VALID") for i, c in enumerate(self.channels)]
-    return _conv_architecture(
-        tuple(self.image_shape), convs, [("fc1", self.hidden)], self.num_classes,
-        pool_after={"conv1": "pool1", "conv2": "pool2"},
-        dropout_before=("output",) if self.dropout_rate > 0 else ())
+    return nn.Dense(self.num_classes, name="output")(h), feats
 
 
-class AlexNet(nn.Module):
+class AlexNet(_ConvNet):
   """Single-tower AlexNet with the paper's Table 5 sizes (Krizhevsky et al. 2012; paper.md A18).
 
   conv1 11x11/4 3->96 VALID, ReLU, LRN, max-pool 3x3/2 -> conv2 5x5 96->256 SAME, ReLU, LRN, pool ->
@@ -362,46 +300,114 @@ class AlexNet(nn.Module):
   lrn: bool = True
   image_shape: Tuple[int, ...] = (227, 227, 3)
 
-  LRN = {"depth_radius": 2, "bias": 2.0, "alpha": 1e-4, "beta": 0.75}
   CONVS = (("conv1", 96, (11, 11), (4, 4), "VALID"), ("conv2", 256, (5, 5), (1, 1), "SAME"),
            ("conv3", 384, (3, 3), (1, 1), "SAME"), ("conv4", 384, (3, 3), (1, 1), "SAME"),
            ("conv5", 256, (3, 3), (1, 1), "SAME"))
   POOLS = {"conv1": "pool1", "conv2": "pool2", "conv5": "pool5"}
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, return_features: bool = False):
-    """Args: x: [B, 227, 227, 3]. Returns logits [B, num_classes] (and features)."""
-    x = _to_image(x, self.image_shape, "AlexNet")
-    feats = collections.OrderedDict()
-    h = x
+  def _forward(self, x: Array, train: bool) -> Tuple[Array, Dict[str, Array]]:
+    h = _to_image(x, self.image_shape, "AlexNet")
+    feats = {}
     for name, features, window, strides, padding in self.CONVS:
-      h = nn.relu(nn.Conv(features, window, strides=strides, padding=padding, name=name)(h))
-      feats[name] = h
+      h = nn.Conv(features, window, strides=strides, padding=padding, name=name)(h)
+      h = feats[name] = Activation("relu", name=f"{name}_relu")(h)
       if self.lrn and name in ("conv1", "conv2"):
-        h = local_response_norm(h, **self.LRN)
+        h = LocalResponseNorm(name=f"{name}_lrn")(h)
       if name in self.POOLS:
-        h = nn.max_pool(h, (3, 3), strides=(2, 2), padding="VALID")
-        feats[self.POOLS[name]] = h
-    h = _flatten(h)
+        h = feats[self.POOLS[name]] = MaxPool((3, 3), (2, 2), name=self.POOLS[name])(h)
+    h = Flatten(name="flatten")(h)
     for name in ("fc1", "fc2"):
       if name == "fc2" and self.dropout_rate > 0:
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-      h = nn.relu(nn.Dense(4096, name=name)(h))
-      feats[name] = h
+      h = feats[name] = Activation("relu", name=f"{name}_relu")(nn.Dense(4096, name=name)(h))
     if self.dropout_rate > 0:
       h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    logits = nn.Dense(self.num_classes, name="output")(h)
-    return (logits, feats) if return_features else logits
+    return nn.Dense(self.num_classes, name="output")(h), feats
 
-  @nn.nowrap
-  def architecture(self) -> List[Dict[str, Any]]:
-    lrn_params = dict(self.LRN)
-    lrn_params["size"] = 2 * lrn_params["depth_radius"] + 1
-    return _conv_architecture(
-        tuple(self.image_shape), self.CONVS, [("fc1", 4096), ("fc2", 4096)], self.num_classes,
-        lrn_after=("conv1", "conv2") if self.lrn else (), lrn_params=lrn_params, pool_after=self.POOLS,
-        pool_window=(3, 3), pool_strides=(2, 2),
-        dropout_before=("fc2", "output") if self.dropout_rate > 0 else ())
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a model's structure.
+
+
+def get_param(variables: Params, param_path: Sequence[str]) -> Dict[str, Array]:
+  """The ``{"kernel", "bias"}`` dict at ``param_path`` inside ``variables["params"]`` (or bare params)."""
+  tree = variables["params"] if "params" in variables else variables
+  for key in param_path:
+    tree = tree[key]
+  return tree
+
+
+def count_params(variables: Params) -> int:
+  """Total number of scalars in ``variables`` (any pytree)."""
+  return int(sum(np.prod(np.shape(a)) for a in jax.tree_util.tree_leaves(variables)))
+
+
+LAYER_TYPES = (nn.Dense, nn.Conv, nn.Dropout, Activation, Flatten, MaxPool, LocalResponseNorm)
+
+
+class LayerCall(NamedTuple):
+  """One call of a layer during a forward pass (``trace_layers``).
+
+  Attributes:
+    path: the module's path; for Dense/Conv the keys of its params inside ``variables["params"]``.
+    module: the layer (its attributes: features, kernel_size, strides, padding, window, kind...).
+    input_shape, output_shape: per-example shapes (batch dimension dropped).
+  """
+  path: Tuple[str, ...]
+  module: nn.Module
+  input_shape: Tuple[int, ...]
+  output_shape: Tuple[int, ...]
+
+
+def trace_layers(model: nn.Module, variables: Params, input_shape: Sequence[int]) -> List[LayerCall]:
+  """The ``LAYER_TYPES`` calls of ``model.apply(variables, x)`` on one input of ``input_shape``, in order.
+
+  Traced with ``jax.eval_shape`` under ``flax.linen.intercept_methods`` (nothing is computed).
+
+  Raises:
+    ValueError: the model cannot take an input of ``input_shape`` (with the model's own reason).
+  """
+  shape = tuple(int(v) for v in input_shape)
+  calls: List[LayerCall] = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name != "__call__" or not isinstance(context.module, LAYER_TYPES):
+      return next_fun(*args, **kwargs)
+    i = len(calls)
+    calls.append(None)  # keeps the order in which the calls start
+    out = next_fun(*args, **kwargs)
+    calls[i] = LayerCall(tuple(context.module.path), context.module, tuple(args[0].shape[1:]),
+                         tuple(out.shape[1:]))
+    return out
+
+  x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+  try:
+    with nn.intercept_methods(record):
+      jax.eval_shape(model.apply, variables, x)
+  except (ValueError, TypeError, flax.errors.FlaxError) as e:
+    raise ValueError(f"{type(model).__name__} cannot take an input of shape {shape}: {e}") from e
+  return calls
+
+
+def weight_layer_paths(model: nn.Module, variables: Params,
+                       input_shape: Sequence[int]) -> List[Tuple[str, ...]]:
+  """Param paths (keys inside ``variables["params"]``) of the Dense/Conv layers, in forward order."""
+  calls = trace_layers(model, variables, input_shape)
+  return [c.path for c in calls if isinstance(c.module, (nn.Dense, nn.Conv))]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Features:
+  model: nn.Module
+
+  def __call__(self, params: Params, x: Array) -> Dict[str, Array]:
+    return self.model.apply(params, x, method="features")
+
+
+def feature_fn(model: nn.Module):
+  """Hashable ``fn(variables, x) -> {name: [B, ...]}``: ``model.features`` (equal models, equal fns)."""
+  return _Features(model)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,7 +418,7 @@ _FC_RE = re.compile(r"^fc(\d+(?:-\d+)*)$")
 
 
 def model_name_widths(name: str) -> Optional[Tuple[int, ...]]:
-  """Hidden widths encoded in an "fc<w1>-...-<classes>" name (e.g. (100, 100) for "fc100-100-10"), else None."""
+  """Hidden widths of an "fc<w1>-...-<classes>" name ((100, 100) for "fc100-100-10"), else None."""
   m = _FC_RE.match(name.lower())
   if not m:
     return None

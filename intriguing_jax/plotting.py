@@ -12,9 +12,10 @@ matplotlib is imported lazily with the non-interactive Agg backend, and every fi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
-import os
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -22,7 +23,13 @@ import numpy as np
 from intriguing_jax import checkpoint
 
 
-def _fmt(value: Any, floatfmt: str) -> str:
+def safe_name(name: str) -> str:
+  """A file-name-safe version of ``name`` plus 6 hex digits of its hash (distinct names stay distinct)."""
+  safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+  return safe + "_" + hashlib.sha256(name.encode()).hexdigest()[:6]
+
+
+def format_cell(value: Any, floatfmt: str) -> str:
   if value is None:
     return ""
   if isinstance(value, (bool, np.bool_)):
@@ -66,7 +73,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence
   head = [headers.get(c, c) for c in columns]
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in columns) + "|"]
   for row in rows:
-    lines.append("| " + " | ".join(_fmt(row.get(c), floatfmt) for c in columns) + " |")
+    lines.append("| " + " | ".join(format_cell(row.get(c), floatfmt) for c in columns) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -112,19 +119,21 @@ def save_image_grid(images: Any, path: str, *, ncols: Optional[int] = None,
     ncols = ncols or min(n, 10)
     nrows = max(1, math.ceil(n / ncols))
   else:
-    raise ValueError(f"save_image_grid: expected [N,H,W(,C)] or [rows,cols,H,W(,C)], got shape {images.shape}")
+    raise ValueError(f"save_image_grid: expected [N,H,W(,C)] or [rows,cols,H,W(,C)], got shape "
+                     f"{images.shape}")
   if images.ndim == 4 and images.shape[-1] == 1:
     images = images[..., 0]
   plt = _pyplot()
-  fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell_inches, nrows * cell_inches * 1.05), squeeze=False)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell_inches, nrows * cell_inches * 1.05),
+                           squeeze=False)
   for i, ax in enumerate(axes.flat):
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
       spine.set_visible(False)
     if i < images.shape[0]:
-      ax.imshow(np.clip(images[i], vmin, vmax), cmap=cmap if images[i].ndim == 2 else None, vmin=vmin, vmax=vmax,
-                interpolation="nearest")
+      ax.imshow(np.clip(images[i], vmin, vmax), cmap=cmap if images[i].ndim == 2 else None, vmin=vmin,
+                vmax=vmax, interpolation="nearest")
       if titles is not None and i < len(titles):
         ax.set_title(titles[i], fontsize=7)
   if row_labels is not None:

@@ -60,12 +60,7 @@ class MetricWriter:
   def write(self, **metrics: Any) -> None:
     record = {k: _to_py(v) for k, v in metrics.items()}
     record.setdefault("time", time.time())
-    parts = []
-    for k, v in record.items():
-      if k == "time":
-        continue
-      parts.append(_fmt(k, v))
-    logging.info("%s%s", self.prefix, ", ".join(parts))
+    logging.info("%s%s", self.prefix, ", ".join(_fmt(k, v) for k, v in record.items() if k != "time"))
     if self.path:
       with open(self.path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -84,10 +79,13 @@ class Timer:
     self.seconds = time.perf_counter() - self._start
 
 
-def itstime(step: int, every_n_steps: int, total_steps: Optional[int] = None) -> bool:
-  """True every ``every_n_steps`` steps (1-based) and at the last step."""
-  is_last = total_steps is not None and step == total_steps
-  return is_last or (every_n_steps > 0 and step % every_n_steps == 0)
+def parse_flags(argv):
+  """absl's flag parser for ``app.run(main, flags_parser=progress.parse_flags)``; --help exits 0."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if {"--help", "-h", "-?", "--helpshort"} & set(argv[1:]):
+    app.usage(shorthelp=True, writeto_stdout=True)
+    sys.exit(0)
+  return app.parse_flags_with_usage(argv)
 
 
 def log_run_start(workdir: Optional[str], flag_values: Any = None) -> None:
@@ -98,6 +96,6 @@ def log_run_start(workdir: Optional[str], flag_values: Any = None) -> None:
     os.makedirs(workdir, exist_ok=True)
     if flag_values is not None:
       from intriguing_jax import checkpoint  # pylint: disable=g-import-not-at-top
-      text = flag_values.flags_into_string() if hasattr(flag_values, "flags_into_string") else str(flag_values)
+      text = getattr(flag_values, "flags_into_string", lambda: str(flag_values))()
       checkpoint.atomic_write_bytes(os.path.join(workdir, "flags.txt"),
                                     (" ".join(sys.argv) + "\n" + text).encode())

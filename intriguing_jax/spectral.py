@@ -2,21 +2,18 @@
 
 Usage::
 
-    import jax
-    from intriguing_jax import spectral
-
     kernel = 0.03 * jax.random.normal(jax.random.PRNGKey(0), (11, 11, 3, 96))      # Flax HWIO layout
     r = spectral.conv_operator_norm(kernel, input_shape=(224, 224, 3), strides=(4, 4),
                                     padding="CIRCULAR")
     r.value, r.paper_formula     # exact circular norm; the printed Δ^-2 formula (= exact / 4)
     r = spectral.conv_operator_norm(kernel, input_shape=(224, 224, 3), strides=(4, 4),
-                                    padding=((2, 2), (2, 2)), method="power")
+                                    padding=((2, 2), (2, 2)), method="lanczos")
     r.lower, r.upper             # certified interval for the zero-padded layer as the model runs it
     spectral.dense_operator_norm(w)                       # largest singular value of a [in, out] kernel
     spectral.maxpool_lipschitz((3, 3), (2, 2), input_shape=(27, 27, 96))   # 2.0: overlapping windows
-    rows, summary = spectral.lipschitz_table(model, variables, (224, 224, 3))
+    rows, summary = spectral.lipschitz_table(model, variables, (227, 227, 3))
     print(spectral.format_table(rows, summary))
-    emp = spectral.empirical_lipschitz(lambda x: model.apply(variables, x), images, x_adv=adv)
+    emp = spectral.empirical_lipschitz(model.apply, variables, images, x_adv=adv)
 
 Mathematics (``../shared/spectral.md`` §2, paper.md §5 and §9 A19-A20):
 
@@ -25,37 +22,40 @@ Mathematics (``../shared/spectral.md`` §2, paper.md §5 and §9 A19-A20):
   M×M grid (M = N/s) with C·s² input channels. Its operator norm is therefore
   ``max_ξ σ_max(P(ξ))`` over the M×M frequencies of the D×(C·s²) polyphase symbol P(ξ). The paper's
   aliasing form, eq. (1), is the same matrix up to a unitary factor when its coefficient is s⁻¹; the
-  printed Δ⁻² gives exactly ``norm / s`` (§9 A19). Both are computed here (``paper_formula_norm``).
+  printed Δ⁻² gives exactly ``norm / s`` (§9 A19; tests/test_spectral.py evaluates eq. (1) literally).
 * Zero padding ('SAME', 'VALID', explicit pads) embeds the layer in a circular one on N' ≥ N+pads with
   s | N', so ``‖K_zero‖ ≤ ‖K_circ(N')‖`` (certified). The exact zero-padded norm is found matrix-free
-  by power iteration / Lanczos on the operator as ``lax.conv_general_dilated`` applies it, warm-started
+  by Lanczos on the operator as ``lax.conv_general_dilated`` applies it, warm-started
   from the circular top singular vector; any unit vector's ``‖Kx‖`` is a certified lower bound.
 * Max pooling with overlapping windows is ``√(max #windows covering a pixel)``-Lipschitz, which is
   attained (⌈k/s⌉ = 2 for AlexNet's 3×3/2 pools); the paper's 1 holds only when k ≤ s.
 * Contrast normalisation ``x/(ε+‖x‖²)^γ``: ε^{-γ} exactly, for every γ ≥ 0.
 * AlexNet LRN: certified ``k^{-β} ≤ L ≤ k^{-β} + β g* √((1+√n)(n+1))``.
-
-All heavy computations are jit-compiled; each distinct layer shape compiles once.
+* A network that is a chain of layers f = f_L ∘ … ∘ f_1 is ``Π L_i``-Lipschitz (``lipschitz_table``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import time
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+from absl import logging
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
-from absl import logging
 
-from intriguing_jax.types import Array
+from intriguing_jax import models
+from intriguing_jax.types import Array, Params
 
 Padding = Union[str, Sequence[Tuple[int, int]]]
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
-
 # Table 5 of the paper (paper.md §7): layer, C_in, kernel side, C_out, stride, printed upper bound, and the
 # input side N we use (the paper does not state N; paper.md §9 A19: 224 (pad 2), 27, 13, 13, 13).
 TABLE5 = (
@@ -76,7 +76,7 @@ class OperatorNorm(NamedTuple):
   Attributes:
     value: the best estimate of the norm of the layer as specified (exact for circular padding and for
       dense layers up to the eigen-solver's accuracy; for zero padding the matrix-free estimate when
-      ``method`` is "power"/"lanczos", else the certified upper bound).
+      ``method`` is "lanczos", else the certified upper bound).
     lower: certified lower bound (‖K x‖ for an explicit unit vector x); equals ``value`` when exact.
     upper: certified upper bound (exact circular value, or min over N' of the circular norm on N').
     paper_formula: the paper's eq. (1) as printed (coefficient Δ⁻²) on the circular N×N grid; for
@@ -170,7 +170,8 @@ def resolve_padding(padding: Padding, input_hw: Tuple[int, int], window: Tuple[i
   try:
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"padding must be 'CIRCULAR', 'SAME', 'VALID' or ((lo, hi), (lo, hi)), got {padding!r}") from e
+    raise ValueError(f"padding must be 'CIRCULAR', 'SAME', 'VALID' or ((lo, hi), (lo, hi)), "
+                     f"got {padding!r}") from e
   if len(pads) != 2 or min(min(p) for p in pads) < 0:
     raise ValueError(f"padding must be two non-negative (lo, hi) pairs, got {padding!r}")
   return pads  # type: ignore[return-value]
@@ -207,11 +208,6 @@ def _top_sigma(p: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "strides"))
-def _circular_norm(kernel: Array, grid: Tuple[int, int], strides: Tuple[int, int]) -> Array:
-  return jnp.max(_top_sigma(_polyphase_symbol(kernel, grid, strides, full=False)))
-
-
-@functools.partial(jax.jit, static_argnames=("grid", "strides"))
 def _circular_norm_and_vector(kernel: Array, grid: Tuple[int, int], strides: Tuple[int, int]):
   """Exact circular norm and a real top right singular vector in input space [s·Mh, s·Mw, C]."""
   p = _polyphase_symbol(kernel, grid, strides, full=False)  # [F, Cs², D]
@@ -241,27 +237,6 @@ def _circular_norm_and_vector(kernel: Array, grid: Tuple[int, int], strides: Tup
   return jnp.max(sig), x / jnp.linalg.norm(x)
 
 
-def circular_conv_norm(kernel: Array, input_hw: Tuple[int, int], strides: Any = (1, 1)) -> float:
-  """Exact operator norm of the circular (periodic) strided convolution on an H×W grid.
-
-  Args:
-    kernel: [kh, kw, C_in, C_out] (Flax layout). Kernels larger than the grid are folded (aliased).
-    input_hw: (H, W); each must be divisible by its stride.
-    strides: int or (sh, sw).
-
-  Returns:
-    ‖K‖₂ as a Python float.
-
-  Raises:
-    ValueError: bad shapes, or a stride that does not divide the input size.
-  """
-  h, w = _pair(input_hw, "input_hw")
-  kernel, _, strides = _check_kernel(kernel, (h, w, np.shape(kernel)[2]), strides)
-  _check_divisible((h, w), strides)
-  grid = (h // strides[0], w // strides[1])
-  return float(_circular_norm(jnp.asarray(kernel), grid, strides))
-
-
 def _check_divisible(hw: Tuple[int, int], strides: Tuple[int, int]) -> None:
   if hw[0] % strides[0] or hw[1] % strides[1]:
     raise ValueError(f"circular convolution needs the stride to divide the input size: input {hw}, strides "
@@ -280,45 +255,6 @@ def conv_singular_values(kernel: Array, input_hw: Tuple[int, int], strides: Any 
   p = _polyphase_symbol(jnp.asarray(kernel), (h // strides[0], w // strides[1]), strides, full=True)
   sv = np.asarray(jnp.linalg.svd(p, compute_uv=False)).ravel()
   return np.sort(sv)[::-1]
-
-
-def paper_formula_norm(kernel: Array, input_hw: Tuple[int, int], strides: Any = (1, 1), *,
-                       coefficient: str = "printed") -> float:
-  """The paper's eq. (1) evaluated literally: sup_ξ ‖A(ξ)‖ with A(ξ)_{d,(c,l)} = coef · ŵ_{c,d}(ξ + l·N/Δ).
-
-  ŵ is the standard N-point DFT (paper.md §9 A19.2 reads the printed /N² as /N), ξ on the integer
-  (N/Δ)² grid.
-
-  Args:
-    kernel: [kh, kw, C_in, C_out], kh ≤ H and kw ≤ W.
-    input_hw: (H, W), divisible by the strides.
-    strides: int or pair (Δ_h, Δ_w).
-    coefficient: "printed" for Δ⁻² (as in the paper; gives ‖K‖/Δ), "exact" for Δ⁻¹ (gives ‖K‖).
-
-  Returns:
-    The value as a Python float.
-  """
-  if coefficient not in ("printed", "exact"):
-    raise ValueError(f"coefficient must be 'printed' or 'exact', got {coefficient!r}")
-  h, w = _pair(input_hw, "input_hw")
-  kernel, _, strides = _check_kernel(kernel, (h, w, np.shape(kernel)[2]), strides)
-  _check_divisible((h, w), strides)
-  kh, kw, c, d = np.shape(kernel)
-  if kh > h or kw > w:
-    raise ValueError(f"paper_formula_norm needs the kernel {kh}x{kw} to fit in the grid {h}x{w}")
-  return float(_paper_formula(jnp.asarray(kernel), (h, w), strides, coefficient == "exact"))
-
-
-@functools.partial(jax.jit, static_argnames=("hw", "strides", "exact"))
-def _paper_formula(kernel, hw, strides, exact):
-  (h, w), (sh, sw) = hw, strides
-  mh, mw = h // sh, w // sw
-  what = jnp.fft.fft2(kernel, s=(h, w), axes=(0, 1))  # ŵ_{c,d}(ξ), [H, W, C, D]
-  # ξ + l·M: split each frequency axis as (l, ξ) with index l·M + ξ.
-  a = what.reshape(sh, mh, sw, mw, kernel.shape[2], kernel.shape[3])
-  a = a.transpose(1, 3, 5, 0, 2, 4).reshape(mh * mw, kernel.shape[3], sh * sw * kernel.shape[2])
-  coef = 1.0 / math.sqrt(sh * sw) if exact else 1.0 / (sh * sw)  # Δ⁻¹ or Δ⁻² for square strides
-  return jnp.max(_top_sigma(a)) * coef
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,16 +310,8 @@ def _lanczos_top(matvec: Callable[[Array], Array], v0: Array, num_steps: int) ->
   return (y / jnp.linalg.norm(y)).reshape(shape), evals[-1]
 
 
-def _power_top(matvec: Callable[[Array], Array], v0: Array, num_steps: int) -> Array:
-  """Power iteration on a symmetric PSD operator; returns the last unit iterate."""
-  def body(_, v):
-    w = matvec(v)
-    return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(v.dtype).tiny)
-  return lax.fori_loop(0, num_steps, body, v0 / jnp.linalg.norm(v0))
-
-
-@functools.partial(jax.jit, static_argnames=("strides", "padding", "num_steps", "method"))
-def _matrix_free_norm(kernel, x0, strides, padding, num_steps, method):
+@functools.partial(jax.jit, static_argnames=("strides", "padding", "num_steps"))
+def _matrix_free_norm(kernel, x0, strides, padding, num_steps):
   # A little noise keeps the warm start out of any invariant subspace (a cropped plane wave can be
   # orthogonal to the top singular vector by symmetry, and Lanczos would then break down there).
   noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape, x0.dtype)
@@ -391,10 +319,7 @@ def _matrix_free_norm(kernel, x0, strides, padding, num_steps, method):
   op = functools.partial(conv_apply, kernel, strides=strides, padding=padding)
   op_t = jax.linear_transpose(op, x0)
   gram = lambda v: op_t(op(v))[0]
-  if method == "lanczos":
-    x, _ = _lanczos_top(gram, x0, num_steps)
-  else:
-    x = _power_top(gram, x0, num_steps)
+  x, _ = _lanczos_top(gram, x0, num_steps)
   return jnp.linalg.norm(op(x)) / jnp.linalg.norm(x)  # Rayleigh: a certified lower bound
 
 
@@ -417,11 +342,11 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
     strides: int or (sh, sw).
     padding: "CIRCULAR" (periodic, the paper's setting), "SAME", "VALID", or ((lo, hi), (lo, hi)).
     method: "fft": exact polyphase FFT norm for circular padding; for zero padding the certified
-      circular upper bound min over N' (no iterations). "power": additionally runs ``num_steps`` steps of
-      warm-started power iteration on the exact operator (``jax.linear_transpose``), giving a certified
-      lower bound. "lanczos": the same with Lanczos (full re-orthogonalisation), which converges much
-      faster on the clustered top spectrum of convolutions.
-    num_steps: iterations for "power"/"lanczos".
+      circular upper bound min over N' (no iterations). "lanczos": additionally ``num_steps`` Lanczos
+      steps (full re-orthogonalisation) on the exact operator (``jax.linear_transpose``), warm-started
+      from the circular top singular vector: the exact value, its Rayleigh quotient a certified lower
+      bound.
+    num_steps: Lanczos steps.
     num_grids: how many admissible N' the zero-padded upper bound minimises over.
 
   Returns:
@@ -431,8 +356,8 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
     ValueError: bad shapes/strides/padding/method; circular padding with a stride not dividing H or W.
   """
   kernel, input_shape, strides = _check_kernel(kernel, input_shape, strides)
-  if method not in ("fft", "power", "lanczos"):
-    raise ValueError(f"method must be 'fft', 'power' or 'lanczos', got {method!r}")
+  if method not in ("fft", "lanczos"):
+    raise ValueError(f"method must be 'fft' or 'lanczos', got {method!r}")
   if int(num_steps) < 1 or int(num_grids) < 1:
     raise ValueError(f"num_steps and num_grids must be >= 1, got {num_steps}, {num_grids}")
   kernel = jnp.asarray(kernel)
@@ -448,7 +373,7 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
     circ, vec = _circular_norm_and_vector(kernel, (hw[0] // strides[0], hw[1] // strides[1]), strides)
     circ = float(circ)
     # The printed Δ⁻² coefficient gives exactly norm / Δ (norm / √(Δh·Δw) for rectangular strides),
-    # spectral.md §2.2; ``paper_formula_norm`` evaluates the printed formula literally (tested equal).
+    # spectral.md §2.2 (the test evaluates the printed formula literally and finds it equal).
     paper = circ / math.sqrt(strides[0] * strides[1])
   if pads == "CIRCULAR":
     _check_divisible(hw, strides)
@@ -457,9 +382,10 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
     # conv_apply wraps by ((k-1)//2, k//2), i.e. shifts the input by (k-1)//2: the top vector shifts too.
     lo_h, lo_w = (kh - 1) // 2, (kw - 1) // 2
     x0 = jnp.roll(vec, (-lo_h, -lo_w), axis=(0, 1)).astype(kernel.dtype)
-    lower = float(_matrix_free_norm(kernel, x0, strides, "CIRCULAR", int(num_steps), method))
+    lower = float(_matrix_free_norm(kernel, x0, strides, "CIRCULAR", int(num_steps)))
     if lower > circ * (1 + 1e-4):
-      logging.warning("conv_operator_norm: Rayleigh value %.8g exceeds the exact circular norm %.8g", lower, circ)
+      logging.warning("conv_operator_norm: Rayleigh value %.8g exceeds the exact circular norm %.8g", lower,
+                      circ)
     return OperatorNorm(circ, min(lower, circ), circ, paper, circ)
 
   # Zero padding: certified upper bound from circular embeddings, warm start from the first grid.
@@ -475,7 +401,7 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
   if method == "fft":
     lower = float(jnp.linalg.norm(conv_apply(kernel, start / jnp.linalg.norm(start), strides, pads)))
     return OperatorNorm(upper, lower, upper, paper, circ)
-  lower = float(_matrix_free_norm(kernel, start.astype(kernel.dtype), strides, pads, int(num_steps), method))
+  lower = float(_matrix_free_norm(kernel, start.astype(kernel.dtype), strides, pads, int(num_steps)))
   return OperatorNorm(lower, lower, upper, paper, circ)
 
 
@@ -522,7 +448,8 @@ def _dense_block_krylov(w, v0, num_blocks, tol, check_every=2):
     flat_a = images.transpose(1, 0, 2).reshape(n, -1)
     x, ax = flat_v @ y, flat_a @ y
     theta = jnp.vdot(x, ax) / jnp.vdot(x, x)
-    return x, jnp.linalg.norm(ax - theta * x) / jnp.maximum(theta * jnp.linalg.norm(x), jnp.finfo(w.dtype).tiny)
+    scale = jnp.maximum(theta * jnp.linalg.norm(x), jnp.finfo(w.dtype).tiny)
+    return x, jnp.linalg.norm(ax - theta * x) / scale
 
   def cond(carry):
     j, _, _, _, rel = carry
@@ -645,9 +572,14 @@ def maxpool_lipschitz(window: Any, strides: Any = None, *, input_shape: Optional
 
 def avgpool_norm(window: Any, strides: Any = None, *, input_shape: Sequence[int],
                  padding: Padding = "VALID") -> float:
-  """Operator norm of (linear) average pooling, count_include_pad: a depthwise conv with kernel 1/(kh·kw)."""
+  """Operator norm of (linear) average pooling, count_include_pad: a depthwise conv with kernel 1/(kh·kw).
+
+  input_shape: (H, W) or (H, W, C); the norm does not depend on C.
+  """
   kh, kw = _pair(window, "window")
   strides = _pair(strides if strides is not None else (kh, kw), "strides")
+  if len(input_shape) not in (2, 3):
+    raise ValueError(f"avgpool_norm: input_shape must be (H, W) or (H, W, C), got {tuple(input_shape)}")
   kernel = jnp.full((kh, kw, 1, 1), 1.0 / (kh * kw), jnp.float32)
   return conv_operator_norm(kernel, input_shape=(int(input_shape[0]), int(input_shape[1]), 1),
                             strides=strides, padding=padding, method="fft").upper
@@ -677,136 +609,137 @@ def lrn_lipschitz(k: float = 2.0, n: int = 5, beta: float = 0.75) -> Tuple[float
 
 
 # ----------------------------------------------------------------------------------------------------
-# Whole networks.
+# Whole networks: one row per layer the Flax module calls.
 
 
-def _get_path(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
-  node = tree
-  for key in path:
-    if key not in node:
-      raise ValueError(f"param_path {tuple(path)} not found in params (missing {key!r})")
-    node = node[key]
-  return node
+def _stride(strides: Tuple[int, int]) -> Any:
+  return strides[0] if strides[0] == strides[1] else strides
 
 
-def _conv_out_shape(shape, kernel_hw, c_out, strides, pads):
-  if pads == "CIRCULAR":
-    return (-(-shape[0] // strides[0]), -(-shape[1] // strides[1]), c_out)
-  return tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(shape[:2], pads, kernel_hw, strides)) + (c_out,)
+def _conv_row(call: models.LayerCall, variables: Params, method: str, num_steps: int) -> Dict[str, Any]:
+  m, name = call.module, "/".join(call.path)
+  if m.feature_group_count != 1 or any(d not in (None, 1) and tuple(np.ravel(d)) != (1, 1)
+                                       for d in (m.input_dilation, m.kernel_dilation)):
+    raise ValueError(f"lipschitz_table: {name}: grouped or dilated convolutions are not supported")
+  kernel = jnp.asarray(models.get_param(variables, call.path)["kernel"])
+  strides = _pair(m.strides or 1, f"{name}.strides")
+  padding = ((m.padding, m.padding),) * 2 if isinstance(m.padding, int) else m.padding
+  r = conv_operator_norm(kernel, input_shape=call.input_shape, strides=strides, padding=padding,
+                         method=method, num_steps=num_steps)
+  paper, note = r.paper_formula, f"padding {padding}"
+  if math.isnan(paper):  # s ∤ N: the paper's formula on the embedding grid N' (s | N')
+    paper = r.upper / math.sqrt(strides[0] * strides[1])
+    note += "; stride does not divide N: paper formula on the embedding grid N'"
+  kh, kw, c, d = kernel.shape
+  return dict(type="conv", size=f"{c} x {kh} x {kw} x {d}", stride=_stride(strides), upper=r.upper,
+              lower=r.lower, circular=r.circular, paper=paper, reshaped=reshaped_kernel_norm(kernel),
+              note=note)
 
 
-def lipschitz_table(model: Any, params: Any, input_shape: Sequence[int], *, method: str = "fft",
-                    num_steps: int = 100, architecture: Optional[Sequence[Mapping[str, Any]]] = None,
-                    ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-  """Per-layer Lipschitz bounds and their product for a model built from the supported layer types (Table 5).
+def _dense_row(call: models.LayerCall, variables: Params, method: str, num_steps: int) -> Dict[str, Any]:
+  del method, num_steps
+  kernel = jnp.asarray(models.get_param(variables, call.path)["kernel"])
+  sig = dense_operator_norm(kernel)
+  return dict(type="dense", size=f"{kernel.shape[0]} x {kernel.shape[1]}", stride="N/A", upper=sig, lower=sig,
+              paper=sig, note="exact (svd)" if min(kernel.shape) <= 1024 else "Lanczos")
 
-  Walks ``model.architecture()`` descriptors (dicts with "name", "type" and, where relevant, "strides",
-  "padding", "window", "input_shape", "param_path"; see the models contract). The product stops before
-  a final "softmax".
+
+def _maxpool_row(call: models.LayerCall, *_) -> Dict[str, Any]:
+  m = call.module
+  window, strides = _pair(m.window, "window"), _pair(m.strides, "strides")
+  lip = maxpool_lipschitz(window, strides, input_shape=call.input_shape[:2], padding=m.padding)
+  return dict(type="maxpool", size=f"{window[0]} x {window[1]}", stride=_stride(strides), upper=lip,
+              lower=lip, paper=1.0, note="overlapping windows" if lip > 1 else "non-overlapping windows")
+
+
+def _lrn_row(call: models.LayerCall, *_) -> Dict[str, Any]:
+  m = call.module
+  n = 2 * m.depth_radius + 1
+  lo, hi = lrn_lipschitz(m.bias, n, m.beta)
+  return dict(type="lrn", upper=hi, lower=lo, paper=float("nan"),
+              note=f"certified interval, k={m.bias:g} n={n} beta={m.beta:g}")
+
+
+_ACTIVATIONS = {"relu": (1.0, "contractive"), "sigmoid": (0.25, "sup sigma' = 1/4")}
+
+
+def _activation_row(call: models.LayerCall, *_) -> Dict[str, Any]:
+  lip, note = _ACTIVATIONS[call.module.kind]
+  return dict(type=call.module.kind, upper=lip, lower=lip, paper=lip, note=note)
+
+# Module type -> row of its layer (the Lipschitz constant and how it was found).
+_ROWS: Tuple[Tuple[type, Callable[..., Dict[str, Any]]], ...] = (
+    (nn.Conv, _conv_row),
+    (nn.Dense, _dense_row),
+    (models.MaxPool, _maxpool_row),
+    (models.LocalResponseNorm, _lrn_row),
+    (models.Activation, _activation_row),
+    (models.Flatten, lambda *_: dict(type="flatten", note="isometry")),
+    (nn.Dropout, lambda *_: dict(type="dropout", note="identity at test time")),
+)
+
+
+def _check_chain(model: nn.Module, variables: Params, calls: Sequence[models.LayerCall],
+                 input_shape: Tuple[int, ...]) -> None:
+  """Raises unless applying the traced layers one after the other reproduces ``model.apply`` (so that the
+  product of their constants bounds the network: nothing runs between them that the table misses)."""
+  x = h = jnp.asarray(np.random.default_rng(0).standard_normal((2,) + input_shape), jnp.float32)
+  for call in calls:
+    layer = call.module.clone(parent=None, name=None)
+    has_params = isinstance(layer, (nn.Dense, nn.Conv))
+    h = layer.apply({"params": models.get_param(variables, call.path)} if has_params else {}, h)
+  want = model.apply(variables, x)
+  if h.shape != want.shape or not np.allclose(h, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want)))):
+    raise ValueError(
+        f"lipschitz_table: {type(model).__name__} is not the chain of its layers "
+        f"{['/'.join(c.path) for c in calls]}: it computes something else between or around them (a plain "
+        "function such as nn.relu or nn.max_pool instead of models.Activation / models.MaxPool, a skip "
+        f"connection, an unsupported layer); supported layers: {[t.__name__ for t, _ in _ROWS]}")
+
+
+def lipschitz_table(model: nn.Module, variables: Params, input_shape: Sequence[int], *, method: str = "fft",
+                    num_steps: int = 100) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+  """Per-layer Lipschitz bounds of ``model`` on inputs of ``input_shape`` and their product (Table 5).
+
+  The layers are those ``model.apply`` calls (``models.trace_layers``) on an input of ``input_shape``,
+  with the shapes they see there; the model must be the chain of them (checked on a random input).
 
   Args:
-    model: object with ``architecture()`` (ignored if ``architecture`` is given).
-    params: Flax variables ({"params": ...}) or the params dict itself.
-    input_shape: per-example input shape, e.g. (224, 224, 3) or (784,).
-    method: conv norm method (see ``conv_operator_norm``); "fft" is fast and certified.
-    num_steps: iterations for "power"/"lanczos" (conv) and Lanczos steps for large dense layers.
-    architecture: descriptors to use instead of ``model.architecture()``.
+    model: a Flax module built from ``nn.Conv``, ``nn.Dense``, ``nn.Dropout`` and ``models.Activation``,
+      ``Flatten``, ``MaxPool``, ``LocalResponseNorm`` (the models of ``intriguing_jax.models``).
+    variables: its variables ``{"params": ...}``.
+    input_shape: per-example input shape, e.g. (227, 227, 3) or (784,).
+    method: conv norm method (``conv_operator_norm``); "fft" is fast and certified.
+    num_steps: Lanczos steps.
 
   Returns:
     (rows, summary). Each row: layer, type, size, stride, input, upper (certified upper bound used in the
     product), lower (certified lower bound of the layer's own constant), circular (exact circular norm on
     the layer's N×N input, the paper's setting), paper (the paper's formula: Δ⁻² for conv, σ_max for
-    dense, 1 for max-pool, ε^-γ for contrast norm, 1 for ReLU), note; conv rows also have reshaped
-    (the Flax ``SpectralNorm`` value σ_max of the reshaped kernel, a lower bound on the conv norm).
-    summary: product_upper (all layers, certified), product_paper_style (conv + dense rows with the
-    paper's formula, pools as 1), product_linear (conv + dense upper bounds only), num_layers.
-  """
-  arch = list(architecture if architecture is not None else model.architecture())
-  if not arch:
-    raise ValueError("lipschitz_table: empty architecture")
-  tree = params.get("params", params) if isinstance(params, Mapping) else params
-  shape = tuple(int(v) for v in input_shape)
-  rows: List[Dict[str, Any]] = []
-  for desc in arch:
-    kind = desc.get("type")
-    name = desc.get("name", kind)
-    in_shape = tuple(desc.get("input_shape") or shape)
-    row: Dict[str, Any] = dict(layer=name, type=kind, size="", stride="", input="x".join(map(str, in_shape)),
-                               upper=1.0, lower=1.0, circular=float("nan"), paper=1.0, note="")
-    if kind == "conv":
-      kernel = jnp.asarray(_get_path(tree, desc["param_path"])["kernel"])
-      strides = _pair(desc.get("strides", 1), f"{name}.strides")
-      padding = desc.get("padding", "SAME")
-      if len(in_shape) != 3:
-        raise ValueError(f"{name}: conv needs a (H, W, C) input shape, got {in_shape}")
-      r = conv_operator_norm(kernel, input_shape=in_shape, strides=strides, padding=padding,
-                             method=method, num_steps=num_steps)
-      kh, kw, c, d = kernel.shape
-      paper, note = r.paper_formula, f"padding {padding}"
-      if math.isnan(paper):  # s ∤ N: evaluate the paper's formula on the embedding grid N' (s | N')
-        paper = r.upper / math.sqrt(strides[0] * strides[1])
-        note += "; stride does not divide N: paper formula on the embedding grid N'"
-      row.update(size=f"{c} x {kh} x {kw} x {d}", stride=strides[0] if strides[0] == strides[1] else strides,
-                 upper=r.upper, lower=r.lower, circular=r.circular, paper=paper,
-                 reshaped=reshaped_kernel_norm(kernel), note=note)
-      pads = resolve_padding(padding, in_shape[:2], (kh, kw), strides)
-      shape = _conv_out_shape(in_shape, (kh, kw), d, strides, pads)
-    elif kind == "dense":
-      kernel = jnp.asarray(_get_path(tree, desc["param_path"])["kernel"])
-      sig = dense_operator_norm(kernel)
-      row.update(size=f"{kernel.shape[0]} x {kernel.shape[1]}", stride="N/A", upper=sig, lower=sig, paper=sig,
-                 note="exact (svd)" if min(kernel.shape) <= 1024 else "Lanczos")
-      shape = (int(kernel.shape[1]),)
-    elif kind == "maxpool":
-      window = _pair(desc.get("window"), f"{name}.window")
-      strides = _pair(desc.get("strides", window), f"{name}.strides")
-      padding = desc.get("padding", "VALID")
-      lip = maxpool_lipschitz(window, strides, input_shape=in_shape[:2], padding=padding)
-      row.update(size=f"{window[0]} x {window[1]}", stride=strides[0] if strides[0] == strides[1] else strides,
-                 upper=lip, lower=lip, paper=1.0,
-                 note="overlapping windows" if lip > 1 else "non-overlapping windows")
-      pads = resolve_padding(padding, in_shape[:2], window, strides)
-      shape = _conv_out_shape(in_shape, window, in_shape[2], strides, pads)
-    elif kind == "avgpool":
-      window = _pair(desc.get("window"), f"{name}.window")
-      strides = _pair(desc.get("strides", window), f"{name}.strides")
-      padding = desc.get("padding", "VALID")
-      lip = avgpool_norm(window, strides, input_shape=in_shape, padding=padding)
-      row.update(size=f"{window[0]} x {window[1]}", stride=strides[0], upper=lip, lower=float("nan"),
-                 paper=1.0, note="linear: depthwise conv norm")
-      pads = resolve_padding(padding, in_shape[:2], window, strides)
-      shape = _conv_out_shape(in_shape, window, in_shape[2], strides, pads)
-    elif kind == "sigmoid":
-      row.update(upper=0.25, lower=0.25, paper=0.25, note="sup sigma' = 1/4")
-    elif kind in ("relu", "dropout"):
-      row.update(note="contractive" if kind == "relu" else "identity at test time")
-    elif kind == "flatten":
-      shape = (int(np.prod(in_shape)),)
-      row.update(note="isometry")
-    elif kind == "contrast_norm":
-      eps = float(desc.get("epsilon", desc.get("eps", 1.0)))
-      gamma = float(desc.get("gamma", 0.5))
-      lip = contrast_norm_lipschitz(eps, gamma)
-      row.update(upper=lip, lower=lip, paper=lip, note=f"eps={eps:g}, gamma={gamma:g}")
-    elif kind == "lrn":
-      k = float(desc.get("k", desc.get("bias", 2.0)))
-      n = int(desc.get("n", desc.get("size", desc.get("depth_radius", 5))))
-      beta = float(desc.get("beta", 0.75))
-      lo, hi = lrn_lipschitz(k, n, beta)
-      row.update(upper=hi, lower=lo, paper=float("nan"), note=f"certified interval, k={k:g} n={n} beta={beta:g}")
-    elif kind == "softmax":
-      break  # Table 5 stops before the softmax
-    else:
-      raise ValueError(f"lipschitz_table: unsupported layer type {kind!r} in {name!r}")
-    rows.append(row)
-    logging.info("spectral: %s %s upper=%.6g lower=%.6g", name, kind, row["upper"], row["lower"])
+    dense, 1 for max-pool and ReLU, 1/4 for sigmoid), note; conv rows also have reshaped (σ_max of the
+    reshaped kernel, Flax ``SpectralNorm``'s value, a lower bound on the conv norm). summary:
+    product_upper (all layers, certified), product_paper_style (conv + dense rows with the paper's
+    formula), product_linear (conv + dense upper bounds), num_layers.
 
+  Raises:
+    ValueError: a shape the model cannot take, a layer without a known bound, a model that is not a chain.
+  """
+  shape = tuple(int(v) for v in input_shape)
+  variables = variables if "params" in variables else {"params": variables}
+  calls = models.trace_layers(model, variables, shape)
+  _check_chain(model, variables, calls, shape)
+  rows: List[Dict[str, Any]] = []
+  for call in calls:
+    row_fn = next(fn for kind, fn in _ROWS if isinstance(call.module, kind))
+    row = dict(layer="/".join(call.path), type="", size="", stride="", upper=1.0, lower=1.0,
+               input="x".join(map(str, call.input_shape)), circular=float("nan"), paper=1.0, note="")
+    rows.append({**row, **row_fn(call, variables, method, num_steps)})
+    logging.info("spectral: %s %s upper=%.6g lower=%.6g", row["layer"], rows[-1]["type"], rows[-1]["upper"],
+                 rows[-1]["lower"])
   linear = [r for r in rows if r["type"] in ("conv", "dense")]
-  summary = dict(
-      product_upper=float(np.prod([r["upper"] for r in rows])),
-      product_linear=float(np.prod([r["upper"] for r in linear])) if linear else 1.0,
-      product_paper_style=float(np.prod([r["paper"] for r in linear])) if linear else 1.0,
-      num_layers=len(rows))
+  summary = dict(product_upper=float(np.prod([r["upper"] for r in rows])),
+                 product_linear=float(np.prod([r["upper"] for r in linear])),
+                 product_paper_style=float(np.prod([r["paper"] for r in linear])), num_layers=len(rows))
   return rows, summary
 
 
@@ -815,8 +748,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], summary: Optional[Mapping[st
   """Markdown rendering of ``lipschitz_table`` output (plus the products when ``summary`` is given)."""
   from intriguing_jax import plotting  # pylint: disable=g-import-not-at-top
   cols = [c for c in ("layer", "size", "stride", "input", "upper", "lower", "circular", "paper", "reshaped",
-                      "paper_table5",
-                      "empirical", "note") if any(c in r for r in rows)]
+                      "paper_table5", "empirical", "note") if any(c in r for r in rows)]
   text = plotting.markdown_table(list(rows), cols, floatfmt=floatfmt)
   if summary:
     text += "\n" + "\n".join(f"- {k}: {v:{floatfmt}}" if isinstance(v, float) else f"- {k}: {v}"
@@ -828,15 +760,14 @@ def format_table(rows: Sequence[Mapping[str, Any]], summary: Optional[Mapping[st
 # Empirical lower bounds.
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "num_steps", "has_params"))
-def _jacobian_norms(fn, params, x, v0, num_steps, has_params):
+@functools.partial(jax.jit, static_argnames=("fn", "num_steps"))
+def _jacobian_norms(fn, params, x, v0, num_steps):
   def one(xi, vi):
-    f1 = (lambda z: fn(params, z[None])[0]) if has_params else (lambda z: fn(z[None])[0])
+    f1 = lambda z: fn(params, z[None])[0]
     _, vjp = jax.vjp(f1, xi)
 
     def body(_, v):
-      jv = jax.jvp(f1, (xi,), (v,))[1]
-      w = vjp(jv)[0]
+      w = vjp(jax.jvp(f1, (xi,), (v,))[1])[0]
       return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(w.dtype).tiny)
 
     v = lax.fori_loop(0, num_steps, body, vi / jnp.linalg.norm(vi))
@@ -844,23 +775,23 @@ def _jacobian_norms(fn, params, x, v0, num_steps, has_params):
   return jax.vmap(one)(x, v0)
 
 
-def empirical_lipschitz(fn: Callable[..., Array], x: Array, *, params: Any = None, x_adv: Optional[Array] = None,
-                        num_steps: int = 20, seed: int = 0, batch_size: int = 256) -> EmpiricalLipschitz:
-  """Empirical lower bounds on the Lipschitz constant of ``fn`` (shown beside the upper bounds).
+def empirical_lipschitz(fn: Callable[[Any, Array], Array], params: Any, x: Array, *,
+                        x_adv: Optional[Array] = None, num_steps: int = 20, seed: int = 0,
+                        batch_size: int = 256) -> EmpiricalLipschitz:
+  """Empirical lower bounds on the Lipschitz constant of ``x -> fn(params, x)`` (beside the upper bounds).
+
+  ``‖J(x)‖₂`` by ``num_steps`` steps of power iteration (jvp + vjp) from a seeded random start at each
+  input, and ``‖f(x') − f(x)‖ / ‖x' − x‖`` for the pairs (x, x_adv).
 
   Args:
-    fn: batched function [B, ...] -> [B, ...] (e.g. logits), called ``fn(x)``, or ``fn(params, x)`` when
-      ``params`` is given (e.g. ``model.apply``; preferred for big models: the weights are then traced
-      arguments, not constants folded into the compiled program). Use a stable object (jit cache).
-    params: optional pytree passed as the first argument of ``fn``.
-    x: [B, ...] inputs (data).
-    x_adv: optional [B, ...] perturbed inputs paired with ``x`` (e.g. adversarial examples).
-    num_steps: power-iteration steps (jvp + vjp) per example for ‖J_f(x)‖₂.
-    seed: seed of the start vectors.
-    batch_size: examples per compiled call.
+    fn: ``fn(params, x [B, ...]) -> [B, ...]`` (e.g. ``model.apply``); hashable (a jit static argument).
+    params: pytree, traced.
+    x: [B, ...] inputs; x_adv: optional [B, ...] perturbed inputs paired with ``x``.
+    num_steps: power-iteration steps per example; seed: seed of the start vectors.
+    batch_size: examples per compiled call (the last batch is padded).
 
   Returns:
-    ``EmpiricalLipschitz(jacobian_norms [B], pair_ratios [B or 0], lower_bound)``.
+    ``EmpiricalLipschitz(jacobian_norms [B], pair_ratios [#pairs with x' != x], lower_bound)``.
   """
   x = jnp.asarray(x)
   if x.ndim < 2 or x.shape[0] < 1:
@@ -869,25 +800,137 @@ def empirical_lipschitz(fn: Callable[..., Array], x: Array, *, params: Any = Non
     raise ValueError(f"x_adv shape {np.shape(x_adv)} differs from x shape {x.shape}")
   if int(num_steps) < 1 or int(batch_size) < 1:
     raise ValueError(f"num_steps and batch_size must be >= 1, got {num_steps}, {batch_size}")
-  b = x.shape[0]
-  bs = min(int(batch_size), b)
+  b, bs = x.shape[0], min(int(batch_size), x.shape[0])
   v0 = jax.random.normal(jax.random.PRNGKey(seed), x.shape, x.dtype)
   norms = []
   for start in range(0, b, bs):
     xb, vb = x[start:start + bs], v0[start:start + bs]
     k = xb.shape[0]
-    if k < bs:  # pad the ragged batch to reuse the compiled shape
-      xb = jnp.concatenate([xb, jnp.repeat(xb[:1], bs - k, axis=0)], axis=0)
-      vb = jnp.concatenate([vb, jnp.repeat(vb[:1], bs - k, axis=0)], axis=0)
-    norms.append(np.asarray(_jacobian_norms(fn, params, xb, vb, int(num_steps), params is not None))[:k])
+    xb, vb = (jnp.concatenate([a, jnp.repeat(a[:1], bs - k, axis=0)]) for a in (xb, vb))
+    norms.append(np.asarray(_jacobian_norms(fn, params, xb, vb, int(num_steps)))[:k])
   jac = np.concatenate(norms)
   ratios = np.zeros((0,), np.float64)
   if x_adv is not None:
     x_adv = jnp.asarray(x_adv)
-    call = (lambda z: fn(params, z)) if params is not None else fn
-    num = jnp.linalg.norm((call(x_adv) - call(x)).reshape(b, -1), axis=1)
+    num = jnp.linalg.norm((fn(params, x_adv) - fn(params, x)).reshape(b, -1), axis=1)
     den = jnp.linalg.norm((x_adv - x).reshape(b, -1), axis=1)
-    ok = np.asarray(den > 0)
-    ratios = np.asarray(num / jnp.where(den > 0, den, 1.0))[ok]
-  best = float(max(jac.max(initial=0.0), ratios.max(initial=0.0)))
-  return EmpiricalLipschitz(jac, ratios, best)
+    ratios = np.asarray(num / jnp.where(den > 0, den, 1.0))[np.asarray(den > 0)]
+  return EmpiricalLipschitz(jac, ratios, float(max(jac.max(initial=0.0), ratios.max(initial=0.0))))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment of scripts/spectral.py.
+
+
+def _check_config(config) -> None:
+  if not config.models:
+    raise ValueError("spectral: config.models is empty")
+  if config.method not in ("fft", "lanczos"):
+    raise ValueError(f"spectral: config.method must be 'fft' or 'lanczos', got {config.method!r}")
+  if config.weights not in ("random", "trained") and not os.path.exists(config.weights):
+    raise ValueError(f"spectral: config.weights must be 'random', 'trained' or an existing .npz file or "
+                     f"checkpoint directory, got {config.weights!r}")
+  if config.adv_file and not os.path.isfile(config.adv_file):
+    raise ValueError(f"spectral: config.adv_file {config.adv_file!r} does not exist")
+  if config.num_steps < 1 or config.empirical_steps < 1 or config.num_empirical < 0:
+    raise ValueError("spectral: num_steps and empirical_steps must be >= 1 and num_empirical >= 0")
+  from intriguing_jax import train  # pylint: disable=g-import-not-at-top
+  for name in config.models:
+    train.recipe(name) if config.weights == "trained" else models.get_model(name)  # raises for unknown names
+  for name, run_dir in config.run_dirs.items():
+    if run_dir and not os.path.isfile(os.path.join(run_dir, "result.json")):
+      raise ValueError(f"spectral: config.run_dirs.{name}={run_dir!r} is not a finished run (no result.json)")
+
+
+def load_weights(path: str, variables: Params) -> Params:
+  """Variables of ``path``: a checkpoint directory (``checkpoint.save_checkpoint``) of variables shaped like
+  ``variables``, or a .npz with keys "<layer>/kernel", "<layer>/bias" in Flax layout (conv (kh, kw, C_in,
+  C_out), dense (in, out); from PyTorch ``w.permute(2, 3, 1, 0)`` for convs, ``w.T`` for linears)."""
+  from intriguing_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path):
+    return checkpoint.restore_checkpoint(path, target=variables)[0]
+  if not path.endswith(".npz"):
+    raise ValueError(f"weights must be a .npz file or a checkpoint directory, got {path!r}")
+  arrays = np.load(path)
+  flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  for key, ref in flat.items():
+    if key not in arrays or arrays[key].shape != ref.shape:
+      raise ValueError(f"weights {path}: {key!r} missing or not of shape {ref.shape} (keys <layer>/kernel, "
+                       "<layer>/bias; Flax layout: conv (kh, kw, C_in, C_out), dense (in, out))")
+    flat[key] = jnp.asarray(arrays[key], ref.dtype)
+  return {"params": flax.traverse_util.unflatten_dict(flat, sep="/")}
+
+
+def _model_and_inputs(name: str, config, data_dir: Optional[str]):
+  """(model, variables, input_shape, inputs of the empirical bound), or None for a missing trained run."""
+  num = config.num_empirical
+  if config.weights != "trained":
+    model = models.get_model(name)
+    shape = tuple(getattr(model, "image_shape", models.MNIST_SHAPE))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1,) + shape))
+    if config.weights != "random":
+      variables = load_weights(config.weights, variables)
+    return model, variables, shape, jax.random.uniform(jax.random.PRNGKey(config.seed + 1), (num,) + shape)
+  from intriguing_jax import data, train  # pylint: disable=g-import-not-at-top
+  test_x = jnp.asarray(data.load_mnist("test", data_dir)[0][:num])
+  if config.run_dirs.get(name):  # a finished run, loaded as is
+    rec = train.recipe(name)
+    model = models.get_model(rec["model"], **rec.get("model_kwargs", {}))
+    return model, train.load_run(config.run_dirs[name], model)[0], models.MNIST_SHAPE, test_x
+  epochs = config.epochs.get(name) or None
+  run_name = train.default_run_name(name, seed=config.train_seed, epochs=epochs)
+  run_dir = os.path.join(config.models_dir, run_name)
+  if not config.train_missing and not os.path.isdir(run_dir):
+    logging.warning("spectral: skipping %s: no run %s (set config.train_missing to train it)", name, run_dir)
+    return None
+  images, labels = data.load_mnist("train", data_dir)
+  model, variables = train.get_or_train(name, images, labels, workdir=config.models_dir,
+                                        seed=config.train_seed, epochs=epochs)
+  return model, variables, images.shape[1:], test_x
+
+
+def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+  """Table 5 (``lipschitz_table``) and the empirical lower bound for each of ``config.models``.
+
+  Writes ``<workdir>/<model>.md`` (table and products) and ``<workdir>/<model>.json`` (rows, summary).
+  Config fields: see ``intriguing_jax/configs/spectral.py``.
+
+  Returns:
+    {model: summary} (products, empirical bounds, seconds).
+  """
+  from intriguing_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  _check_config(config)
+  table5 = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5", "fc1", "fc2", "output"),
+                    (spec["paper"] for spec in TABLE5)))
+  out = {}
+  for name in config.models:
+    start = time.time()
+    loaded = _model_and_inputs(name, config, data_dir)
+    if loaded is None:
+      continue
+    model, variables, shape, x = loaded
+    rows, summary = lipschitz_table(model, variables, shape, method=config.method, num_steps=config.num_steps)
+    for row in rows if name == "alexnet" else ():
+      if row["layer"] in table5:
+        row["paper_table5"] = table5[row["layer"]]
+    if config.adv_file:
+      pairs = np.load(config.adv_file)
+      x, x_adv = jnp.asarray(pairs["x"]), jnp.asarray(pairs["x_adv"])
+    else:
+      x_adv = None
+    if x.shape[0]:
+      emp = empirical_lipschitz(model.apply, variables, x, x_adv=x_adv, num_steps=config.empirical_steps,
+                                batch_size=min(64, x.shape[0]))
+      summary.update(empirical_lower_bound=emp.lower_bound,
+                     empirical_max_jacobian_norm=float(emp.jacobian_norms.max()),
+                     gap_upper_over_empirical=summary["product_upper"] / max(emp.lower_bound, 1e-30))
+      if emp.pair_ratios.size:
+        summary["empirical_max_pair_ratio"] = float(emp.pair_ratios.max())
+    summary["seconds"] = time.time() - start
+    text = f"# Lipschitz bounds: {name} (method {config.method})\n\n" + format_table(rows, summary)
+    checkpoint.atomic_write_bytes(os.path.join(workdir, f"{name}.md"), text.encode())
+    checkpoint.atomic_write_json(os.path.join(workdir, f"{name}.json"), dict(rows=rows, summary=summary))
+    logging.info("spectral: %s: product_upper %.4g, paper-style %.4g (%.1f s)", name, summary["product_upper"],
+                 summary["product_paper_style"], summary["seconds"])
+    out[name] = summary
+  return out

@@ -2,42 +2,42 @@
 
 Usage::
 
-    import jax
-    from intriguing_jax import models, units
-
-    model = models.get_model("mnist_conv")                          # trained variables from train.get_or_train
-    phi = units.model_feature_fn(model, variables, layers=["fc1"])  # x -> {"fc1": [B, 128]}
-    dims = units.feature_dims(phi, images[:1])                      # {"fc1": 128}
-    key_nat, key_rand = jax.random.split(jax.random.PRNGKey(0))
-    unit_ids = units.sample_units(key_nat, dims["fc1"], 100)        # which e_i to inspect
+    phi = models.feature_fn(model)                         # phi(variables, x) -> {"fc1": [B, 128], ...}
+    dims = units.feature_dims(phi, variables, images[:1])           # {"conv1": 9216, ..., "fc1": 128}
+    unit_ids = units.sample_units(0, dims["fc1"], 100)              # which e_i to inspect
     dirs = {"fc1": units.natural_directions(dims["fc1"], unit_ids)}  # [100, 128] rows e_i
-    # or: dirs = {"fc1": units.random_directions(key_rand, 100, dims["fc1"])}  # unit-norm Gaussian
-    top = units.top_k_images(phi, images, dirs, k=10)               # {"fc1": TopK(scores, indices [100, 10])}
+    # or: dirs = {"fc1": units.random_directions(1, 100, dims["fc1"])}  # unit-norm Gaussian
+    top = units.top_k_images(phi, variables, images, dirs, k=10)    # {"fc1": TopK(scores, indices [100, 10])}
     coh = units.coherence(labels[top["fc1"].indices], images=images[top["fc1"].indices])
 
     # Or the whole measured claim, natural vs random, for every layer:
-    result = units.analyse(phi, images, labels, key=jax.random.PRNGKey(0), num_directions=200, k=10)
+    result = units.analyse(phi, variables, images, labels, key=0, num_directions=200, k=10)
     result["fc1"].comparisons["majority_share"].verdict            # e.g. "not distinguishable"
+
+A feature function is any ``phi(params, x [B, ...]) -> [B, ...]`` or ``{layer: [B, ...]}`` (activations
+are flattened per example); it is a static argument of the compiled step (reuse one object, or a
+hashable one such as ``models.feature_fn(model)``, to reuse the compiled program).
 
 The paper (Section 3; paper.md §2, §8, A17) ranks a held-out image set I by ``<φ(x), v>`` and shows the
 top images for natural-basis directions ``v = e_i`` (Figure 1) and random directions (Figure 2); it claims
-both rows are "semantically" coherent, so "the natural basis is not better than a random basis". The paper
-only shows pictures. Here the claim is measured: for each direction, the coherence of its top-k images
-(share of the majority label, label entropy, and a label-free mean pairwise pixel cosine similarity) is
-computed for natural and random directions, plus a chance baseline of random k-subsets of I; the two
-distributions are compared with a Mann-Whitney U test, a seeded permutation test on the difference of
-means and the Vargha-Delaney effect size A.
+both rows are "semantically" coherent, so "the natural basis is not better than a random basis". Here the
+claim is measured: for each direction, the coherence of its top-k images (share of the majority label,
+label entropy, and a label-free mean pairwise pixel cosine similarity) is computed for natural and random
+directions, plus a chance baseline of random k-subsets of I; the two distributions are compared with a
+Mann-Whitney U test, a seeded permutation test on the difference of means and the Vargha-Delaney effect
+size A.
 
 Top-k search streams over I in fixed-size batches: one jitted step maps a batch to scores ``φ(x) V^T``
-([B, D], all directions at once) and merges them into a running per-direction top-k with ``lax.top_k``
-(the merge is ``vmap``-ed over directions). Memory is O(B * (n + D) + D * k), independent of |I|, and the
-ragged last batch is padded and masked so one compiled program serves any |I|.
+([B, D], all directions at once) and merges them into a running per-direction top-k with ``lax.top_k``.
+Memory is O(B * (n + D) + D * k), independent of |I|; the ragged last batch is padded and masked.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import time
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from absl import logging
@@ -45,16 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from intriguing_jax.types import Array, Params, PRNGKey
+from intriguing_jax.types import Array, PRNGKey
 
-__all__ = [
-    "TopK", "Coherence", "Comparison", "LayerAnalysis", "MEASURES",
-    "model_feature_fn", "feature_dims", "natural_directions", "sample_units", "random_directions",
-    "random_subsets", "top_k_images", "top_k_from_scores", "coherence", "compare_distributions",
-    "holm_adjust", "analyse", "summary_rows", "verdict_rows",
-]
-
-FeatureFn = Callable[[Array], Union[Array, Mapping[str, Array]]]
+FeatureFn = Callable[[Any, Array], Union[Array, Mapping[str, Array]]]
 
 # Measure name -> True when larger values mean more coherent.
 MEASURES: Dict[str, bool] = {
@@ -67,12 +60,8 @@ _SINGLE = "features"  # layer name used when a feature function returns a bare a
 
 
 class TopK(NamedTuple):
-  """The k images of I with the largest projections, per direction.
-
-  Attributes:
-    scores: [D, k] float32 ``<φ(x), v>``, descending along k.
-    indices: [D, k] int32 indices into I (ties keep the earlier image).
-  """
+  """The k images of I with the largest projections, per direction: scores [D, k] float32 ``<φ(x), v>``
+  (descending), indices [D, k] int32 into I (ties keep the earlier image)."""
   scores: Array
   indices: Array
 
@@ -96,8 +85,7 @@ class Comparison(NamedTuple):
   """Two-sample comparison of a coherence measure, sample ``a`` (natural) vs sample ``b`` (random).
 
   Attributes:
-    mean_a, mean_b: sample means.
-    n_a, n_b: sample sizes.
+    mean_a, mean_b, n_a, n_b: sample means and sizes.
     u_statistic: Mann-Whitney U of ``a``.
     p_mannwhitney: two-sided Mann-Whitney U p-value (scipy, tie-corrected).
     p_permutation: two-sided permutation p-value of |mean_a - mean_b|, ``(hits + 1) / (P + 1)``.
@@ -129,8 +117,7 @@ class LayerAnalysis(NamedTuple):
   """Everything ``analyse`` measured for one layer.
 
   Attributes:
-    layer: features key.
-    dim: number of units n of the layer (flattened).
+    layer: features key; dim: number of units n of the layer (flattened).
     units: [D_nat] natural-basis unit indices analysed.
     natural, random: TopK for the natural and random directions ([D_nat, k], [D_rand, k]).
     random_dirs: [D_rand, n] the random unit-norm directions.
@@ -156,83 +143,35 @@ class LayerAnalysis(NamedTuple):
   vs_chance: Dict[str, Dict[str, Comparison]]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Feature functions φ.
-
-
-def model_feature_fn(model: Any, variables: Params, layers: Optional[Sequence[str]] = None) -> Callable:
-  """φ for a Flax model following the models contract (``apply(..., return_features=True)``).
-
-  Args:
-    model: a Linen module whose ``__call__(x, *, train=False, return_features=False)`` returns
-      ``(logits, features)`` with ``return_features=True``.
-    variables: its variables (``{"params": ...}``).
-    layers: feature names to keep, in order (default: every hidden layer the model returns).
-
-  Returns:
-    ``phi(x) -> {layer: [B, n_layer]}``, activations flattened per example (post-nonlinearity, as the
-    model returns them). Unknown layer names raise ValueError on the first call (naming the known ones).
-  """
-  wanted = None if layers is None else tuple(layers)
-
-  def phi(x: Array) -> Dict[str, Array]:
-    _, feats = model.apply(variables, x, return_features=True)
-    names = list(feats) if wanted is None else list(wanted)
-    missing = [n for n in names if n not in feats]
-    if missing:
-      raise ValueError(f"model_feature_fn: layers {missing} not among the model's features {list(feats)}")
-    return {n: feats[n].reshape(feats[n].shape[0], -1) for n in names}
-
-  return phi
-
-
 def _as_dict(tree: Any) -> Tuple[Dict[str, Any], bool]:
   if isinstance(tree, Mapping):
     return dict(tree), True
   return {_SINGLE: tree}, False
 
 
-def _feature_dims(feature_fn: FeatureFn, example: Array) -> Tuple[Dict[str, int], bool]:
-  example = np.asarray(example)
-  dims, is_dict = _feature_dims_cached(feature_fn, example.shape, str(example.dtype))
-  return dict(dims), is_dict
-
-
-@functools.lru_cache(maxsize=64)
-def _feature_dims_cached(feature_fn: FeatureFn, shape: Tuple[int, ...], dtype: str
-                         ) -> Tuple[Tuple[Tuple[str, int], ...], bool]:
-  example = jax.ShapeDtypeStruct(shape, np.dtype(dtype))
+def _feature_dims(feature_fn: FeatureFn, params: Any, example: Array) -> Tuple[Dict[str, int], bool]:
   order = []
 
   def traced(x):  # records φ's own layer order: eval_shape returns dicts with sorted keys
-    out = feature_fn(x)
-    if isinstance(out, Mapping):
-      order[:] = list(out)
+    out = feature_fn(params, x)
+    order[:] = list(out) if isinstance(out, Mapping) else [_SINGLE]
     return out
 
-  out = jax.eval_shape(traced, example)
-  out, is_dict = _as_dict(out)
-  if is_dict:
-    out = {name: out[name] for name in order}
-  dims = []
+  b = np.shape(example)[0]
+  out, is_dict = _as_dict(jax.eval_shape(traced, jnp.asarray(example)))
   for name, s in out.items():
-    if len(s.shape) < 2 or s.shape[0] != shape[0]:
-      raise ValueError(f"feature_fn: layer {name!r} output shape {s.shape} is not [B, ...] for B={shape[0]}")
-    dims.append((name, int(math.prod(s.shape[1:]))))
-  return tuple(dims), is_dict
+    if len(s.shape) < 2 or s.shape[0] != b:
+      raise ValueError(f"feature_fn: layer {name!r} output shape {s.shape} is not [B, ...] for B={b}")
+  return {name: int(math.prod(out[name].shape[1:])) for name in order}, is_dict
 
 
-def feature_dims(feature_fn: FeatureFn, example: Array) -> Dict[str, int]:
-  """Per-layer feature sizes n of ``feature_fn`` (traced with ``jax.eval_shape``, nothing compiled).
-
-  Args:
-    feature_fn: x [B, ...] -> [B, n] or {layer: [B, n_layer]} (or any [B, ...], flattened).
-    example: [B, ...] one or more inputs of the right per-example shape.
+def feature_dims(feature_fn: FeatureFn, params: Any, example: Array) -> Dict[str, int]:
+  """Per-layer feature sizes n of ``feature_fn(params, ·)`` on ``example`` [B, ...] (``jax.eval_shape``).
 
   Returns:
     {layer: n} in φ's layer order; a bare-array feature function gives {"features": n}.
   """
-  return _feature_dims(feature_fn, example)[0]
+  return _feature_dims(feature_fn, params, example)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,32 +252,25 @@ def random_subsets(key: Union[PRNGKey, int], num_images: int, num: int, k: int) 
 def _merge_one(best_s: Array, best_i: Array, new_s: Array, new_i: Array, k: int) -> Tuple[Array, Array]:
   """Top-k of one direction over (running best ++ new batch); the running best comes first so ties keep
   the earlier image, as ``lax.top_k`` on the whole set would."""
-  s = jnp.concatenate([best_s, new_s])
-  i = jnp.concatenate([best_i, new_i])
-  top_s, pos = jax.lax.top_k(s, k)
-  return top_s, i[pos]
+  top_s, pos = jax.lax.top_k(jnp.concatenate([best_s, new_s]), k)
+  return top_s, jnp.concatenate([best_i, new_i])[pos]
 
 
-@functools.lru_cache(maxsize=16)
-def _stream_step(feature_fn: FeatureFn, k: int) -> Callable:
-  """The jitted step (state, x, num_valid, offset, directions) -> state, cached per (feature_fn, k)."""
+@functools.partial(jax.jit, static_argnames=("feature_fn", "k"))
+def _stream_step(feature_fn: FeatureFn, k: int, params, state, x, num_valid, offset, directions):
+  """Merges the scores of batch ``x`` (its first ``num_valid`` rows) into ``state`` {layer: (s, i, #bad)}."""
   merge = jax.vmap(functools.partial(_merge_one, k=k), in_axes=(0, 0, 1, None))  # over directions
-
-  def step(state, x, num_valid, offset, directions):
-    feats, _ = _as_dict(feature_fn(x))
-    b = x.shape[0]
-    rows = jnp.arange(b, dtype=jnp.int32)
-    valid = (rows < num_valid)[:, None]
-    new_state = {}
-    for name, (best_s, best_i, bad) in state.items():
-      acts = feats[name].reshape(b, -1).astype(jnp.float32)
-      scores = jnp.matmul(acts, directions[name].T, precision=jax.lax.Precision.HIGHEST)  # [B, D]
-      bad = bad + jnp.sum(valid & ~jnp.isfinite(scores), dtype=jnp.int32)  # NaN would rank arbitrarily
-      scores = jnp.where(valid, scores, -jnp.inf)
-      new_state[name] = merge(best_s, best_i, scores, offset + rows) + (bad,)
-    return new_state
-
-  return jax.jit(step)
+  feats, _ = _as_dict(feature_fn(params, x))
+  b = x.shape[0]
+  rows = jnp.arange(b, dtype=jnp.int32)
+  valid = (rows < num_valid)[:, None]
+  new_state = {}
+  for name, (best_s, best_i, bad) in state.items():
+    acts = feats[name].reshape(b, -1).astype(jnp.float32)
+    scores = jnp.matmul(acts, directions[name].T, precision=jax.lax.Precision.HIGHEST)  # [B, D]
+    bad = bad + jnp.sum(valid & ~jnp.isfinite(scores), dtype=jnp.int32)  # NaN would rank arbitrarily
+    new_state[name] = merge(best_s, best_i, jnp.where(valid, scores, -jnp.inf), offset + rows) + (bad,)
+  return new_state
 
 
 def _check_images(images: Any, name: str = "images") -> np.ndarray:
@@ -352,13 +284,14 @@ def _check_images(images: Any, name: str = "images") -> np.ndarray:
   return images
 
 
-def top_k_images(feature_fn: FeatureFn, images: Any, directions: Union[Array, Mapping[str, Array]], *,
-                 k: int = 10, batch_size: int = 1000) -> Union[TopK, Dict[str, TopK]]:
-  """For every direction v, the k images of I maximising ``<φ(x), v>`` (paper Section 3), streamed.
+def top_k_images(feature_fn: FeatureFn, params: Any, images: Any,
+                 directions: Union[Array, Mapping[str, Array]], *, k: int = 10,
+                 batch_size: int = 1000) -> Union[TopK, Dict[str, TopK]]:
+  """For every direction v, the k images of I maximising ``<φ(params, x), v>`` (paper Section 3), streamed.
 
   Args:
-    feature_fn: φ, x [B, ...] -> [B, n] activations, or a dict {layer: [B, n_layer]} (see
-      ``model_feature_fn``). Reuse one object across calls to reuse the compiled step.
+    feature_fn: φ(params, x [B, ...]) -> [B, n] or {layer: [B, n_layer]} (any [B, ...], flattened).
+    params: its parameters (traced).
     images: I, [N, ...] (numpy or jax; streamed from host in batches). N >= k.
     directions: [D, n] (one row per direction), or {layer: [D_layer, n_layer]} for a dict-valued φ
       (a subset of its layers).
@@ -378,19 +311,17 @@ def top_k_images(feature_fn: FeatureFn, images: Any, directions: Union[Array, Ma
   if batch_size < 1:
     raise ValueError(f"top_k_images: batch_size must be >= 1, got {batch_size}")
   dirs, is_dict = _as_dict(directions)
-  dims = feature_dims(feature_fn, images[:1])
+  dims = feature_dims(feature_fn, params, images[:1])
   for name, v in dirs.items():
     if name not in dims:
       raise ValueError(f"top_k_images: directions for layer {name!r}, but feature_fn returns {list(dims)}")
-    shape = np.shape(v)
-    if len(shape) != 2 or shape[1] != dims[name] or shape[0] < 1:
-      raise ValueError(f"top_k_images: directions[{name!r}] must be [D, {dims[name]}] with D >= 1, got {shape}")
+    if np.ndim(v) != 2 or np.shape(v)[1] != dims[name] or np.shape(v)[0] < 1:
+      raise ValueError(f"top_k_images: directions[{name!r}] must be [D, {dims[name]}] with D >= 1, got "
+                       f"{np.shape(v)}")
   dirs = {name: np.asarray(v, np.float32) for name, v in dirs.items()}
   if not all(np.all(np.isfinite(v)) for v in dirs.values()):
     raise ValueError("top_k_images: directions contain NaN or inf")
-
   bs = min(batch_size, n)
-  step = _stream_step(feature_fn, k)
   state = {name: (jnp.full((v.shape[0], k), -jnp.inf, jnp.float32), jnp.full((v.shape[0], k), -1, jnp.int32),
                   jnp.zeros((), jnp.int32)) for name, v in dirs.items()}
   for start in range(0, n, bs):
@@ -398,7 +329,7 @@ def top_k_images(feature_fn: FeatureFn, images: Any, directions: Union[Array, Ma
     m = xb.shape[0]
     if m < bs:  # pad the ragged last batch (masked to -inf) so the compiled shape is reused
       xb = np.concatenate([xb, np.zeros((bs - m,) + xb.shape[1:], xb.dtype)], axis=0)
-    state = step(state, jnp.asarray(xb), jnp.int32(m), jnp.int32(start), dirs)
+    state = _stream_step(feature_fn, k, params, state, jnp.asarray(xb), jnp.int32(m), jnp.int32(start), dirs)
   out = {}
   for name in dirs:  # the caller's order (jit returns dicts with sorted keys)
     s, i, bad = (np.asarray(a) for a in state[name])
@@ -406,19 +337,6 @@ def top_k_images(feature_fn: FeatureFn, images: Any, directions: Union[Array, Ma
       raise ValueError(f"top_k_images: feature_fn produced {int(bad)} non-finite scores for layer {name!r}")
     out[name] = TopK(s, i)
   return out if is_dict else out[_SINGLE]
-
-
-def top_k_from_scores(scores: Array, k: int) -> TopK:
-  """One-shot top-k of precomputed scores [N, D] (all images at once), the non-streaming reference.
-
-  Returns:
-    TopK(scores [D, k], indices [D, k]) as numpy.
-  """
-  scores = jnp.asarray(scores)
-  if scores.ndim != 2 or not 1 <= k <= scores.shape[0]:
-    raise ValueError(f"top_k_from_scores: scores must be [N, D] with N >= k={k}, got {scores.shape}")
-  s, i = jax.lax.top_k(scores.T, k)
-  return TopK(np.asarray(s), np.asarray(i, np.int32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -472,7 +390,8 @@ def coherence(topk_labels: Array, *, images: Optional[Array] = None, num_classes
   else:
     images = np.asarray(images)
     if images.shape[:2] != topk_labels.shape:
-      raise ValueError(f"coherence: images must be [D, k, ...] = {topk_labels.shape} + ..., got {images.shape}")
+      raise ValueError(f"coherence: images must be [D, k, ...] = {topk_labels.shape} + ..., "
+                       f"got {images.shape}")
     if topk_labels.shape[1] < 2:
       raise ValueError("coherence: pixel similarity needs k >= 2")
     sim = _pixel_similarity(images)
@@ -578,8 +497,8 @@ def holm_adjust(comparisons: Mapping[str, Comparison], *, alpha: float = 0.05,
     c = comparisons[key]
     running = max(running, min(1.0, (m - rank) * c.p_value))
     significant = bool(running < alpha)
-    out[key] = c._replace(p_adjusted=running, significant=significant,
-                          verdict=_verdict(significant, c.effect_a, c.magnitude, orient.get(key, True), names))
+    verdict = _verdict(significant, c.effect_a, c.magnitude, orient.get(key, True), names)
+    out[key] = c._replace(p_adjusted=running, significant=significant, verdict=verdict)
   return {key: out[key] for key in comparisons}
 
 
@@ -592,36 +511,32 @@ def _degenerate(top: TopK) -> np.ndarray:
   return np.asarray(top.scores[:, 0] == top.scores[:, -1])
 
 
-def analyse(feature_fn: FeatureFn, images: Any, labels: Any, *, key: Union[PRNGKey, int], layers:
-            Optional[Sequence[str]] = None, num_directions: int = 200, k: int = 10, num_classes: int = 10,
-            batch_size: int = 1000, num_permutations: int = 10000, alpha: float = 0.05,
-            exclude_degenerate: bool = True) -> Dict[str, LayerAnalysis]:
-  """Natural basis vs random directions for every layer of φ: top-k images, coherence, comparison.
+def _compare_layer(name: str, coh_nat: Coherence, coh_rand: Coherence, chance: Coherence,
+                   valid_nat: np.ndarray, valid_rand: np.ndarray, perm_seeds: np.ndarray,
+                   num_permutations: int, alpha: float):
+  """(comparisons, vs_chance) of one layer, each family Holm-corrected (see ``LayerAnalysis``)."""
+  comps, vs_chance = {}, {}
+  for j, (measure, higher) in enumerate(MEASURES.items()):
+    nat = getattr(coh_nat, measure)[valid_nat]
+    rand = getattr(coh_rand, measure)[valid_rand]
+    if nat.size == 0:
+      logging.warning("units.analyse: layer %s has no non-degenerate natural unit", name)
+      continue
+    kw = dict(higher_is_better=higher, num_permutations=num_permutations, alpha=alpha)
+    seed = int(perm_seeds[j])
+    comps[measure] = compare_distributions(nat, rand, seed=seed, **kw)
+    vs_chance[measure] = {
+        side: compare_distributions(vals, getattr(chance, measure), seed=seed + 1 + i, names=(side, "chance"),
+                                    **kw)
+        for i, (side, vals) in enumerate((("natural", nat), ("random", rand)))}
+  for side in ("natural", "random"):
+    adj = holm_adjust({m: d[side] for m, d in vs_chance.items()}, alpha=alpha, names=(side, "chance"))
+    for measure, c in adj.items():
+      vs_chance[measure][side] = c
+  return holm_adjust(comps, alpha=alpha), vs_chance
 
-  Per layer: ``num_directions`` natural units (a seeded subset when the layer is wider, else all units)
-  and ``num_directions`` random unit-norm Gaussian directions; their top-k images over ``images`` (one
-  streamed pass over I for all layers); per-direction coherence; and for each measure the natural vs
-  random comparison plus both vs a chance baseline (``num_directions`` random k-subsets of I).
 
-  Args:
-    feature_fn: φ, x -> [B, n] or {layer: [B, n_layer]}.
-    images: I, [N, ...] held-out images.
-    labels: [N] int labels of I in [0, num_classes).
-    key: PRNG key or int seed for units, directions and the chance baseline.
-    layers: layers of φ to analyse (default: all).
-    num_directions: directions of each kind per layer (>= 2).
-    k: images per direction (>= 2 for the pixel similarity).
-    num_classes: number of labels.
-    batch_size: streamed batch size.
-    num_permutations: permutations per test.
-    alpha: significance level of the verdicts; each layer's measures form one Holm-corrected family (and
-      so do its natural-vs-chance and random-vs-chance comparisons).
-    exclude_degenerate: drop directions whose k top scores are all equal (dead units) from the statistics.
-
-  Returns:
-    {layer: LayerAnalysis}, in the order of φ's layers.
-  """
-  images = _check_images(images)
+def _check_analyse_args(images, labels, num_classes, num_directions, k) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"analyse: labels must be int [{images.shape[0]}], got {labels.dtype} {labels.shape}")
@@ -631,70 +546,65 @@ def analyse(feature_fn: FeatureFn, images: Any, labels: Any, *, key: Union[PRNGK
     raise ValueError(f"analyse: num_directions must be >= 2, got {num_directions}")
   if not 2 <= k <= images.shape[0]:
     raise ValueError(f"analyse: k must be in [2, {images.shape[0]}], got {k}")
-  dims, is_dict = _feature_dims(feature_fn, images[:1])
-  names = list(dims) if layers is None else list(layers)
-  unknown = [n for n in names if n not in dims]
-  if unknown or not names:
-    raise ValueError(f"analyse: layers {unknown or names} not among feature_fn's layers {list(dims)}")
+  return labels
 
-  key = _key(key)
-  key_chance, key_perm, key = jax.random.split(key, 3)
+
+def analyse(feature_fn: FeatureFn, params: Any, images: Any, labels: Any, *, key: Union[PRNGKey, int],
+            layers: Optional[Sequence[str]] = None, num_directions: int = 200, k: int = 10,
+            num_classes: int = 10, batch_size: int = 1000, num_permutations: int = 10000, alpha: float = 0.05,
+            exclude_degenerate: bool = True) -> Dict[str, LayerAnalysis]:
+  """Natural basis vs random directions for every layer of φ: top-k images, coherence, comparison.
+
+  Per layer: ``num_directions`` natural units (a seeded subset when the layer is wider, else all units)
+  and ``num_directions`` random unit-norm Gaussian directions; their top-k images over ``images`` (one
+  streamed pass over I for all layers); per-direction coherence; and for each measure the natural vs
+  random comparison plus both vs a chance baseline (``num_directions`` random k-subsets of I). Each
+  layer's measures form one Holm-corrected family (and so do its natural- and random-vs-chance tests).
+
+  Args:
+    feature_fn, params: φ(params, x) -> [B, n] or {layer: [B, n_layer]}.
+    images: I, [N, ...] held-out images; labels: [N] int labels of I in [0, num_classes).
+    key: PRNG key or int seed for units, directions and the chance baseline.
+    layers: layers of φ to analyse (default: all).
+    num_directions: directions of each kind per layer (>= 2); k: images per direction (>= 2).
+    batch_size: streamed batch size; num_permutations: permutations per test; alpha: significance level.
+    exclude_degenerate: drop directions whose k top scores are all equal (dead units) from the statistics.
+
+  Returns:
+    {layer: LayerAnalysis}, in the order of φ's layers.
+  """
+  images = _check_images(images)
+  labels = _check_analyse_args(images, labels, num_classes, num_directions, k)
+  dims = feature_dims(feature_fn, params, images[:1])
+  names = list(dims) if layers is None else list(layers)
+  if not names or any(n not in dims for n in names):
+    raise ValueError(f"analyse: layers {[n for n in names if n not in dims] or names} not among feature_fn's "
+                     f"layers {list(dims)}")
+  key_chance, key_perm, key = jax.random.split(_key(key), 3)
   perm_seeds = np.asarray(jax.random.randint(key_perm, (len(MEASURES),), 0, 2**31 - 3))
-  units, rand_dirs, dirs_nat, dirs_rand = {}, {}, {}, {}
+  units, rand_dirs = {}, {}
   for i, name in enumerate(names):
     k_units, k_dirs = jax.random.split(jax.random.fold_in(key, i))
     units[name] = sample_units(k_units, dims[name], num_directions)
-    rand_dirs[name] = random_directions(k_dirs, num_directions, dims[name])
-    dirs_nat[name] = natural_directions(dims[name], units[name])
-  # One pass over I for natural and random directions of all layers: stack them per layer.
-  stacked = {n: np.concatenate([dirs_nat[n], np.asarray(rand_dirs[n])], axis=0) for n in names}
-  if is_dict:
-    top_all = top_k_images(feature_fn, images, stacked, k=k, batch_size=batch_size)
-  else:
-    top_all = {_SINGLE: top_k_images(feature_fn, images, stacked[_SINGLE], k=k, batch_size=batch_size)}
-
+    rand_dirs[name] = np.asarray(random_directions(k_dirs, num_directions, dims[name]))
+  # One pass over I for natural and random directions of all layers: stacked per layer.
+  stacked = {n: np.concatenate([natural_directions(dims[n], units[n]), rand_dirs[n]]) for n in names}
+  top_all = top_k_images(feature_fn, params, images, stacked, k=k, batch_size=batch_size)
   chance_idx = random_subsets(key_chance, images.shape[0], num_directions, k)
   chance = coherence(labels[chance_idx], images=images[chance_idx], num_classes=num_classes)
   results = {}
   for name in names:
-    d_nat = len(units[name])
-    t = top_all[name]
-    top_nat = TopK(t.scores[:d_nat], t.indices[:d_nat])
-    top_rand = TopK(t.scores[d_nat:], t.indices[d_nat:])
-    coh_nat = coherence(labels[top_nat.indices], images=images[top_nat.indices], num_classes=num_classes)
-    coh_rand = coherence(labels[top_rand.indices], images=images[top_rand.indices], num_classes=num_classes)
-    valid_nat = ~_degenerate(top_nat) if exclude_degenerate else np.ones(d_nat, bool)
-    valid_rand = ~_degenerate(top_rand) if exclude_degenerate else np.ones(len(top_rand.scores), bool)
-    comps, vs_chance = {}, {}
-    for j, (measure, higher) in enumerate(MEASURES.items()):
-      nat_vals = getattr(coh_nat, measure)[valid_nat]
-      rand_vals = getattr(coh_rand, measure)[valid_rand]
-      chance_vals = getattr(chance, measure)
-      seed = int(perm_seeds[j])
-      if nat_vals.size == 0:
-        logging.warning("units.analyse: layer %s has no non-degenerate natural unit among %d", name, d_nat)
-        continue
-      comps[measure] = compare_distributions(nat_vals, rand_vals, higher_is_better=higher,
-                                             num_permutations=num_permutations, seed=seed, alpha=alpha)
-      vs_chance[measure] = {
-          "natural": compare_distributions(nat_vals, chance_vals, higher_is_better=higher,
-                                           num_permutations=num_permutations, seed=seed + 1, alpha=alpha,
-                                           names=("natural", "chance")),
-          "random": compare_distributions(rand_vals, chance_vals, higher_is_better=higher,
-                                          num_permutations=num_permutations, seed=seed + 2, alpha=alpha,
-                                          names=("random", "chance")),
-      }
-    comps = holm_adjust(comps, alpha=alpha)
-    for side in ("natural", "random"):
-      adj = holm_adjust({m: d[side] for m, d in vs_chance.items()}, alpha=alpha, names=(side, "chance"))
-      for m_name, c in adj.items():
-        vs_chance[m_name][side] = c
-    results[name] = LayerAnalysis(name, dims[name], units[name], top_nat, top_rand, np.asarray(rand_dirs[name]),
-                                  coh_nat, coh_rand, chance, valid_nat, valid_rand, comps, vs_chance)
-    logging.info("units: layer %s (n=%d): %d natural (%d degenerate), %d random directions; %s", name, dims[name],
-                 d_nat, int((~valid_nat).sum()), len(top_rand.scores),
-                 "; ".join(f"{m}: nat {c.mean_a:.3f} vs rand {c.mean_b:.3f}, p={c.p_permutation:.3g}, "
-                           f"A={c.effect_a:.2f} -> {c.verdict}" for m, c in comps.items()))
+    d_nat, t = len(units[name]), top_all[name]
+    tops = TopK(t.scores[:d_nat], t.indices[:d_nat]), TopK(t.scores[d_nat:], t.indices[d_nat:])
+    cohs = [coherence(labels[tp.indices], images=images[tp.indices], num_classes=num_classes) for tp in tops]
+    valid = [~_degenerate(tp) if exclude_degenerate else np.ones(len(tp.scores), bool) for tp in tops]
+    comps, vs_chance = _compare_layer(name, *cohs, chance, *valid, perm_seeds, num_permutations, alpha)
+    results[name] = LayerAnalysis(name, dims[name], units[name], *tops, rand_dirs[name], *cohs, chance,
+                                  *valid, comps, vs_chance)
+    logging.info("units: layer %s (n=%d): %d natural (%d degenerate), %d random directions; %s", name,
+                 dims[name], d_nat, int((~valid[0]).sum()), len(tops[1].scores),
+                 "; ".join(f"{m}: nat {c.mean_a:.3f} vs rand {c.mean_b:.3f}, A={c.effect_a:.2f} -> "
+                           f"{c.verdict}" for m, c in comps.items()))
   return results
 
 
@@ -746,7 +656,7 @@ def verdict_rows(results: Mapping[str, LayerAnalysis], *, prefix: Optional[Mappi
       differ = "; ".join(f"{m}: {w}" for m, w in winners.items())
     if not winners:
       claim = "supported" if nat_ok and rand_ok else ("not coherent" if not (nat_ok or rand_ok) else
-                                                      "not distinguishable, but only " + above + " above chance")
+                                                      f"not distinguishable, but only {above} above chance")
     elif len(set(winners.values())) == 1:
       side = "natural basis" if "natural" in winners.values() else "random directions"
       claim = f"{side} more coherent on {len(winners)}/{len(r.comparisons)} measures"
@@ -761,3 +671,149 @@ def verdict_rows(results: Mapping[str, LayerAnalysis], *, prefix: Optional[Mappi
                  "degenerate units": int((~r.natural_valid).sum()),
                  "above chance": above, "natural vs random": differ, "claim": claim})
   return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment of scripts/unit_analysis.py.
+
+_METHOD_TEXT = (
+    "Held-out set I: the first {n} MNIST test images. Per layer: {d} natural-basis units (a seeded random "
+    "subset when the layer is wider; all units otherwise) and {d} random unit-norm Gaussian directions; "
+    "top-{k} images by <phi(x), v>. Coherence of each direction's top-{k}: majority-label share (higher = "
+    "more coherent), label entropy in bits (lower = more coherent), mean pairwise pixel cosine similarity "
+    "(label-free, higher = more coherent). Chance: random {k}-subsets of I. Tests: two-sided Mann-Whitney U "
+    "and a permutation test on the difference of means ({p} permutations); 'distinguishable' needs both "
+    "p-values, Holm-corrected over the 3 measures of the layer, below {alpha}. Effect size: Vargha-Delaney "
+    "A = P(natural > random) (0.5 = none; |A-0.5| < .06 negligible, < .14 small, < .21 medium, else large). "
+    "Degenerate directions (all top-k scores equal, e.g. dead ReLU units) are excluded. Claim per layer: "
+    "'supported' when both kinds beat chance on every measure and are not distinguishable (the paper: 'the "
+    "natural basis is not better than a random basis').")
+
+
+def _check_config(config) -> None:
+  from intriguing_jax import train  # pylint: disable=g-import-not-at-top
+  if not config.models:
+    raise ValueError("unit_analysis: config.models is empty")
+  for name in config.models:
+    train.recipe(name)  # raises for an unknown name
+    run_dir = config.run_dirs.get(name)
+    if run_dir and not os.path.isfile(os.path.join(run_dir, "result.json")):
+      raise ValueError(f"unit_analysis: config.run_dirs.{name}={run_dir!r} is not a finished run "
+                       "(no result.json)")
+  if config.num_directions < 2 or config.k < 2 or not 1 <= config.num_show <= config.num_directions:
+    raise ValueError(f"unit_analysis: need num_directions >= 2, k >= 2, 1 <= num_show <= num_directions; got "
+                     f"{config.num_directions}, {config.k}, {config.num_show}")
+  if config.num_images < 0 or config.num_train < 0 or config.num_permutations < 1 or not 0 < config.alpha < 1:
+    raise ValueError("unit_analysis: num_images, num_train >= 0, num_permutations >= 1, 0 < alpha < 1")
+
+
+def _figure(title: str, r: LayerAnalysis, images: np.ndarray, labels: np.ndarray, num_show: int,
+            rng: np.random.Generator, path: str) -> None:
+  """Figure 1 | Figure 2 analogue: ``num_show`` random non-degenerate natural rows (left) and random rows."""
+  from intriguing_jax import plotting  # pylint: disable=g-import-not-at-top
+  k = r.natural.indices.shape[1]
+  pick = lambda valid: rng.permutation(np.flatnonzero(valid))[:num_show]
+  sides = [(pick(r.natural_valid), r.natural, r.natural_coherence, r.units),
+           (pick(r.random_valid), r.random, r.random_coherence, None)]
+  n_rows = max(len(s[0]) for s in sides)
+  grid = np.full((n_rows, 2 * k + 1) + images.shape[1:], np.nan, np.float32)  # NaN cells are drawn blank
+  titles = [""] * (n_rows * (2 * k + 1))
+  row_labels = [""] * n_rows
+  for side, (rows, top, coh, ids) in enumerate(sides):
+    for row, d in enumerate(rows):
+      col = side * (k + 1)
+      grid[row, col:col + k] = images[top.indices[d]]
+      titles[row * (2 * k + 1) + col:row * (2 * k + 1) + col + k] = [str(l) for l in labels[top.indices[d]]]
+      ident = f"unit {ids[d]}" if ids is not None else f"dir {d}"
+      row_labels[row] += ("\n" if side and row_labels[row] else "") + f"{ident}: {coh.majority_share[d]:.1f}"
+  plotting.save_image_grid(grid, path, titles=titles, row_labels=row_labels, suptitle=(
+      f"{title}: top-{k} test images. Left: natural basis e_i (Fig. 1). Right: random directions (Fig. 2). "
+      "Titles: labels; row labels: majority share."))
+
+
+def _layer_json(r: LayerAnalysis) -> Dict[str, Any]:
+  cohs = (("natural", r.natural_coherence), ("random", r.random_coherence), ("chance", r.chance_coherence))
+  return {"dim": r.dim, "units": r.units.tolist(), "natural_valid": r.natural_valid.tolist(),
+          "random_valid": r.random_valid.tolist(),
+          **{f"{kind}_{m}": np.asarray(getattr(coh, m)).tolist() for kind, coh in cohs for m in MEASURES},
+          "comparisons": {m: c._asdict() for m, c in r.comparisons.items()},
+          "vs_chance": {m: {s: c._asdict() for s, c in d.items()} for m, d in r.vs_chance.items()}}
+
+
+def _analyse_model(name: str, model, variables, test: Tuple[np.ndarray, np.ndarray], config, key,
+                   workdir: str, rep, rng: np.random.Generator) -> Dict[str, Any]:
+  """Analyses one trained model, draws its figures into ``rep``; returns its part of results.json."""
+  from intriguing_jax import metrics, models, plotting  # pylint: disable=g-import-not-at-top
+  phi = models.feature_fn(model)
+  available = list(feature_dims(phi, variables, test[0][:1]))
+  layers = [l for l in config.layers if l in available] if config.layers else available
+  if not layers:
+    raise ValueError(f"unit_analysis: config.layers={list(config.layers)}: none is a layer of {name} "
+                     f"({available})")
+  start = time.perf_counter()
+  res = analyse(phi, variables, *test, key=key, layers=layers, num_directions=config.num_directions,
+                k=config.k, batch_size=config.batch_size, num_permutations=config.num_permutations,
+                alpha=config.alpha)
+  out = {"test_error": metrics.error_rate(model.apply, variables, *test),
+         "analysis_seconds": time.perf_counter() - start, "layers": {},
+         "summary": summary_rows(res, prefix={"model": name}),
+         "claim": verdict_rows(res, prefix={"model": name})}
+  for layer, r in res.items():
+    safe = f"{name}_{layer}".replace("/", "_")
+    _figure(f"{name} / {layer}", r, *test, config.num_show, rng, os.path.join(workdir, f"fig_{safe}.png"))
+    plotting.save_histograms(
+        {"natural": r.natural_coherence.majority_share[r.natural_valid],
+         "random": r.random_coherence.majority_share[r.random_valid],
+         "chance": r.chance_coherence.majority_share}, os.path.join(workdir, f"hist_{safe}.png"), bins=10,
+        xlabel=f"majority-label share of the top-{config.k}", title=f"{name} / {layer}")
+    rep.image(f"fig_{safe}.png", caption=f"{name} / {layer}: natural units (left), random directions (right)")
+    rep.image(f"hist_{safe}.png", caption=f"{name} / {layer}: majority-label share per direction")
+    out["layers"][layer] = _layer_json(r)
+  logging.info("unit_analysis: %s: test error %.4f, %d layers in %.1f s", name, out["test_error"], len(res),
+               out["analysis_seconds"])
+  return out
+
+
+def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
+  """Figures 1-2 and the measured claim for each of ``config.models`` (trained by ``train.get_or_train``).
+
+  Writes ``<workdir>/report.md`` + ``report.html`` (claim per layer, coherence table, figures),
+  ``results.json`` (returned), ``fig_<model>_<layer>.png`` and ``hist_<model>_<layer>.png``. Config
+  fields: see ``intriguing_jax/configs/unit_analysis.py``.
+  """
+  from intriguing_jax import checkpoint, data, models, report, train  # pylint: disable=g-import-not-at-top
+  _check_config(config)
+  start = time.perf_counter()
+  test_x, test_y = data.load_mnist("test", data_dir)
+  train_x, train_y = data.load_mnist("train", data_dir)
+  test = test_x[:config.num_images or None], test_y[:config.num_images or None]
+  if config.num_train:
+    train_x, train_y = train_x[:config.num_train], train_y[:config.num_train]
+  rep = report.Report("Unit analysis (paper Section 3): natural basis vs random directions")
+  rep.paragraph(_METHOD_TEXT.format(n=test[0].shape[0], d=config.num_directions, k=config.k,
+                                    p=config.num_permutations, alpha=config.alpha))
+  rep.heading("Figures 1-2 analogues")
+  results = {"config": config.to_dict(), "models": {}}
+  rng = np.random.default_rng(config.seed)
+  for i, name in enumerate(config.models):
+    if config.run_dirs.get(name):  # a finished run, loaded as is
+      rec = train.recipe(name)
+      model = models.get_model(rec["model"], **rec.get("model_kwargs", {}))
+      variables = train.load_run(config.run_dirs[name], model)[0]
+    else:
+      model, variables = train.get_or_train(
+          name, train_x, train_y, workdir=config.models_dir or os.path.join(workdir, "models"),
+          seed=config.train_seed, epochs=config.epochs.get(name) or None, eval_data=test)
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), i)
+    results["models"][name] = _analyse_model(name, model, variables, test, config, key, workdir, rep, rng)
+  claim = [row for m in results["models"].values() for row in m["claim"]]
+  summary = [row for m in results["models"].values() for row in m["summary"]]
+  rep.heading("The claim, measured: one row per layer")
+  rep.table(claim, floatfmt=".3g")
+  rep.heading("Coherence: natural vs random vs chance")
+  rep.table(summary, floatfmt=".3g")
+  results.update(claim=claim, summary=summary, total_seconds=time.perf_counter() - start)
+  checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
+  md_path, _ = rep.write(workdir, "report")
+  logging.info("unit_analysis: wrote %s in %.1f s", md_path, results["total_seconds"])
+  return results

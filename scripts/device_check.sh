@@ -12,8 +12,9 @@
 # Phase "pool" (issue 8): the pool-generation cost vs refresh size and one adversarial-training seed
 # with the script's defaults (all three runs). Phase "tests": the attack and adversarial-training tests
 # on the accelerator. Phase "sweep" (issue 8): bench_pool_sweep's seconds per model-epoch alone vs vmapped
-# sweeps, then the three runs for SEEDS (default 0-15) as one program each (--sweep_seeds; EXTRA adds flags
-# to adversarial_training.py, e.g. "--num_val=10000 --runs=adversarial" for a validation screen). WHEELS=DIR installs the wheels in DIR first (e.g. jaxopt where the host lacks it).
+# sweeps, then the three runs for SEEDS (default 0-15) as one program each (--config.sweep_seeds; EXTRA adds
+# flags to adversarial_training.py, e.g. "--config.num_val=10000 --config.runs=adversarial" for a validation
+# screen). WHEELS=DIR installs the wheels in DIR first (e.g. jaxopt where the host lacks it).
 #
 # Needs the trained runs runs/models/fc100-100-10 and runs/models/fc10-1e-4 (scripts/train.py), and for
 # phase "pool" --params of an adversarially trained network (POOL_PARAMS). Every step runs under its own
@@ -49,8 +50,8 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs its outp
 }
 
 if [ "$SMALL" = 1 ]; then
-  full_n=(--num_examples=600 --chunk_size=300); curve_b=64,128; cmp=(--num_compare=20 --num_baseline=5 --num_convex=10)
-  sizes=4,16; adv=(--smoke); tests=(tests/test_attack.py -k "untargeted")
+  full_n=(--config.num_examples=600 --config.chunk_size=300); curve_b=64,128; cmp=(--num_compare=20 --num_baseline=5 --num_convex=10)
+  sizes=4,16; adv=(--config=intriguing_jax/configs/adversarial_training.py:smoke); tests=(tests/test_attack.py -k "untargeted")
   ks=0,2; bench_n=(--num_train=2048); SEEDS=${SEEDS:-0,1}
 else
   full_n=(); curve_b=1024,4096,16384; cmp=(--num_baseline=100)
@@ -63,26 +64,28 @@ step env 60 bash -c "nvidia-smi -L 2>/dev/null; $PY -c 'import jax, flax, optax;
 
 case $phase in
   attack)
-    step full_attack 180 "$PY" scripts/bench_scale.py --mode=full --workdir="$WORK/scale" \
-      --run_dir=runs/models/fc100-100-10 --data_dir="$MNIST_DIR" --num_bisection=6 "${full_n[@]}" \
-      --out="$OUT/full_attack.json"
+    step full_attack 180 "$PY" scripts/bench/scale.py --config=intriguing_jax/configs/scale.py:full \
+      --workdir="$WORK/scale" --config.run_dir=runs/models/fc100-100-10 --data_dir="$MNIST_DIR" "${full_n[@]}"
+    cp "$WORK/scale/results.json" "$OUT/full_attack.json" 2>/dev/null
     step bench_attack 150 "$PY" -m scripts.bench_attack --data_dir="$MNIST_DIR" --workdir=runs/models \
       --restore_only --rounds=false --variants=false --repeats=3 "${cmp[@]}" --out="$OUT/bench_attack.json"
-    step curve 150 "$PY" scripts/bench_scale.py --devices=0 --batch_sizes=$curve_b --repeats=2 \
-      --run_dir=runs/models/fc100-100-10 --data_dir="$MNIST_DIR" --num_bisection=6 --out="$OUT/curve.json"
+    step curve 150 "$PY" scripts/bench/scale.py --config=intriguing_jax/configs/scale.py:gpu \
+      --config.batch_sizes=$curve_b --config.run_dir=runs/models/fc100-100-10 --data_dir="$MNIST_DIR" \
+      --workdir="$WORK/curve"
+    cp "$WORK/curve/results.json" "$OUT/curve.json" 2>/dev/null
     ;;
   pool)
     step pool_generation 90 "$PY" scripts/bench_pool_generation.py --data_dir="$MNIST_DIR" \
       --params="$POOL_PARAMS" --sizes=$sizes --repeats=15 --out="$OUT/pool_generation.json"
-    step adversarial_training 300 "$PY" scripts/adversarial_training.py --workdir="$WORK/adv_seed0" \
-      --data_dir="$MNIST_DIR" --seed=0 "${adv[@]}"
+    step adversarial_training 300 "$PY" scripts/adversarial_training.py "${adv[@]}" --config.seed=0 \
+      --workdir="$WORK/adv_seed0" --data_dir="$MNIST_DIR"
     cp "$WORK/adv_seed0/results.json" "$OUT/adversarial_results.json" 2>/dev/null
     ;;
   sweep)
     step bench_pool_sweep 200 "$PY" scripts/bench_pool_sweep.py --data_dir="$MNIST_DIR" --ks=$ks "${bench_n[@]}" \
       --out="$OUT/bench_pool_sweep.json"
-    step adversarial_sweep 380 "$PY" scripts/adversarial_training.py --workdir="$WORK/adv_sweep" \
-      --data_dir="$MNIST_DIR" --sweep_seeds="$SEEDS" "${adv[@]}" "${extra[@]}"
+    step adversarial_sweep 380 "$PY" scripts/adversarial_training.py "${adv[@]}" --config.sweep_seeds="$SEEDS" \
+      --workdir="$WORK/adv_sweep" --data_dir="$MNIST_DIR" "${extra[@]}"
     cp "$WORK/adv_sweep/results.json" "$OUT/adversarial_sweep_results.json" 2>/dev/null
     ;;
   tests)

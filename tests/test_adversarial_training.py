@@ -1,10 +1,11 @@
 """Tests of intriguing_jax.adversarial_training on a tiny synthetic problem (no real MNIST needed).
 
-One pool configuration is shared by every training test, so the (large) attack program compiles once per
-file: the epoch function is cached on the settings.
+One pool configuration is shared by every training test (and the in-process experiment), so the (large)
+attack program compiles once per file: the epoch function is cached on the settings.
 """
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -15,6 +16,7 @@ import pytest
 
 from intriguing_jax import adversarial_training as at
 from intriguing_jax import data
+from intriguing_jax import metrics
 from intriguing_jax import models
 from intriguing_jax import train
 
@@ -24,7 +26,7 @@ NUM_TRAIN = 256
 STEPS = NUM_TRAIN // BATCH  # 8 steps per epoch
 CONFIG = train.TrainConfig(epochs=EPOCHS, batch_size=BATCH, learning_rate=1e-2, weight_decay=(1e-4,))
 POOL = at.PoolConfig(layers=("input", "hidden_1"), pool_size=32, refresh_every=3, refresh_fraction=0.25,
-                     mix_ratio=0.5, warmup_steps=2, maxiter=5, c_grid=(0.1, 1.0))
+                     mix_ratio=0.5, warmup_steps=2, attack=dataclasses.replace(at.POOL_ATTACK, maxiter=5, refine=False))
 
 
 def _model():
@@ -92,24 +94,23 @@ def test_sample_mixed_batch_draws_from_each_pool(tiny):
     np.testing.assert_array_equal(np.asarray(lab), slot % 10)
 
 
-def test_mlp_head_is_the_network_above_the_layer(tiny):
+def test_pool_layers_are_the_network_above_the_layer(tiny):
   x, y, _, _ = tiny
   model = _model()
   variables = model.init(jax.random.PRNGKey(0), x[:4])
-  logits, feats = model.apply(variables, x[:4], return_features=True)
-  for name in ("hidden_0", "hidden_1"):
-    head = at.mlp_head_fn(model, name)
-    np.testing.assert_allclose(head(variables["params"], feats[name]), logits, rtol=1e-5, atol=1e-5)
+  logits = model.apply(variables, x[:4])
+  layers = {l.name: l for l in at.model_pool_layers(model, ("input", "hidden_0", "hidden_1"))}
+  for layer in layers.values():
+    h = layer.feature_fn(variables["params"], x[:4])
+    np.testing.assert_allclose(layer.head_fn(variables["params"], h), logits, rtol=1e-5, atol=1e-5)
   # Pool examples of hidden_1 train only the output layer.
-  head = at.mlp_head_fn(model, "hidden_1")
-  grads = jax.grad(lambda p: jnp.sum(at.softmax_cross_entropy(head(p, feats["hidden_1"]), y[:4])))(
+  h1 = layers["hidden_1"].feature_fn(variables["params"], x[:4])
+  grads = jax.grad(lambda p: jnp.sum(at.softmax_cross_entropy(layers["hidden_1"].head_fn(p, h1), y[:4])))(
       variables["params"])
   assert not np.any(np.asarray(grads["hidden_0"]["kernel"])) and not np.any(np.asarray(grads["hidden_1"]["kernel"]))
   assert np.any(np.asarray(grads["output"]["kernel"]))
-  with pytest.raises(ValueError, match="no feature"):
-    at.mlp_head_fn(model, "hidden_7")
-  with pytest.raises(ValueError, match="not\\s+supported|supported"):
-    at.mlp_head_fn(models.get_model("mnist_conv"), "pool1")
+  with pytest.raises(ValueError, match="head"):
+    at.model_pool_layers(models.get_model("mnist_conv"), ("input",))
 
 
 def test_pool_schedule():
@@ -121,14 +122,14 @@ def test_pool_schedule():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(layers=()), "at least one"), (dict(layers=("input", "input")), "duplicates"),
     (dict(pool_size=0), "pool_size"), (dict(refresh_fraction=0.0), "refresh_fraction"),
-    (dict(mix_ratio=1.0), "mix_ratio"), (dict(c_grid=()), "c_grid"), (dict(maxiter=0), "maxiter"),
-    (dict(warmup_steps=-1), "warmup_steps")])
+    (dict(mix_ratio=1.0), "mix_ratio"), (dict(attack=dict(c_grid=())), "c_grid"),
+    (dict(attack=dict(maxiter=0)), "maxiter"), (dict(warmup_steps=-1), "warmup_steps")])
 def test_pool_config_rejects_bad_values(kwargs, match):
   with pytest.raises(ValueError, match=match):
     at.PoolConfig(**kwargs)
 
 
-def test_train_with_pool_rejects_bad_input_before_compiling(tiny, tmp_path):
+def test_train_with_pool_rejects_bad_input_before_compiling(tiny):
   x, y, _, _ = tiny
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
     at.train_with_pool(_model(), x * 2.0, y, CONFIG, POOL)
@@ -136,72 +137,73 @@ def test_train_with_pool_rejects_bad_input_before_compiling(tiny, tmp_path):
   bad[0, 0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="NaN"):
     at.train_with_pool(_model(), bad, y, CONFIG, POOL)
-  with pytest.raises(ValueError, match="dropout"):  # dropout + hand-written layers: not supported
-    at.train_with_pool(models.get_model("fc16-16-10", dropout_rate=0.5), x, y, CONFIG, POOL,
-                       layers=at.model_pool_layers(_model(), POOL.layers))
-  with pytest.raises(ValueError, match="dropout_rate"):
-    at.mlp_head_fn(_model(), "hidden_0", dropout_rate=1.0)
   with pytest.raises(ValueError, match="labels"):
     at.train_with_pool(_model(), x, y + 10, CONFIG, POOL)
-  with pytest.raises(ValueError, match="no feature"):
+  with pytest.raises(ValueError, match=r"no feature \['hidden_9'\]"):
     at.train_with_pool(_model(), x, y, CONFIG, at.PoolConfig(layers=("hidden_9",)))
+  with pytest.raises(ValueError, match="task"):
+    at.train_with_pool(_model(), x, y, dataclasses.replace(CONFIG, task="autoencode"), POOL)
+  with pytest.raises(ValueError, match=r"weight_decays \(2\) and seeds \(3\)"):
+    at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, seeds=(0, 1, 2), weight_decays=(1e-4, 1e-3))
+  with pytest.raises(ValueError, match="weight_decays\\[1\\]"):
+    at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, seeds=(0, 1), weight_decays=(1e-4, [1e-4, 1e-4]))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training (one compiled program shared by the tests below).
 
 
+@pytest.mark.slow
 def test_pools_are_refreshed_as_configured(full_run):
   res, _ = full_run
-  total = EPOCHS * STEPS
-  schedule = [at.pool_schedule(s, POOL) for s in range(total)]
-  events = [s for s, what in enumerate(schedule) if what != "none"]
+  events = [s for s in range(EPOCHS * STEPS) if at.pool_schedule(s, POOL) != "none"]
   assert int(res.state.num_refreshes) == len(events) and bool(res.state.filled)
   assert [h["num_refreshes"] for h in res.history] == [
       sum(1 for s in events if e * STEPS <= s < (e + 1) * STEPS) for e in range(EPOCHS)]
   r = POOL.refresh_size
   assert r == 8
-  for name in POOL.layers:
-    born = np.asarray(res.state.pool_born[name])
-    assert born.min() >= POOL.warmup_steps  # the fill covered every slot
-    assert set(np.unique(born)) <= set(events)
-    # The latest refresh replaced exactly refresh_size entries (nothing has overwritten them since).
-    assert np.sum(born == events[-1]) == r
-    # The fill wrote the whole pool; later refreshes replaced random subsets, so some fill entries remain
-    # only if fewer than pool_size slots were drawn since (here 11 refreshes x 8 > 32: some may remain).
-    assert np.sum(born > events[0]) <= r * (len(events) - 1)
+  for i, name in enumerate(POOL.layers):
+    # Replay the schedule: the fill writes every slot at the warm-up step; the refresh at step s writes
+    # the r slots drawn from fold_in(fold_in(fold_in(fold_in(rng, 1), s), 1_000_003), pool index).
+    want = np.full((POOL.pool_size,), POOL.warmup_steps)
+    for s in events[1:]:
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(res.state.rng, 1), s), 1_000_003)
+      want[np.asarray(jax.random.choice(jax.random.fold_in(key, i), POOL.pool_size, (r,), replace=False))] = s
+    np.testing.assert_array_equal(np.asarray(res.state.pool_born[name]), want)
     labels = np.asarray(res.state.pool_labels[name])
     assert labels.min() >= 0 and labels.max() < 10 and len(np.unique(labels)) > 1
 
 
+@pytest.mark.slow
 def test_training_with_the_pool_reduces_the_loss(full_run, tiny):
   res, _ = full_run
   losses = [h["loss"] for h in res.history]
   assert losses[-1] < 0.9 * losses[0], losses
   assert res.history[-1]["clean_error"] < res.history[0]["clean_error"]
   assert res.history[-1]["eval_error"] < 0.5
-  # The pools hold perturbed values: the attack succeeded on some of them and they differ from the clean
-  # features of their source examples (a pool of clean copies would make adversarial training a no-op).
+  # The attack succeeded on some examples of each pool; the distortion is the mean RMS over the successes
+  # (at most 1 in the [0, 1] box, 0 without a success), and the hidden pool's successes moved their examples.
   for name in POOL.layers:
-    succ = [h[f"{name}/attack_success"] for h in res.history if h["num_refreshes"]]
-    assert max(succ) > 0, (name, succ)
-  model = _model()
+    rows = [(h[f"{name}/attack_success"], h[f"{name}/attack_distortion"]) for h in res.history if h["num_refreshes"]]
+    assert max(s for s, _ in rows) > 0, (name, rows)
+    for success, distortion in rows:
+      assert 0 <= distortion <= 1 and (success > 0 or distortion == 0), (name, rows)
+    if name == "hidden_1":
+      assert min(d for s, d in rows if s > 0) > 0, rows
+  layer = at.model_pool_layers(_model(), ("hidden_1",))[0]
   pools = np.asarray(res.state.pools["hidden_1"])
-  logits = at.mlp_head_fn(model, "hidden_1")(res.state.params, jnp.asarray(pools))
-  assert np.all(np.isfinite(np.asarray(logits)))
+  assert np.all(np.isfinite(np.asarray(layer.head_fn(res.state.params, jnp.asarray(pools)))))
   assert np.all((pools >= 0) & (pools <= 1))
   x_pool = np.asarray(res.state.pools["input"])
   assert x_pool.min() >= 0 and x_pool.max() <= 1
-  for h in res.history:
-    for name in POOL.layers:
-      assert np.isnan(h[f"{name}/attack_distortion"]) or h[f"{name}/attack_distortion"] >= 0
 
 
+@pytest.mark.slow
 def test_resume_mid_run_matches_the_uninterrupted_run(full_run, tiny, tmp_path):
   res, _ = full_run
   x, y, xt, yt = tiny
   workdir = str(tmp_path / "adv_resume")
-  hits = at._cached_epoch_fn.cache_info().hits  # pylint: disable=protected-access
+  hits = at._compiled.cache_info().hits  # pylint: disable=protected-access
   part = at.train_with_pool(_model(), x, y, CONFIG, POOL, seed=0, workdir=workdir, eval_data=(xt, yt),
                             stop_after_epoch=2)
   assert int(part.state.epoch) == 2 and int(part.state.step) == 2 * STEPS
@@ -210,7 +212,7 @@ def test_resume_mid_run_matches_the_uninterrupted_run(full_run, tiny, tmp_path):
   rest = at.train_with_pool(_model(), x, y, CONFIG, POOL, seed=0, workdir=workdir, eval_data=(xt, yt))
   assert [h["epoch"] for h in rest.history] == [3, 4]
   _trees_equal(rest.state, res.state)
-  assert at._cached_epoch_fn.cache_info().hits >= hits + 2  # pylint: disable=protected-access
+  assert at._compiled.cache_info().hits >= hits + 2  # pylint: disable=protected-access
   # Other settings in the same workdir are refused.
   with pytest.raises(ValueError, match="different settings"):
     at.train_with_pool(_model(), x, y, CONFIG, at.PoolConfig(layers=("input",), pool_size=16), workdir=workdir)
@@ -243,17 +245,13 @@ def test_pool_config_rejects_bad_scale_and_weight(kwargs, match):
     at.PoolConfig(**kwargs)
 
 
-def test_late_knobs_are_stored_only_when_set():
-  assert "perturbation_scale" not in at.PoolConfig().to_dict()  # earlier runs' stored settings still match
-  d = at.PoolConfig(perturbation_scale=1.5, pool_loss_weight=0.25).to_dict()
-  assert d["perturbation_scale"] == 1.5 and d["pool_loss_weight"] == 0.25
-
-
+@pytest.mark.slow
 def test_perturbation_scale_moves_the_stored_example_along_the_attack_direction():
   params, x, y = _lin_problem()
   layer = at.PoolLayer("input", lambda p, v: v, _lin_apply, (0.0, 1.0))
   key = jax.random.PRNGKey(3)
-  cfgs = [at.PoolConfig(maxiter=5, c_grid=(0.1, 1.0), perturbation_scale=s) for s in (1.0, 0.5, 2.0)]
+  attack = dataclasses.replace(at.POOL_ATTACK, maxiter=5)
+  cfgs = [at.PoolConfig(attack=attack, perturbation_scale=s) for s in (1.0, 0.5, 2.0)]
 
   @jax.jit
   def gen(params, x, y):
@@ -279,12 +277,14 @@ def test_perturbation_scale_moves_the_stored_example_along_the_attack_direction(
   assert np.all(m_half[ok] < 0.5 * m1[ok])  # half-way: well short of the target's side
 
 
+@pytest.mark.slow
 def test_perturbation_rms_puts_the_stored_example_at_a_fixed_distance_along_the_attack_direction():
   params, x, y = _lin_problem()
   layer = at.PoolLayer("input", lambda p, v: v, _lin_apply, (0.0, 1.0))
   key = jax.random.PRNGKey(3)
   e = 0.02
-  cfgs = [at.PoolConfig(maxiter=5, c_grid=(0.1, 1.0)), at.PoolConfig(maxiter=5, c_grid=(0.1, 1.0), perturbation_rms=e)]
+  attack = dataclasses.replace(at.POOL_ATTACK, maxiter=5)
+  cfgs = [at.PoolConfig(attack=attack), at.PoolConfig(attack=attack, perturbation_rms=e)]
 
   @jax.jit
   def gen(params, x, y):
@@ -318,21 +318,21 @@ def test_perturbation_rms_puts_the_stored_example_at_a_fixed_distance_along_the_
   assert near.sum() > 0 and np.all(margin[near] > 0)
 
 
-def test_perturbation_rms_is_validated_and_stored_only_when_set():
+def test_perturbation_rms_is_validated():
   for bad in (0.0, -0.1, float("nan"), float("inf"), True, "0.1"):
     with pytest.raises(ValueError, match="perturbation_rms"):
       at.PoolConfig(perturbation_rms=bad)
   with pytest.raises(ValueError, match="not both"):
     at.PoolConfig(perturbation_rms=0.03, perturbation_scale=0.5)
-  assert "perturbation_rms" not in at.PoolConfig().to_dict()
   assert at.PoolConfig(perturbation_rms=0.03).to_dict()["perturbation_rms"] == 0.03
 
 
+@pytest.mark.slow
 def test_pool_loss_weight_weights_the_pool_examples_in_the_loss():
   params, x, y = _lin_problem(256)
   w = 3.0
   cfg = at.PoolConfig(layers=("input",), pool_size=16, refresh_every=2, refresh_fraction=0.5, mix_ratio=0.5,
-                      maxiter=3, c_grid=(1.0,), pool_loss_weight=w)
+                      pool_loss_weight=w, attack=dataclasses.replace(at.POOL_ATTACK, maxiter=3, c_grid=(1.0,)))
   # Training-time logits (train_head_fn / train_apply_fn, e.g. dropout) scaled by 0.5: the logged losses must
   # come from them, not from the attack's deterministic head.
   layer = at.PoolLayer("input", lambda p, v: v, _lin_apply, (0.0, 1.0),
@@ -342,7 +342,7 @@ def test_pool_loss_weight_weights_the_pool_examples_in_the_loss():
   epoch_fn = at.make_epoch_fn(_lin_apply, [layer], tx, cfg, batch_size=batch, num_train=256,
                               num_classes=LIN_CLASSES, train_apply_fn=lambda p, v, k: 0.5 * _lin_apply(p, v))
   state = at.init_state([layer], jax.tree.map(jnp.copy, params), tx, x[:1], cfg, jax.random.PRNGKey(0))  # donated
-  state, stats = epoch_fn(state, x, y, jax.random.PRNGKey(1))
+  state, stats = epoch_fn(state, x, y, jax.random.PRNGKey(1), jnp.int32(0), None)
   stats = np.asarray(stats)
   names = list(at.STEP_STATS)
   data_loss, clean, pool = (stats[:, names.index(k)] for k in ("data_loss", "clean_loss", "pool_loss"))
@@ -360,28 +360,25 @@ def test_pool_loss_weight_weights_the_pool_examples_in_the_loss():
   assert abs(np.mean(pool[-4:]) - half) < abs(np.mean(pool[-4:]) - full)  # pool examples: train_head_fn
 
 
-def test_dropout_heads_and_training_with_dropout(tiny):
-  x, y, _, _ = tiny
-  model = models.get_model("fc16-16-10", dropout_rate=0.5, input_dropout_rate=0.2)
+DROPOUT = dict(dropout_rate=0.5, input_dropout_rate=0.2)
+
+
+@pytest.mark.slow
+def test_training_with_dropout(full_run, tiny):
+  x, y, xt, yt = tiny
+  model = models.get_model("fc16-16-10", **DROPOUT)
   variables = model.init(jax.random.PRNGKey(0), x[:8])
-  layers = at.model_pool_layers(model, ("input", "hidden_0", "hidden_1"))
-  assert all(l.train_head_fn is not None for l in layers)
-  assert at.model_pool_layers(_model(), ("input", "hidden_0"))[0].train_head_fn is None
-  feats = model.apply(variables, x[:8], return_features=True)[1]
-  head = at.mlp_head_fn(model, "hidden_0", dropout_rate=0.5)
-  det = head(variables["params"], feats["hidden_0"])
-  np.testing.assert_allclose(det, model.apply(variables, x[:8]), rtol=1e-5, atol=1e-5)  # no key: no dropout
-  k = jax.random.PRNGKey(4)
-  assert not np.allclose(head(variables["params"], feats["hidden_0"], k), det)
-  # No pool in epoch 1 (warm-up of a whole epoch): the clean training is train.train_model's (same batches,
-  # loss, optimiser) -- with dropout only if the dropout model's training logits are used.
-  cfg = dataclasses.replace(POOL, warmup_steps=STEPS)
-  cfg1 = dataclasses.replace(CONFIG, epochs=1)
-  ref = train.train_model(_model(), x, y, cfg1, seed=0)
-  drop = at.train_with_pool(model, x, y, cfg1, cfg, seed=0)
-  plain = float(ref.history[0]["data_loss"])
-  assert np.isfinite(drop.history[0]["loss"])
-  assert drop.history[0]["clean_loss"] > plain + 0.02, (drop.history[0]["clean_loss"], plain)
+  layer = at.model_pool_layers(model, ("hidden_0",))[0]
+  h = layer.feature_fn(variables["params"], x[:8])
+  det = layer.head_fn(variables["params"], h)
+  np.testing.assert_allclose(det, model.apply(variables, x[:8]), rtol=1e-5, atol=1e-5)  # attacked: no dropout
+  assert not np.allclose(layer.train_head_fn(variables["params"], h, jax.random.PRNGKey(4)), det)
+  # The reference run's setting with dropout (the experiment's adversarial run: same compiled program):
+  # dropout reaches the clean examples' loss, and the network is evaluated without it.
+  drop = at.train_with_pool(model, x, y, CONFIG, POOL, seed=0, eval_data=(xt, yt))
+  assert drop.history[0]["clean_loss"] > full_run[0].history[0]["clean_loss"] + 0.02
+  assert drop.history[-1]["eval_error"] == pytest.approx(
+      metrics.error_rate(_model().apply, drop.variables, xt, yt))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -407,6 +404,7 @@ def _trees_close(a, b, atol):
     np.testing.assert_allclose(np.asarray(u, np.float64), np.asarray(v, np.float64), rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 def test_sweep_members_end_where_the_single_runs_end(sweep_run, full_run, tiny):
   res, _ = sweep_run
   x, y, xt, yt = tiny
@@ -444,18 +442,18 @@ def _scan_body(jaxpr):
   return None
 
 
+@pytest.mark.slow
 def test_sweep_refresh_stays_a_branch_taken_on_refresh_steps_only(tiny):
   # vmap turns a cond on a per-member predicate into a select that evaluates both branches, i.e. the attack
   # on every step. The stacked epoch keeps one cond (on the shared step) and every L-BFGS loop inside it.
   x, y, _, _ = tiny
-  epoch_fn = at._build_sweep_epoch_fn(_model(), CONFIG, POOL, x.shape[1:], NUM_TRAIN, 10)  # pylint: disable=protected-access
-  model = _model()
-  params = jax.vmap(lambda k: model.init(k, jnp.asarray(x[:1]))["params"])(jax.random.split(jax.random.PRNGKey(0), 2))
-  layers = at.model_pool_layers(model, POOL.layers)
+  _, _, layers, init_fn, epoch_fn = at._compiled(  # pylint: disable=protected-access
+      _model(), dataclasses.replace(CONFIG, weight_decay=(0.0,)), POOL, x.shape[1:], NUM_TRAIN, 10, True)
+  params = init_fn(jax.random.split(jax.random.PRNGKey(0), 2))
   tx = train.make_optimizer(CONFIG, STEPS, jax.tree.map(lambda a: a[0], params))
   rngs = jax.random.split(jax.random.PRNGKey(1), 2)
   state = jax.vmap(lambda p, r: at.init_state(layers, p, tx, jnp.asarray(x[:1]), POOL, r))(params, rngs)
-  jaxpr = jax.make_jaxpr(epoch_fn)(state, x, y, jax.random.PRNGKey(0), jnp.ones((2, 3)) * 1e-4).jaxpr
+  jaxpr = jax.make_jaxpr(epoch_fn)(state, x, y, jax.random.PRNGKey(0), jnp.int32(0), jnp.ones((2, 3)) * 1e-4).jaxpr
   body = _scan_body(jaxpr)
   assert body is not None, "no scan in the epoch"
   top = [e.primitive.name for e in body.eqns]
@@ -463,6 +461,7 @@ def test_sweep_refresh_stays_a_branch_taken_on_refresh_steps_only(tiny):
   assert "while" not in top, top
 
 
+@pytest.mark.slow
 def test_sweep_resumes_mid_run_and_checks_its_inputs(sweep_run, tiny, tmp_path):
   res, _ = sweep_run
   x, y, xt, yt = tiny
@@ -475,9 +474,84 @@ def test_sweep_resumes_mid_run_and_checks_its_inputs(sweep_run, tiny, tmp_path):
   _trees_equal(rest.state, res.state)
   with pytest.raises(ValueError, match="different settings"):  # other seeds, same workdir
     at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, **{**kw, "seeds": (0, 1, 2)})
-  with pytest.raises(ValueError, match=r"weight_decays \(2\) and seeds \(3\)"):
-    at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, seeds=(0, 1, 2), weight_decays=(1e-4, 1e-3))
-  with pytest.raises(ValueError, match="weight_decays\\[1\\]"):
-    at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, seeds=(0, 1), weight_decays=(1e-4, [1e-4, 1e-4]))
-  with pytest.raises(ValueError, match="NaN"):
-    at.train_with_pool_sweep(_model(), np.full_like(x, np.nan), y, CONFIG, POOL, seeds=(0, 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment (configs/adversarial_training.py + run_experiment).
+
+
+def _experiment_config():
+  """The tests' CONFIG and POOL as an experiment config (their compiled epochs are reused)."""
+  from intriguing_jax.configs import adversarial_training as configs  # pylint: disable=g-import-not-at-top
+  c = configs.get_config("smoke")
+  c.model, c.num_train, c.num_attack, c.chunk_size, c.dropout = "fc16-16-10", NUM_TRAIN, 4, 4, DROPOUT
+  c.train.update(epochs=EPOCHS, batch_size=BATCH, learning_rate=1e-2, weight_decay=(1e-4,))
+  c.pool.update(layers=POOL.layers, pool_size=POOL.pool_size, refresh_every=POOL.refresh_every,
+                refresh_fraction=POOL.refresh_fraction, mix_ratio=POOL.mix_ratio,
+                warmup_epochs=POOL.warmup_steps / STEPS, perturbation_rms=0.0)
+  c.pool.attack.update(untargeted=False, maxiter=5, refine=False)
+  c.eval_attack.update(maxiter=5, num_bisection=1, refine=False)
+  return c
+
+
+def test_experiment_config_is_checked_before_any_work(tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from intriguing_jax import configs  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(configs.__file__), "adversarial_training.py")
+
+  def parse(*args):
+    fv, argv = flags.FlagValues(), ["prog", *args]
+    config_flags.DEFINE_config_file("config", path, flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  exp = at.validate(parse(f"--config={path}:smoke", "--config.pool.attack.maxiter=7", "--config.sweep_seeds=(0,1)"))
+  assert exp.pool.attack.maxiter == 7 and exp.pool.attack.untargeted and exp.seeds == [0, 1]
+  assert exp.pool.perturbation_rms == 0.035 and exp.train["adversarial"].epochs == 2
+  assert exp.model_kwargs["adversarial"] == {"dropout_rate": 0.1, "input_dropout_rate": 0.05}
+  # The default pool attack is POOL_ATTACK (untargeted): the published setting's examples.
+  assert dataclasses.replace(exp.pool.attack, maxiter=10) == dataclasses.replace(at.POOL_ATTACK, untargeted=True)
+  for bad in ("--config.pool.attack.bogus=1", "--config.train.bogus=1"):
+    with pytest.raises((flags.Error, AttributeError, KeyError), match="bogus"):
+      parse(bad)
+  config = _experiment_config()
+  config.runs = ("weight_decay", "nope")
+  with pytest.raises(ValueError, match="runs"):
+    at.run_experiment(config, str(tmp_path), data_dir=str(tmp_path / "missing"))
+  config = _experiment_config()
+  config.pool.attack.solver = "newton"
+  with pytest.raises(ValueError, match="solver"):
+    at.run_experiment(config, str(tmp_path), data_dir=str(tmp_path / "missing"))
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_run_experiment_trains_attacks_restores_and_sweeps(full_run, sweep_run, synthetic_idx_dir, tmp_path):
+  config = _experiment_config()
+  out = at.run_experiment(config, str(tmp_path / "one"), synthetic_idx_dir)
+  assert set(out["per_seed"]) == set(at.RUNS) and out["seeds"] == [0] and out["num_attacked"] == 4
+  for (row,) in out["per_seed"].values():
+    assert 0 <= row["eval_error"] <= 1 and row["attack_success"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert row["attack_success"] == 0 or row["av_min_distortion"] > 0
+  assert set(out["claims"]) == {"adversarial_error_at_most_1.2%", "adversarial_error_below_both_baselines",
+                                "adversarial_distortion_above_weight_decay"}
+  adv = json.load(open(tmp_path / "one" / "adversarial" / "result.json"))
+  assert len(adv["history"]) == EPOCHS and adv["history"][-1]["num_refreshes"] > 0
+  assert adv["settings"]["pool_config"]["warmup_steps"] == POOL.warmup_steps
+  assert (tmp_path / "one" / "report.md").is_file() and (tmp_path / "one" / "report.html").is_file()
+  # Rerun: restored, the same figures; a finished run with other settings is refused, naming them.
+  again = at.run_experiment(config, str(tmp_path / "one"), synthetic_idx_dir)["per_seed"]
+  assert json.dumps(again) == json.dumps(out["per_seed"])
+  config.pool.refresh_every = 2
+  with pytest.raises(ValueError, match=r"adversarial holds a finished run with other settings \(pool_config\)"):
+    at.run_experiment(config, str(tmp_path / "one"), synthetic_idx_dir)
+  # Three seeds of the adversarial run as one sweep; seed 0 (batch order of config.seed = 0) is the run above.
+  config = _experiment_config()
+  config.runs, config.sweep_seeds, config.num_attack = ("adversarial",), (0, 1, 2), 0
+  sweep = at.run_experiment(config, str(tmp_path / "sweep"), synthetic_idx_dir)
+  assert list(sweep["per_seed"]) == ["adversarial"] and len(sweep["per_seed"]["adversarial"]) == 3
+  assert abs(sweep["per_seed"]["adversarial"][0]["eval_error"] - out["per_seed"]["adversarial"][0]["eval_error"]) \
+      <= 1 / 128 + 1e-9
+  assert sweep["mean"]["adversarial"]["eval_error"] == pytest.approx(
+      np.mean([r["eval_error"] for r in sweep["per_seed"]["adversarial"]]))

@@ -78,3 +78,42 @@ def test_guard_run_config_records_then_refuses_other_settings(tmp_path):
   checkpoint.guard_run_config(tmp_path, {"lr": 0.1, "seeds": [0]})  # same settings: fine
   with pytest.raises(ValueError, match=r"different settings \(lr\)"):
     checkpoint.guard_run_config(tmp_path, {"lr": 0.2, "seeds": [0]})
+
+
+def test_written_files_honour_the_umask(tmp_path):
+  old = os.umask(0o022)
+  try:
+    checkpoint.save_pytree(tmp_path / "p.msgpack", _tree())
+    checkpoint.atomic_write_json(tmp_path / "r.json", {"a": 1})
+    os.umask(0o027)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", _tree(), step=1)
+  finally:
+    os.umask(old)
+  assert (tmp_path / "p.msgpack").stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / "ckpt" / "ckpt_00000001.msgpack").stat().st_mode & 0o777 == 0o640
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
+  d = tmp_path / "ckpt"
+  for step in (1, 2):
+    checkpoint.save_checkpoint(d, {"x": jnp.full((2,), step)}, step)
+  latest = d / "ckpt_00000002.msgpack"
+  latest.write_bytes(latest.read_bytes()[:-3])                      # truncated by a crash
+  with caplog.at_level("WARNING"):
+    tree, step = checkpoint.restore_checkpoint(d, target={"x": jnp.zeros((2,))})
+  assert step == 1 and np.all(np.asarray(tree["x"]) == 1)
+  assert any("checksum" in r.getMessage() and "step 1" in r.getMessage() for r in caplog.records)
+  (d / "ckpt_00000001.msgpack").write_bytes(b"garbage")             # nothing intact left: a way out is named
+  with pytest.raises(checkpoint.CheckpointError, match="delete that directory"):
+    checkpoint.restore_checkpoint(d)
+  with pytest.raises(checkpoint.CheckpointError, match="checksum"):  # an explicit step never falls back
+    checkpoint.restore_checkpoint(d, step=2)
+
+
+def test_restore_into_another_architecture_names_the_shapes(tmp_path):
+  checkpoint.save_pytree(tmp_path / "a.msgpack", _tree())
+  other = {"params": {"w": jnp.zeros((2, 4)), "b": jnp.zeros(3), "extra": jnp.zeros(1)}, "step": jnp.asarray(0)}
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"\['params'\]\['w'\]: \(2, 3\) in the file, \(2, 4\) expected.*\['extra'\]: missing"):
+    checkpoint.load_pytree(tmp_path / "a.msgpack", target=other)

@@ -1,4 +1,4 @@
-"""Tests of intriguing_jax.data / _idx / mnist_tfds: IDX parsing, errors, splits, tfds round trip, real MNIST."""
+"""Tests of intriguing_jax.data / _idx / mnist_tfds: IDX parsing, errors, splits, tfds, real MNIST."""
 
 import gzip
 import hashlib
@@ -206,6 +206,8 @@ def test_env_var(idx_dir, monkeypatch):
   monkeypatch.setenv(data.ENV_VAR, idx_dir + "_missing")
   with pytest.raises(data.MnistNotFoundError, match=data.ENV_VAR):
     data.load_mnist("test")
+  _, y = data.load_mnist("test", idx_dir)   # the data_dir argument (a script's --data_dir) comes first
+  np.testing.assert_array_equal(y, _arrays("test")[1])
 
 
 # ---------------------------------------------------------------------------------------------- tfds path
@@ -306,6 +308,8 @@ def test_split_p1_p2_arrays(seed):
   np.testing.assert_array_equal(y1, z1)
   with pytest.raises(ValueError, match="disagree"):
     data.split_p1_p2(images, labels[:-1])
+  with pytest.raises(ValueError, match="labels must be integers"):
+    data.split_p1_p2(images, labels + 0.5)
 
 
 def test_train_val_split():
@@ -326,13 +330,6 @@ def test_train_val_split():
   for bad in (0, n, -1):
     with pytest.raises(ValueError, match="num_val"):
       data.train_val_split(images, labels, num_val=bad, seed=0)
-
-
-def test_flatten():
-  assert data.flatten(np.zeros((3, 28, 28, 1))).shape == (3, 784)
-  assert data.flatten(np.zeros((3, 784))).shape == (3, 784)
-  with pytest.raises(ValueError, match="batch"):
-    data.flatten(np.zeros((5,)))
 
 
 def test_synthetic_mnist_deterministic_balanced_learnable():
@@ -362,6 +359,8 @@ _TEST_HIST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 _TRAIN_HIST = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_real_mnist(mnist_dir):
   if os.path.isfile(os.path.join(mnist_dir, "SHA256SUMS")):
     verified = _idx.verify_sha256sums(mnist_dir)

@@ -6,8 +6,8 @@ from intriguing_jax import report
 
 
 def test_markdown_table_formats_and_escapes():
-  text = plotting.markdown_table([{"model": "a|b", "err": 0.12345, "ok": True}, {"model": "c", "err": float("nan")}],
-                                 floatfmt=".2f")
+  rows = [{"model": "a|b", "err": 0.12345, "ok": True}, {"model": "c", "err": float("nan")}]
+  text = plotting.markdown_table(rows, floatfmt=".2f")
   lines = text.strip().split("\n")
   assert lines[0] == "| model | err | ok |"
   assert lines[2] == "| a\\|b | 0.12 | yes |"
@@ -34,6 +34,8 @@ def test_triplets_and_pairs_layout():
   assert g.shape == (2, 6, 2, 2, 1)
   np.testing.assert_allclose(g[0, 1], xa[0])
   np.testing.assert_allclose(g[1, 2], x[4])
+  assert plotting.safe_name("FC100-100-10'") != plotting.safe_name("FC100-100-10")  # distinct names stay distinct
+  assert plotting.safe_name("a/b c").startswith("a_b_c_")
 
 
 def test_report_writes_every_block(tmp_path):

@@ -1,127 +1,155 @@
-"""Smoke test of scripts/reproduce_mnist.py: --quick on tiny synthetic data, then a resumed rerun.
+"""Tests of reproduce.run_experiment and scripts/reproduce_mnist.py on tiny synthetic data.
 
-The attack is replaced by a cheap iterative gradient attack (the real L-BFGS attack compiles for ~35 s per
-architecture on a loaded 2-core CPU), and ``train.train_model`` by one returning initialised parameters
-(``train.get_or_train``'s run directories, result files and restore logic stay real); both are counted, so
-the rerun proves that finished models and attack chunks are reused.
+In the in-process test the attack is replaced by a cheap signed-gradient attack and ``train.get_or_train``
+by one returning initialised parameters (its restore logic is tested in test_train.py); both are recorded,
+so the test checks the run names of every model and that a rerun reuses every attack chunk.
+The slow test runs the script itself, with the real training and the real attack, on the "smoke" preset.
 """
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 from typing import NamedTuple
 
-from absl import flags
-from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from intriguing_jax import attack
+from intriguing_jax import models
+from intriguing_jax import reproduce
 from intriguing_jax import train
-from intriguing_jax import transfer
+from intriguing_jax.configs import reproduce_mnist
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "reproduce_mnist.py"
-
-
-@pytest.fixture(scope="module")
-def script():
-  spec = importlib.util.spec_from_file_location("reproduce_mnist_under_test", _SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)  # defines the flags once per test session
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["reproduce_mnist"])
-  return mod
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class _Result(NamedTuple):
   x_adv: jax.Array
   success: jax.Array
   c: jax.Array
-  distortion: jax.Array
-
-
-class CheapAttack:
-  """20 signed-gradient steps of 0.03 towards the target, keeping each example's first success."""
-
-  def __init__(self):
-    self.calls = 0
-
-  def __call__(self, logits_fn, x, target, *, params=None, **unused):
-    self.calls += 1
-    return _cheap_attack(logits_fn, params, x, target)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _cheap_attack(logits_fn, params, x, target):
-  """The jitted body of CheapAttack (one compile per architecture)."""
-  fn = lambda v: logits_fn(params, v)
-
+def _cheap_attack(apply_fn, params, x, target):
+  """20 signed-gradient steps of 0.03 toward the target, keeping each example's first success."""
   def loss(v):
-    logp = jax.nn.log_softmax(fn(v))
+    logp = jax.nn.log_softmax(apply_fn(params, v))
     return -jnp.sum(jnp.take_along_axis(logp, target[:, None], axis=1))
 
   def step(carry, _):
     v, best, done = carry
     v = jnp.clip(v - 0.03 * jnp.sign(jax.grad(loss)(v)), 0.0, 1.0)
-    hit = jnp.argmax(fn(v), -1) == target
-    new = hit & ~done
-    best = jnp.where(new[:, None, None, None], v, best)
+    hit = jnp.argmax(apply_fn(params, v), -1) == target
+    best = jnp.where((hit & ~done)[:, None, None, None], v, best)
     return (v, best, done | hit), None
 
-  done0 = jnp.argmax(fn(x), -1) == target
+  done0 = jnp.argmax(apply_fn(params, x), -1) == target
   (_, best, done), _ = jax.lax.scan(step, (x, x, done0), None, length=20)
-  best = jnp.where(done[:, None, None, None], best, x)
-  d = jnp.sqrt(jnp.mean((best - x).reshape(x.shape[0], -1) ** 2, axis=1))
-  return _Result(best, done, jnp.ones_like(d), d)
+  return _Result(jnp.where(done[:, None, None, None], best, x), done, jnp.ones(x.shape[:1]))
 
 
-def test_quick_main_on_synthetic_data_and_resume(script, tmp_path, monkeypatch):
-  attack = CheapAttack()
-  monkeypatch.setattr(transfer, "_default_attack_fn", lambda: attack)
-  trained = []
+def _smoke_config(**overrides):
+  config = reproduce_mnist.get_config("smoke")
+  config.update(overrides)
+  return config
 
-  def fake_train_model(model, images, labels, config, *, seed=0, init_params=None, **unused):
-    """Initialised, untrained parameters: get_or_train's run/restore logic stays real, no step compiles."""
-    trained.append(config.task)
-    variables = init_params or model.init(jax.random.PRNGKey(seed), jnp.asarray(images[:1]))
-    return train.TrainResult(variables=variables, state=None, history=[])
 
-  monkeypatch.setattr(train, "train_model", fake_train_model)
+@pytest.mark.slow
+def test_run_experiment_on_synthetic_data_and_resume(tmp_path, monkeypatch):
+  calls, runs, trained = [], [], {}
+
+  def cheap(apply_fn, params, x, target, options=attack.AttackOptions()):
+    calls.append(options)
+    return _cheap_attack(apply_fn, params, jnp.asarray(x), jnp.asarray(target))
+
+  def fake_get_or_train(name, images, labels, *, workdir, seed, epochs, run_name):
+    """Random parameters of the recipe's model, recorded (get_or_train is tested in test_train.py)."""
+    runs.append((name, run_name, seed, epochs, images.shape[0], workdir))
+    if run_name not in trained:  # a rerun restores the same module object (compiled programs are reused)
+      rec = train.recipe(name)
+      model = models.get_model(rec["model"], **rec.get("model_kwargs", {}))
+      shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), jnp.asarray(images[:1]))
+      rng = np.random.default_rng(len(trained))  # N(0, 0.1) weights: no eager per-layer init compiles
+      trained[run_name] = model, jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(a.dtype), shapes)
+    return trained[run_name]
+
+  monkeypatch.setattr(attack, "lbfgs_attack", cheap)
+  monkeypatch.setattr(train, "get_or_train", fake_get_or_train)
   workdir = str(tmp_path / "run")
-  args = dict(workdir=workdir, quick=True, synthetic_data=300, num_train=300, num_examples=12, epochs=1,
-              chunk_size=6, seeds=["0"])
-  with flagsaver.flagsaver(**args):
-    script.main(["reproduce_mnist"])
-  assert attack.calls == 9 * 2  # 6 Table 1 + 3 Table 3 models, 2 chunks each
-  assert len(trained) == 10  # 9 models + the autoencoder's unsupervised stage
-  res = json.load(open(os.path.join(workdir, "results.json")))
-  assert [r["model"] for r in res["table1"]] == [n for n, _ in transfer.TABLE1_MODELS]
+  res = reproduce.run_experiment(_smoke_config(figures=False), workdir)
+  assert len(calls) == 9 * 2 and calls[0].maxiter == 10  # 6 Table 1 + 3 Table 3 models, 2 chunks each
+  # The run names of scripts/train.py, tagged with the data (synthetic, first 300; P1/P2 halves of them).
+  tag = train.default_run_name
+  assert [r[:3] for r in runs] == (
+      [(rcp, tag(rcp, epochs=1, data_tag="synthetic_first300"), 0) for _, rcp, *_ in reproduce.TABLE1_MODELS]
+      + [(rcp, tag(rcp, seed=off, epochs=1, data_tag=f"{part}_synthetic_first300"), off)
+         for _, rcp, part, off in reproduce.TABLE3_MODELS])
+  assert [r[4] for r in runs] == [300] * 6 + [150] * 3 and runs[0][5] == os.path.join(workdir, "models")
+  assert [r["model"] for r in res["table1"]] == [n for n, *_ in reproduce.TABLE1_MODELS]
   assert len(res["table2"]) == 8 and len(res["table3"]) == 3 and len(res["table4"]) == 8
   assert all(r["num_attacked"] == 12 for r in res["table1"])
   assert res["claims"] and res["readings"] and res["timings"]["total"] > 0
+  assert res["config"]["attack"] == {"maxiter": 10, "num_bisection": 2, "refine": False}
+  saved = json.load(open(os.path.join(workdir, "results.json")))
+  assert json.dumps(saved["table4"]) == json.dumps(res["table4"])  # (NaN != NaN: compare the texts)
   text = open(os.path.join(workdir, "report.md")).read()
-  for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Readings"):
-    assert heading in text
-  for line in [ln for ln in text.splitlines() if ln.startswith("![")]:
-    rel = line[line.index("](") + 2:line.rindex(")")]
-    assert os.path.isfile(os.path.join(workdir, rel)), rel
-  assert os.path.isfile(os.path.join(workdir, "report.html"))
-  # Rerun: every model and every attack chunk is restored, nothing is recomputed.
-  with flagsaver.flagsaver(**dict(args, figures=False)):
-    script.main(["reproduce_mnist"])
-  assert attack.calls == 18 and len(trained) == 10
-  assert json.load(open(os.path.join(workdir, "results.json")))["table1"] == res["table1"]
+  assert all(heading in text for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Readings"))
+  # Rerun: every attack chunk is reused.
+  again = reproduce.run_experiment(_smoke_config(figures=False), workdir)
+  assert len(calls) == 18 and json.dumps(again["table4"]) == json.dumps(res["table4"])
 
 
-def test_bad_flags_fail_clearly(script, tmp_path):
-  from absl import app
-  with flagsaver.flagsaver(workdir=str(tmp_path), tables=["5"], synthetic_data=20):
-    with pytest.raises(app.UsageError, match="tables"):
-      script.main(["reproduce_mnist"])
-  with flagsaver.flagsaver(workdir=str(tmp_path), attack_option=["maxiter"], synthetic_data=20):
-    with pytest.raises(app.UsageError, match="key=value"):
-      script.main(["reproduce_mnist"])
-  with pytest.raises(flags.IllegalFlagValueError):
-    flags.FLAGS["num_examples"].parse("0")
+def test_train_models_share_one_apply_fn_per_architecture(monkeypatch, tmp_path):
+  fake = lambda name, *unused, **kw: (models.get_model(train.recipe(name)["model"]), {"run": kw["run_name"]})
+  monkeypatch.setattr(train, "get_or_train", fake)
+  ms = reproduce.train_models(reproduce.TABLE1_MODELS[:4], {"train": (np.zeros((4, 28, 28, 1)), np.zeros(4))},
+                              workdir=str(tmp_path))
+  fns = [m.apply_fn for m in ms.values()]
+  assert fns[0] == fns[1] == fns[2] and fns[0] != fns[3]  # the FC10s: one compiled attack
+  assert [m.params["run"] for m in ms.values()] == ["fc10-1e-4", "fc10-1e-2", "fc10-1", "fc100-100-10"]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("tables", (5,), "tables"), ("seeds", (0, 0), "seeds"), ("num_examples", 0, "num_examples"),
+    ("chunk_size", 0, "chunk_size")])
+def test_bad_config_fails_before_any_work(tmp_path, field, value, match):
+  config = _smoke_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=match):
+    reproduce.run_experiment(config, str(tmp_path))
+  config = _smoke_config()
+  config.attack.maxiter = 0
+  with pytest.raises(ValueError, match="config.attack: maxiter"):
+    reproduce.run_experiment(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+  with pytest.raises(ValueError, match="preset"):
+    reproduce_mnist.get_config("bogus")
+
+
+def _script(*args, timeout=600):
+  return subprocess.run([sys.executable, str(_REPO / "scripts" / "reproduce_mnist.py"), *args], cwd=_REPO,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.slow
+def test_script_smoke_end_to_end(tmp_path):
+  """The script with the real training and attack on synthetic data; --help exits 0."""
+  assert _script("--help", timeout=120).returncode == 0
+  workdir = str(tmp_path / "run")
+  proc = _script("--config=intriguing_jax/configs/reproduce_mnist.py:smoke", f"--workdir={workdir}",
+                 "--config.tables=(3,4)")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.load(open(os.path.join(workdir, "results.json")))
+  assert [r["model"] for r in res["table3"]] == [n for n, *_ in reproduce.TABLE3_MODELS]
+  assert len(res["table4"]) == 8
+  assert all(r["success_rate"] > 0 for r in res["table3"]), res["table3"]
+  assert len(os.listdir(os.path.join(workdir, "models"))) == 3  # trained and saved
+  assert "config:" not in proc.stderr  # the config is logged at --v=1 only
+  text = open(os.path.join(workdir, "report.md")).read()
+  images = [ln[ln.index("](") + 2:ln.rindex(")")] for ln in text.splitlines() if ln.startswith("![")]
+  assert len(images) == 5 and all(os.path.isfile(os.path.join(workdir, rel)) for rel in images)

@@ -11,9 +11,23 @@ from intriguing_jax import models
 from intriguing_jax import units
 
 
-def _linear_phi(dim_in, dim_out, seed=0):
-  w = np.random.default_rng(seed).normal(size=(dim_in, dim_out)).astype(np.float32) / math.sqrt(dim_in)
-  return lambda x: x.reshape(x.shape[0], -1) @ w
+def _linear(p, x):
+  return x.reshape(x.shape[0], -1) @ p
+
+
+def _linear_params(dim_in, dim_out, seed=0):
+  return np.random.default_rng(seed).normal(size=(dim_in, dim_out)).astype(np.float32) / math.sqrt(dim_in)
+
+
+def _top_k_one_shot(scores, k):
+  """The non-streaming reference: lax.top_k over all images at once (ties keep the earlier image)."""
+  s, i = jax.lax.top_k(jnp.asarray(scores).T, k)
+  return units.TopK(np.asarray(s), np.asarray(i, np.int32))
+
+
+def _no_params(fn):
+  """A feature function fn(params, x) that ignores params."""
+  return lambda p, x: fn(x)
 
 
 def _data(n, shape=(6, 6, 1), seed=0):
@@ -22,10 +36,10 @@ def _data(n, shape=(6, 6, 1), seed=0):
 
 def test_top_k_matches_brute_force_sort():
   x = _data(257)
-  phi = _linear_phi(36, 12)
+  w = _linear_params(36, 12)
   dirs = units.random_directions(1, 7, 12)
-  top = units.top_k_images(phi, x, dirs, k=5, batch_size=64)  # 257 = 4 * 64 + 1: ragged, padded last batch
-  scores = np.asarray(phi(jnp.asarray(x))) @ np.asarray(dirs).T  # [N, D]
+  top = units.top_k_images(_linear, w, x, dirs, k=5, batch_size=64)  # 257 = 4 * 64 + 1: ragged last batch
+  scores = np.asarray(_linear(w, jnp.asarray(x))) @ np.asarray(dirs).T  # [N, D]
   expected = np.argsort(-scores, axis=0, kind="stable")[:5].T  # [D, k]
   np.testing.assert_array_equal(top.indices, expected)
   # float32 matmul order differs between the two paths: 1e-5 relative is ample for O(1) scores.
@@ -33,14 +47,14 @@ def test_top_k_matches_brute_force_sort():
   assert np.all(np.diff(top.scores, axis=1) <= 0)
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 50, 1000])
+@pytest.mark.parametrize("batch_size", [pytest.param(1, marks=pytest.mark.slow), 7, 50, 1000])
 def test_streaming_equals_one_shot_including_ties(batch_size):
   x = _data(50)
   # Integer-valued features: many exact ties, so the tie order (earlier image first) is tested too.
   phi = lambda x: jnp.round(3.0 * x.reshape(x.shape[0], -1)[:, :8])
   dirs = units.natural_directions(8)
-  streamed = units.top_k_images(phi, x, dirs, k=6, batch_size=batch_size)
-  one_shot = units.top_k_from_scores(phi(jnp.asarray(x)) @ dirs.T, 6)
+  streamed = units.top_k_images(_no_params(phi), None, x, dirs, k=6, batch_size=batch_size)
+  one_shot = _top_k_one_shot(phi(jnp.asarray(x)) @ dirs.T, 6)
   np.testing.assert_array_equal(streamed.indices, one_shot.indices)
   np.testing.assert_array_equal(streamed.scores, one_shot.scores)
 
@@ -53,36 +67,37 @@ def test_dict_valued_phi_from_flax_model():
   rng = np.random.default_rng(0)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
   variables = jax.tree.map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
+  phi = models.feature_fn(model)
+  dims = units.feature_dims(phi, variables, x[:1])
   # The model's own layer order survives (jax returns dicts with sorted keys).
-  assert list(units.feature_dims(units.model_feature_fn(model, variables), x[:1])) == [
-      "conv1", "pool1", "conv2", "pool2", "fc1"]
-  phi = units.model_feature_fn(model, variables, layers=["fc1", "conv1"])
-  dims = units.feature_dims(phi, x[:1])
-  assert dims == {"fc1": 8, "conv1": 12 * 12 * 2} and list(dims) == ["fc1", "conv1"]
+  assert list(dims) == ["conv1", "pool1", "conv2", "pool2", "fc1"]
+  assert dims["fc1"] == 8 and dims["conv1"] == 12 * 12 * 2
   dirs = {"conv1": units.random_directions(0, 5, dims["conv1"]), "fc1": units.natural_directions(8, [1, 5])}
-  top = units.top_k_images(phi, x, dirs, k=4, batch_size=16)
+  top = units.top_k_images(phi, variables, x, dirs, k=4, batch_size=16)
   assert list(top) == ["conv1", "fc1"]
-  _, feats = jax.jit(lambda x: model.apply(variables, x, return_features=True))(x)
+  feats = jax.jit(phi)(variables, x)
   for name in dirs:
     scores = feats[name].reshape(40, -1) @ dirs[name].T
-    ref = units.top_k_from_scores(scores, 4)
+    ref = _top_k_one_shot(scores, 4)
     np.testing.assert_array_equal(top[name].indices, ref.indices)
-  with pytest.raises(ValueError, match="not among the model's features"):
-    units.feature_dims(units.model_feature_fn(model, variables, layers=["nope"]), x[:1])
+  with pytest.raises(ValueError, match="directions for layer 'nope'"):
+    units.top_k_images(phi, variables, x, {"nope": dirs["fc1"]}, k=4)
 
 
 def test_no_retrace_for_new_directions_of_same_shape():
   traces = []
   w = np.eye(36, 10, dtype=np.float32)
 
-  def phi(x):
-    traces.append(1)  # runs only while tracing
-    return x.reshape(x.shape[0], -1) @ w
+  def phi(p, x):
+    if x.shape[0] == 8:  # the compiled step's batch (feature_dims traces one example, compiling nothing)
+      traces.append(1)  # runs only while tracing
+    return x.reshape(x.shape[0], -1) @ p
 
   x = _data(30)
-  units.top_k_images(phi, x, units.random_directions(0, 4, 10), k=3, batch_size=8)
+  units.top_k_images(phi, w, x, units.random_directions(0, 4, 10), k=3, batch_size=8)
   n = len(traces)
-  units.top_k_images(phi, x, units.random_directions(1, 4, 10), k=3, batch_size=8)
+  units.top_k_images(phi, w, x, units.random_directions(1, 4, 10), k=3, batch_size=8)
+  units.top_k_images(phi, 2 * w, x, units.random_directions(1, 4, 10), k=3, batch_size=8)  # new params
   assert len(traces) == n
 
 
@@ -167,7 +182,7 @@ def test_label_detector_unit_is_found():
   x = rng.uniform(0.0, 0.5, size=(n, 8, 8, 1)).astype(np.float32)
   x[labels == detector_label, 2, 5, 0] = 1.0  # unit 2*8+5 = 21 fires for label 3 only
   phi = lambda x: x.reshape(x.shape[0], -1)  # natural basis = pixels
-  res = units.analyse(phi, x, labels, key=0, num_directions=64, k=10, num_classes=5, num_permutations=500)
+  res = units.analyse(_no_params(phi), None, x, labels, key=0, num_directions=64, k=10, num_classes=5, num_permutations=500)
   r = res["features"]
   np.testing.assert_array_equal(r.units, np.arange(64))
   best = int(np.argmax(r.natural_coherence.majority_share))
@@ -188,6 +203,7 @@ def test_label_detector_unit_is_found():
   assert row["above chance"] in ("neither", "random only")
 
 
+@pytest.mark.slow
 def test_analyse_natural_better_when_units_are_detectors():
   # Every unit detects one label (units i, i+5, ... for label i) under noise. A random mixture's top images
   # mostly come from the label with the largest total weight (coherent too -- the paper's point), but
@@ -200,7 +216,7 @@ def test_analyse_natural_better_when_units_are_detectors():
   onehot = np.eye(5, dtype=np.float32)[labels]
   x = (np.tile(onehot, (1, 4)) + 0.5 * rng.normal(size=(n, 20))).astype(np.float32)
   phi = lambda x: jnp.maximum(x, 0.0)
-  res = units.analyse(phi, x, labels, key=0, num_directions=20, k=10, num_classes=5, num_permutations=2000)
+  res = units.analyse(_no_params(phi), None, x, labels, key=0, num_directions=20, k=10, num_classes=5, num_permutations=2000)
   for measure, c in res["features"].comparisons.items():
     assert c.significant and c.magnitude == "large" and "natural more coherent" in c.verdict, measure
   c = res["features"].comparisons["majority_share"]
@@ -209,6 +225,7 @@ def test_analyse_natural_better_when_units_are_detectors():
   assert row["above chance"] == "both" and row["claim"] == "natural basis more coherent on 3/3 measures"
 
 
+@pytest.mark.slow
 def test_analyse_rotated_detectors_support_the_claim():
   # The same label detectors seen through a random rotation: each unit is now itself a random mixture,
   # so natural and random directions have the same distribution -- both above chance, indistinguishable.
@@ -217,8 +234,8 @@ def test_analyse_rotated_detectors_support_the_claim():
   labels = rng.integers(0, 5, n).astype(np.int32)
   x = np.tile(np.eye(5, dtype=np.float32)[labels], (1, 4)) + 0.5 * rng.normal(size=(n, 20))
   q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
-  x = (x @ q).astype(np.float32)
-  res = units.analyse(lambda x: x, x, labels, key=0, num_directions=20, k=10, num_classes=5,
+  x, q = (x @ q).astype(np.float32), np.eye(20, dtype=np.float32)  # phi = a plain-JAX f(params, x)
+  res = units.analyse(lambda p, x: x @ p, q, x @ q.T, labels, key=0, num_directions=20, k=10, num_classes=5,
                       num_permutations=2000)
   (row,) = units.verdict_rows(res)
   assert row["above chance"] == "both"
@@ -227,24 +244,39 @@ def test_analyse_rotated_detectors_support_the_claim():
 
 def test_bad_inputs_raise_value_error():
   x = _data(10)
-  phi = _linear_phi(36, 4)
+  w = _linear_params(36, 4)
   dirs = units.random_directions(0, 3, 4)
   with pytest.raises(ValueError, match="k must be"):
-    units.top_k_images(phi, x, dirs, k=11)
+    units.top_k_images(_linear, w, x, dirs, k=11)
   with pytest.raises(ValueError, match=r"must be \[D, 4\]"):
-    units.top_k_images(phi, x, units.random_directions(0, 3, 5), k=2)
+    units.top_k_images(_linear, w, x, units.random_directions(0, 3, 5), k=2)
   bad = x.copy()
   bad[3, 0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="NaN"):
-    units.top_k_images(phi, bad, dirs, k=2)
+    units.top_k_images(_linear, w, bad, dirs, k=2)
   with pytest.raises(ValueError, match="non-finite scores"):
-    units.top_k_images(lambda x: jnp.log(x.reshape(x.shape[0], -1) - 0.5), x, units.random_directions(0, 3, 36),
-                       k=2)
+    units.top_k_images(lambda p, x: jnp.log(x.reshape(x.shape[0], -1) - 0.5), None, x,
+                       units.random_directions(0, 3, 36), k=2)
   with pytest.raises(ValueError, match="batch_size"):
-    units.top_k_images(phi, x, dirs, k=2, batch_size=0)
+    units.top_k_images(_linear, w, x, dirs, k=2, batch_size=0)
   with pytest.raises(ValueError, match="labels"):
-    units.analyse(phi, x, np.zeros(9, np.int32), key=0)
+    units.analyse(_linear, w, x, np.zeros(9, np.int32), key=0)
   with pytest.raises(ValueError, match="layers"):
-    units.analyse(phi, x, np.zeros(10, np.int32), key=0, layers=["conv9"], num_directions=2, k=2)
+    units.analyse(_linear, w, x, np.zeros(10, np.int32), key=0, layers=["conv9"], num_directions=2, k=2)
   with pytest.raises(ValueError, match="num_permutations"):
     units.compare_distributions([1.0], [2.0], num_permutations=0)
+
+
+@pytest.mark.slow
+def test_run_experiment_on_synthetic_mnist(tmp_path, synthetic_idx_dir):
+  from intriguing_jax.configs import unit_analysis as unit_config
+  config = unit_config.get_config("smoke")
+  config.num_train, config.num_images, config.num_show = 512, 128, 1
+  out = units.run_experiment(config, str(tmp_path), synthetic_idx_dir)
+  assert [row["layer"] for row in out["claim"]] == ["hidden_0", "hidden_1"]
+  assert 0 <= out["models"]["fc100-100-10"]["test_error"] <= 1
+  for name in ("report.md", "results.json", "fig_fc100-100-10_hidden_0.png", "hist_fc100-100-10_hidden_1.png"):
+    assert (tmp_path / name).exists(), name
+  config.num_show = 100
+  with pytest.raises(ValueError, match="num_show"):
+    units.run_experiment(config, str(tmp_path), synthetic_idx_dir)

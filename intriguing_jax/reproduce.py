@@ -1,0 +1,304 @@
+"""The Tables 1-4 reproduction on MNIST: train or restore the paper's models, attack them, write the report.
+
+Usage::
+
+    from intriguing_jax import reproduce
+    from intriguing_jax.configs import reproduce_mnist
+    results = reproduce.run_experiment(reproduce_mnist.get_config("quick"), "runs/mnist_quick")
+
+    # Or one step at a time, on your own models (name -> tables.Model):
+    adv = reproduce.adversarial_sets(models, x, labels, targets, options=attack.AttackOptions(maxiter=50),
+                                     cache_dir="runs/attacks")          # resumable, chunked, cached
+    rec = reproduce.attack_cached(models["FC10(10^-4)"], x, targets, cache_dir="runs/attacks/fc10")
+
+Attacks stream through ``distributed.stream_map`` (``jit=False``: the attack shards itself): each finished
+chunk is saved in the cache directory with a fingerprint of its images and targets, the model
+(:func:`model_digest`), the attack function and its options; a rerun after an interruption computes only
+the missing chunks, a larger example set reuses the chunks of its prefix, and a chunk of other settings or
+a corrupted one is recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from absl import logging
+import jax
+import numpy as np
+
+from intriguing_jax import attack
+from intriguing_jax import checkpoint
+from intriguing_jax import data
+from intriguing_jax import distributed
+from intriguing_jax import metrics
+from intriguing_jax import paper
+from intriguing_jax import plotting
+from intriguing_jax import progress
+from intriguing_jax import tables
+from intriguing_jax import tables_report
+from intriguing_jax import train as train_lib
+from intriguing_jax.tables import Model
+
+ArrayPair = Tuple[Any, Any]
+
+# The paper's models: (display name, intriguing_jax.train recipe, training data, seed offset). Table 3's
+# FC100-100-10 and FC100-100-10' share the recipe and differ in data (P1 / P2) and seed (A16).
+TABLE1_MODELS = (("FC10(10^-4)", "fc10-1e-4", "train", 0), ("FC10(10^-2)", "fc10-1e-2", "train", 0),
+                 ("FC10(1)", "fc10-1", "train", 0), ("FC100-100-10", "fc100-100-10", "train", 0),
+                 ("FC200-200-10", "fc200-200-10", "train", 0), ("AE400-10", "ae400-10", "train", 0))
+TABLE3_MODELS = (("FC100-100-10", "fc100-100-10", "p1", 0), ("FC123-456-10", "fc123-456-10", "p1", 0),
+                 ("FC100-100-10'", "fc100-100-10", "p2", 1))
+CONFIG_FIELDS = ("seeds", "tables", "num_examples", "num_train", "epochs", "chunk_size", "models_dir",
+                 "figures", "synthetic_data", "attack")
+
+
+class AttackRecord(NamedTuple):
+  """Attack outputs as numpy arrays: x_adv [N, ...], success [N] bool, c [N], distortion [N] RMS."""
+  x_adv: np.ndarray
+  success: np.ndarray
+  c: np.ndarray
+  distortion: np.ndarray
+
+
+def model_digest(model: Model) -> str:
+  """A fingerprint of a model: SHA-256 of its apply function's identity (module + qualified name and, for a
+  bound method such as Flax's ``model.apply``, the repr of its module, i.e. the module's attributes) and of
+  every parameter leaf's shape, dtype and bytes."""
+  fn = model.apply_fn
+  owner = getattr(fn, "__self__", None)
+  ident = [getattr(fn, "__module__", ""), getattr(fn, "__qualname__", type(fn).__name__),
+           "" if owner is None else repr(owner)]
+  h = hashlib.sha256(json.dumps(ident).encode())
+  for leaf in jax.tree_util.tree_leaves(model.params):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{a.shape}{a.dtype}".encode() + a.tobytes())
+  return h.hexdigest()[:24]
+
+
+def attack_cached(model: Model, x: Any, targets: Any, *, options: Optional[attack.AttackOptions] = None,
+                  cache_dir: Optional[str] = None, chunk_size: int = 500, name: str = "",
+                  attack_fn: Optional[Callable] = None) -> AttackRecord:
+  """Attacks ``x`` toward ``targets`` in chunks of ``chunk_size``, reusing finished chunks from ``cache_dir``.
+
+  Args:
+    model: the attacked model.
+    x: [N, ...] images in [0, 1].
+    targets: [N] int target labels.
+    options: the attack's options (default ``AttackOptions()``).
+    cache_dir: directory of the chunk files (None: nothing is written).
+    chunk_size: examples per attack call, rounded up to a multiple of the device count; the last chunk is
+      padded, so one compiled attack serves the whole set.
+    name: label of the log lines.
+    attack_fn: ``attack_fn(apply_fn, params, x, target, options=options)`` returning ``x_adv``, ``success``
+      and ``c`` with a leading [B] axis (default ``attack.lbfgs_attack``).
+
+  Returns:
+    AttackRecord with N rows; ``distortion`` is :func:`tables.rms` of x and x_adv.
+  """
+  x = np.asarray(x, np.float32)
+  targets = np.asarray(targets)
+  if x.ndim < 2 or targets.shape != (x.shape[0],) or not np.issubdtype(targets.dtype, np.integer):
+    raise ValueError(f"x must be [N, ...] images and targets [N] integers, got shapes {x.shape}, "
+                     f"{targets.shape} and targets dtype {targets.dtype}")
+  if not np.all(np.isfinite(x)) or x.min() < 0.0 or x.max() > 1.0:
+    raise ValueError(f"x must be finite and lie in [0, 1], got range [{np.min(x):.3g}, {np.max(x):.3g}]")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  options = options or attack.AttackOptions()
+  attack_fn = attack_fn or attack.lbfgs_attack
+  key = {"model": model_digest(model), "options": dataclasses.asdict(options),
+         "attack": f"{getattr(attack_fn, '__module__', '')}.{getattr(attack_fn, '__qualname__', '')}"}
+
+  def run(params, xb, tb):
+    res = attack_fn(model.apply_fn, params, xb, tb, options=options)
+    return {"x_adv": res.x_adv, "success": res.success, "c": res.c}
+
+  out = distributed.stream_map(run, x, targets.astype(np.int32), broadcast=(model.params,),
+                               chunk_size=chunk_size, workdir=cache_dir, name=f"attack {name}", jit=False,
+                               key=json.dumps(key, sort_keys=True, default=repr))
+  x_adv = np.asarray(out["x_adv"], np.float32).reshape(x.shape)
+  return AttackRecord(x_adv=x_adv, success=np.asarray(out["success"], bool),
+                      c=np.asarray(out["c"], np.float32).reshape(-1), distortion=tables.rms(x, x_adv))
+
+
+def adversarial_sets(models: Mapping[str, Model], x: Any, labels: Any, targets: Any, *,
+                     options: Optional[attack.AttackOptions] = None, cache_dir: Optional[str] = None,
+                     chunk_size: int = 500, batch_size: int = 1000,
+                     attack_fn: Optional[Callable] = None) -> Dict[str, tables.AdversarialSet]:
+  """Each model's adversarial set of the same examples and targets (paper §4.2), in the order of ``models``.
+
+  ``x`` [N, ...] in [0, 1], ``labels`` and ``targets`` [N] (e.g. from :func:`tables.draw_targets`). The
+  attacks run through :func:`attack_cached`, one cache sub-directory per model under ``cache_dir``.
+  """
+  x = np.asarray(x, np.float32)
+  labels, targets = np.asarray(labels), np.asarray(targets)
+  if labels.shape != (x.shape[0],) or targets.shape != labels.shape:
+    raise ValueError(f"labels and targets must have shape ({x.shape[0]},), got {labels.shape} and "
+                     f"{targets.shape}")
+  out = {}
+  for name, m in models.items():
+    t0 = time.perf_counter()
+    sub = os.path.join(cache_dir, plotting.safe_name(name)) if cache_dir else None
+    rec = attack_cached(m, x, targets, options=options, cache_dir=sub, chunk_size=chunk_size, name=name,
+                        attack_fn=attack_fn)
+    clean = metrics.predict(m.apply_fn, m.params, x, batch_size=batch_size)
+    out[name] = tables.AdversarialSet(x=x, labels=labels.astype(np.int32), targets=targets.astype(np.int32),
+                                      clean_correct=clean == labels, **rec._asdict())
+    logging.info("adversarial set for %s: %d examples, success %.2f%%, av. distortion %.4f (%.0f s)", name,
+                 x.shape[0], 100.0 * rec.success.mean(), rec.distortion.mean(), time.perf_counter() - t0)
+  return out
+
+
+def train_models(specs: Sequence[Tuple[str, str, str, int]], parts: Mapping[str, ArrayPair], *, workdir: str,
+                 seed: int = 0, epochs: Optional[int] = None, data_tag: str = "") -> Dict[str, Model]:
+  """Trains or restores (``train.get_or_train`` in ``workdir``) each (display name, recipe, part, seed offset)
+  of ``specs`` on ``parts[part]`` (images, labels) with seed ``seed + offset`` (``epochs``: None keeps the
+  recipe's). Run names are ``train.default_run_name`` with the data tag ``data_tag`` for part "train" (""
+  for all of MNIST, so runs of ``scripts/train.py`` are reused) and ``<part>[_<data_tag>]`` otherwise.
+
+  Returns display name -> Model(model.apply, variables). Equal modules (e.g. the three FC10s) share one
+  module object, hence one ``apply_fn`` and one compiled attack (bound methods of two equal but distinct
+  modules compare unequal, which would key a second compilation).
+  """
+  out, modules = {}, {}
+  for name, recipe, part, offset in specs:
+    s = seed + offset
+    tag = data_tag if part == "train" else part + (f"_{data_tag}" if data_tag else "")
+    logging.info("model %s (recipe %s on %s, seed %d): training or restoring", name, recipe, part, s)
+    model, variables = train_lib.get_or_train(
+        recipe, *parts[part], workdir=workdir, seed=s, epochs=epochs,
+        run_name=train_lib.default_run_name(recipe, seed=s, epochs=epochs, data_tag=tag))
+    out[name] = Model(modules.setdefault(model, model).apply, variables)
+  return out
+
+
+def validate(config: Any) -> attack.AttackOptions:
+  """Checks a ``configs/reproduce_mnist.py`` config without loading data; returns the attack options."""
+  if set(config.keys()) != set(CONFIG_FIELDS):
+    raise ValueError(f"config: fields {sorted(config.keys())} differ from {sorted(CONFIG_FIELDS)}")
+  tabs, seeds = list(config.tables), list(config.seeds)
+  if not tabs or len(set(tabs)) != len(tabs) or not set(tabs) <= {1, 2, 3, 4}:
+    raise ValueError(f"config.tables must be distinct values among 1, 2, 3, 4, got {tabs}")
+  if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) and s >= 0 for s in seeds):
+    raise ValueError(f"config.seeds must be distinct non-negative integers, got {seeds}")
+  for field, low in (("num_examples", 1), ("num_train", 2), ("epochs", 1), ("chunk_size", 1),
+                     ("synthetic_data", 0)):
+    if (config[field] is not None or field == "chunk_size") and not (isinstance(config[field], int)
+                                                                      and config[field] >= low):
+      raise ValueError(f"config.{field} must be an integer >= {low}, got {config[field]!r}")
+  try:
+    return attack.AttackOptions(**config.attack.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.attack: {e}") from e
+
+
+def _load_data(config: Any, seed: int, data_dir: Optional[str]) -> Tuple[ArrayPair, ArrayPair]:
+  """(train, test), the training set cut to ``config.num_train`` images."""
+  n = config.synthetic_data
+  if n:
+    train, test = data.synthetic_mnist(n, seed=seed), data.synthetic_mnist(max(n // 2, 10), seed=seed + 1)
+  else:
+    train, test = data.load_mnist("train", data_dir), data.load_mnist("test", data_dir)
+  if config.num_train is not None:
+    if config.num_train > train[1].shape[0]:
+      raise ValueError(f"config.num_train={config.num_train} exceeds the {train[1].shape[0]} training images")
+    train = (train[0][:config.num_train], train[1][:config.num_train])
+  n = train[1].shape[0]
+  if config.num_examples is not None and config.num_examples > n and set(config.tables) & {1, 2}:
+    raise ValueError(f"config.num_examples={config.num_examples} exceeds the {n} training images")
+  return train, test
+
+
+def _attack_group(config, options, specs, parts, attacked, seed, workdir, group, timings):
+  """Trains/restores the models of ``specs`` and attacks the same examples of ``attacked`` on each."""
+  data_tag = "_".join((["synthetic"] if config.synthetic_data else [])
+                      + ([f"first{config.num_train}"] if config.num_train is not None else []))
+  with progress.Timer() as t:
+    models = train_models(specs, parts, workdir=config.models_dir or os.path.join(workdir, "models"),
+                          seed=seed, epochs=config.epochs, data_tag=data_tag)
+  timings[f"seed{seed}: train/restore the {group}-set models"] = t.seconds
+  x, y = attacked
+  n = config.num_examples and min(config.num_examples, y.shape[0])
+  idx = tables.select_examples(y.shape[0], n, seed=seed)
+  targets = tables.draw_targets(y, seed=seed)[idx]
+  with progress.Timer() as t:
+    adv = adversarial_sets(models, x[idx], y[idx], targets, options=options, chunk_size=config.chunk_size,
+                           cache_dir=os.path.join(workdir, "attacks", f"seed{seed}", group))
+  timings[f"seed{seed}: attacks on {len(idx)} {group} images x {len(models)} models"] = t.seconds
+  return models, adv
+
+
+def _run_seed(config, options, seed, train, test, workdir, timings):
+  """The requested tables of one seed: (name -> rows, figures)."""
+  out, figures, wanted = {}, [], set(config.tables)
+  if wanted & {1, 2}:
+    models, adv = _attack_group(config, options, TABLE1_MODELS, {"train": train}, train, seed, workdir,
+                                "train", timings)
+    if 1 in wanted:
+      out["table1"] = tables.table1(models, adv, train, test)
+    if 2 in wanted:
+      out["table2"] = tables.table2(models, adv, seed=seed)
+    if config.figures:
+      pair = [n for n in ("FC10(10^-4)", "FC200-200-10") if n in models]
+      figures += tables_report.save_figures(workdir, adv, models, prefix=f"seed{seed}_train",
+                                            pair_models=pair, seed=seed)
+  if wanted & {3, 4}:
+    p1, p2 = data.split_p1_p2(*train)
+    models, adv = _attack_group(config, options, TABLE3_MODELS, {"p1": p1, "p2": p2}, test, seed, workdir,
+                                "test", timings)
+    if 3 in wanted:
+      out["table3"] = tables.table3(models, adv, p1, p2, test)
+    if 4 in wanted:
+      out["table4"] = tables.table4(models, adv, seed=seed)
+    if config.figures:
+      figures += tables_report.save_figures(workdir, adv, models, prefix=f"seed{seed}_test", seed=seed)
+  logging.info("seed %d: tables %s done", seed, ", ".join(sorted(out)))
+  return out, figures
+
+
+def run_experiment(config: Any, workdir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
+  """Runs the Tables 1-4 reproduction of ``config`` (``configs/reproduce_mnist.py``) in ``workdir``.
+
+  The config is validated before any data is loaded. For each seed: load the data (``data_dir``, else
+  ``$INTRIGUING_JAX_MNIST_DIR``, else tfds), train or restore the models, attack, build the tables (and
+  figures, first seed only). Writes ``workdir/results.json`` (tables aggregated over seeds, per seed, the
+  claims, timings, readings, the paper's values) and ``report.md`` / ``report.html``; everything resumes.
+
+  Returns:
+    The results dict written to ``results.json``.
+  """
+  options = validate(config)
+  t_start = time.perf_counter()
+  per_seed, figures, timings = {}, [], {}
+  for seed in config.seeds:
+    with progress.Timer() as t:
+      train, test = _load_data(config, seed, data_dir)
+    timings[f"seed{seed}: load data"] = t.seconds
+    logging.info("seed %d: %d training / %d test images, tables %s, %s examples per set", seed,
+                 train[1].shape[0], test[1].shape[0], list(config.tables), config.num_examples or "all")
+    per_seed[seed], figs = _run_seed(config, options, seed, train, test, workdir, timings)
+    figures = figures or figs
+  first = per_seed[config.seeds[0]]
+  keys = {"table1": "model", "table2": "row", "table3": "model", "table4": "row"}
+  results = {name: tables_report.aggregate_rows([per_seed[s][name] for s in config.seeds], key)
+             for name, key in keys.items() if name in first}
+  results["claims"] = tables_report.qualitative_claims(results, lambda_order=paper.LAMBDA_ORDER)
+  timings["total"] = time.perf_counter() - t_start
+  default = dataclasses.asdict(attack.AttackOptions())
+  changed = {k: v for k, v in dataclasses.asdict(options).items() if v != default[k]}
+  summary = dict(config.to_dict(), attack=changed)
+  results.update(config=summary, timings=timings, readings=list(paper.READINGS),
+                 per_seed={str(s): r for s, r in per_seed.items()}, paper=paper.PAPER)
+  if config.synthetic_data or config.num_train is not None or config.epochs is not None:
+    results["notes"] = ["The models are trained on a subset or for fewer epochs than the recipes (see the "
+                        "settings), so these numbers are a smoke test, not a reproduction."]
+  checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
+  md, html = tables_report.build_report(results, figures=figures).write(workdir, "report")
+  logging.info("wrote %s, %s and %s in %.1f s", os.path.join(workdir, "results.json"), md, html,
+               timings["total"])
+  return results

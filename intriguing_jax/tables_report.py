@@ -1,0 +1,328 @@
+"""The report of Tables 1-4: the paper's qualitative claims checked on our numbers, aggregation over
+seeds, the Figure 5-7 analogues, and the Markdown/HTML report with every cell as "ours / paper".
+
+Usage::
+
+    from intriguing_jax import paper, tables, tables_report
+    results = {"table1": rows1, "table2": rows2, "table3": rows3, "table4": rows4}   # from tables.table1..4
+    results["claims"] = tables_report.qualitative_claims(results, lambda_order=paper.LAMBDA_ORDER)
+    figures = tables_report.save_figures("runs/mnist", adv, models, prefix="train")
+    tables_report.build_report(results, figures=figures).write("runs/mnist", "report")
+
+Over several seeds, ``aggregate_rows`` turns per-seed rows into mean / s.d. rows first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+
+from intriguing_jax import attack
+from intriguing_jax import metrics
+from intriguing_jax import plotting
+from intriguing_jax import report
+from intriguing_jax.paper import LAMBDA_ORDER, READINGS
+from intriguing_jax.paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4
+from intriguing_jax.tables import AdversarialSet, Model
+
+def _claim(claim: str, holds: Any, evidence: str) -> dict:
+  return {"claim": claim, "holds": bool(holds), "evidence": evidence}
+
+
+def _offdiag(rows: Sequence[dict], kind: str) -> Dict[str, float]:
+  """Source -> mean error of the other models on the source's ``kind`` row (columns: adversarial sources)."""
+  cols = [r["source"] for r in rows if r.get("kind") == "adversarial"]
+  out = {}
+  for r in rows:
+    vals = [r[c] for c in cols if c != r.get("source") and c in r]
+    if r.get("kind") == kind and r.get("source") in cols and vals:
+      out[r["source"]] = float(np.mean(vals))
+  return out
+
+
+def _table2_claims(t2: Sequence[dict]) -> List[dict]:
+  """Adversarial rows beat the smallest noise row of at least their distortion; the diagonal is 100%."""
+  out, adv = [], _offdiag(t2, "adversarial")
+  noise = [r for r in t2 if r.get("kind") == "noise"]
+  if len(adv) > 1 and noise:
+    parts, holds = [], True
+    for src, e in adv.items():
+      d = next(r["av_distortion"] for r in t2 if r.get("source") == src)
+      ref = min([r for r in noise if r["stddev"] >= d] or [max(noise, key=lambda r: r["stddev"])],
+                key=lambda r: r["stddev"])
+      ne = float(np.mean([ref[c] for c in adv if c != src]))
+      holds &= e > ne
+      parts.append(f"{src} (distortion {d:.3f}): {100 * e:.1f}% vs noise stddev {ref['stddev']:g}: "
+                   f"{100 * ne:.1f}%")
+    out.append(_claim("Adversarial examples transfer to other models far more than Gaussian noise of the "
+                      "same or larger stddev (Table 2).", holds,
+                      "Mean error on the other models: " + "; ".join(parts) + "."))
+  diag = [r[r["source"]] for r in t2 if r.get("kind") == "adversarial" and r["source"] in r]
+  if diag:
+    out.append(_claim("Every adversarial set has 100% error on the model it was made for (Table 2 diagonal).",
+                      min(diag) >= 1.0, "Diagonal errors: " + ", ".join(f"{100 * v:.2f}%" for v in diag)
+                      + "."))
+  return out
+
+
+def _table4_claims(t4: Sequence[dict]) -> List[dict]:
+  """Magnified sets beat noise of the same stddev, and transfer more than the unmagnified sets."""
+  out, mag, up = [], _offdiag(t4, "magnified"), _offdiag(t4, "adversarial")
+  nl = [r for r in t4 if r.get("kind") == "noise" and r.get("block") == "lower"]
+  mag_mean = float(np.mean(list(mag.values()))) if mag else float("nan")
+  if len(up) > 1 and mag and nl:
+    noise_err = float(np.mean([nl[0][c] for c in up]))
+    out.append(_claim("Magnified adversarial distortions transfer across training sets far more than "
+                      "Gaussian noise of the same stddev (Table 4).", min(mag.values()) > noise_err,
+                      f"Mean off-diagonal error of the magnified sets {100 * mag_mean:.1f}% (per set: "
+                      + ", ".join(f"{k} {100 * v:.1f}%" for k, v in mag.items())
+                      + f") vs noise stddev {nl[0]['stddev']:g}: {100 * noise_err:.1f}%."))
+  if up and mag:
+    up_mean = float(np.mean(list(up.values())))
+    out.append(_claim("Adversarial examples remain hard for models trained on a disjoint training set, "
+                      "though less effective; magnification raises their transfer (Table 4).",
+                      mag_mean > up_mean,
+                      f"Mean off-diagonal error {100 * up_mean:.1f}% at the original distortion, "
+                      f"{100 * mag_mean:.1f}% magnified."))
+  return out
+
+
+def qualitative_claims(results: Mapping[str, Any], *,
+                       lambda_order: Sequence[str] = LAMBDA_ORDER) -> List[dict]:
+  """Checks the paper's qualitative claims on our numbers.
+
+  Args:
+    results: any of ``table1``, ``table2``, ``table4`` -> rows as returned by the table functions.
+    lambda_order: Table 1 model names of one architecture by increasing weight decay (the FC10s).
+
+  Returns:
+    One dict per claim that could be checked: ``claim`` (the paper's statement), ``holds`` (bool) and
+    ``evidence`` (a sentence with our numbers).
+  """
+  out = _table2_claims(results.get("table2") or [])
+  d = {r["model"]: r["av_min_distortion"] for r in results.get("table1") or [] if r["model"] in lambda_order}
+  order = [n for n in lambda_order if n in d]
+  if len(order) >= 2:
+    out.append(_claim("Stronger weight decay (higher lambda) needs a larger minimum distortion (Table 1).",
+                      all(d[b] > d[a] for a, b in zip(order, order[1:])),
+                      ", ".join(f"{n}: {d[n]:.4f}" for n in order) + "."))
+  return out + _table4_claims(results.get("table4") or [])
+
+
+def aggregate_rows(per_seed: Sequence[Sequence[dict]], key: str) -> List[dict]:
+  """Mean (and ``<field>_std``) over seeds of tables with the same rows, matched on ``key``."""
+  if not per_seed:
+    raise ValueError("per_seed is empty")
+  if len(per_seed) == 1:
+    return [dict(r) for r in per_seed[0]]
+  out = []
+  for i, r0 in enumerate(per_seed[0]):
+    matches = [next((r for r in rows if r.get(key) == r0.get(key)), rows[i]) for rows in per_seed]
+    row = {}
+    for k, v in r0.items():
+      if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool):
+        vals = np.array([float(m.get(k, np.nan)) for m in matches])
+        row[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+        row[k + "_std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
+      else:
+        row[k] = v
+    out.append(row)
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures 5-7 analogues and the report
+# --------------------------------------------------------------------------------------------------
+
+def _fig7(out_dir, adversarial, models, names, pair_models, prefix, k, noise_stddev, seed, batch_size):
+  """Figure 7 analogues: k (original, adversarial) pairs per pair model, then Gaussian noise."""
+  figs = []
+  acc = lambda nm, xs, ys: 100 * (1 - metrics.error_rate(*models[nm], xs, ys, batch_size=batch_size))
+  for label, nm in zip("ab", pair_models):
+    a = adversarial[nm]
+    rel = os.path.join("figures", f"{prefix}_fig7{label}_{plotting.safe_name(nm)}.png")
+    plotting.save_image_grid(plotting.pairs_grid(a.x[:k], a.x_adv[:k], ncols_pairs=3),
+                             os.path.join(out_dir, rel), titles=["original", "adversarial"] * 3)
+    figs.append((rel, f"Figure 7({label}) analogue: adversarial examples for {nm} (odd columns original, "
+                      f"even columns adversarial); av. distortion of these {k}: "
+                      f"{a.distortion[:k].mean():.3f}; "
+                      f"accuracy of {nm} on them: {acc(nm, a.x_adv[:k], a.labels[:k]):.0f}%."))
+  a = adversarial[names[0]]
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 3000)
+  xn = np.asarray(attack.gaussian_noise(key, jax.numpy.asarray(a.x), float(noise_stddev)), np.float32)
+  accs = ", ".join(f"{nm} {acc(nm, xn, a.labels):.0f}%" for nm in pair_models)
+  rel = os.path.join("figures", f"{prefix}_fig7c_noise.png")
+  plotting.save_image_grid(plotting.pairs_grid(a.x[:k], np.clip(xn[:k], 0.0, 1.0), ncols_pairs=3),
+                           os.path.join(out_dir, rel), titles=["original", "noisy"] * 3)
+  figs.append((rel, f"Figure 7(c) analogue: Gaussian noise with stddev={noise_stddev:g} (shown clipped to "
+                    f"[0,1]); accuracy on all {a.x.shape[0]} noisy examples (unclipped): {accs} "
+                    "(paper: 51%)."))
+  return figs
+
+
+def save_figures(out_dir: str, adversarial: Mapping[str, AdversarialSet], models: Mapping[str, Model], *,
+                 prefix: str, pair_models: Optional[Sequence[str]] = None, noise_stddev: float = 1.0,
+                 seed: int = 0, num_pairs: int = 12, num_triplet_examples: int = 2, magnify: float = 10.0,
+                 batch_size: int = 1000) -> List[Tuple[str, str]]:
+  """Writes the MNIST figures of one group of adversarial sets as PNGs under ``out_dir/figures``.
+
+  * Figure 7 analogue: for each of ``pair_models`` (default: the first two), a grid of ``num_pairs``
+    (original, adversarial) pairs, odd columns original; plus one grid of Gaussian noise of stddev
+    ``noise_stddev`` (paper: 1.0) with the accuracy of those models on the noisy examples.
+  * Figure 5 analogue: one row per model of (original | ``magnify``x difference on grey | adversarial)
+    triplets for the first ``num_triplet_examples`` examples.
+  * The distribution of the per-example distortion of every model (overlaid histograms).
+
+  Returns:
+    (path relative to ``out_dir``, caption) for each figure written.
+  """
+  if num_pairs < 3:
+    raise ValueError(f"num_pairs must be >= 3, got {num_pairs}")
+  names = [n for n in models if n in adversarial]
+  if not names:
+    raise ValueError("save_figures: no model has an adversarial set")
+  pair_models = [n for n in (pair_models or names[:2]) if n in adversarial]
+  os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
+  n = adversarial[names[0]].x.shape[0]
+  k = min(num_pairs, n) // 3 * 3
+  figs = _fig7(out_dir, adversarial, models, names, pair_models, prefix, k, noise_stddev, seed,
+               batch_size) if k >= 3 else []
+  t = min(num_triplet_examples, n)
+  shape = (3 * t,) + adversarial[names[0]].x.shape[1:]
+  grid = np.stack([plotting.adversarial_triplets(adversarial[nm].x[:t], adversarial[nm].x_adv[:t],
+                                                 magnify=magnify).reshape(shape) for nm in names])
+  rel = os.path.join("figures", f"{prefix}_fig5_triplets.png")
+  plotting.save_image_grid(grid, os.path.join(out_dir, rel), row_labels=names,
+                           titles=["original", f"{magnify:g}x diff", "adversarial"] * t)
+  figs.append((rel, f"Figure 5 analogue: per model, (original | difference magnified {magnify:g}x on grey | "
+                    "adversarial) for the same examples and targets."))
+  rel = os.path.join("figures", f"{prefix}_distortion_hist.png")
+  plotting.save_histograms({nm: adversarial[nm].distortion for nm in names}, os.path.join(out_dir, rel),
+                           xlabel="RMS distortion per example",
+                           title=f"{prefix}: minimum distortion per model")
+  figs.append((rel, "Distribution of the per-example minimum distortion of each model."))
+  return figs
+
+
+def _cell(row: Mapping[str, Any], key: str, paper_value: Any, pct: bool) -> str:
+  """'ours / paper', or 'ours' when ``paper_value`` is ``...`` (no paper column). Ours is the mean ± s.d.
+  over seeds when ``<key>_std`` is present; a missing value reads n/a, a missing paper value –."""
+  v, std = row.get(key), row.get(key + "_std")
+  scale, fmt, sfmt = (100, ".3g", ".2g") if pct else (1, ".3f", ".2g")
+  unit = "%" if pct else ""
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    ours = "n/a"
+  else:
+    spread = f" ± {scale * std:{sfmt}}" if std is not None and np.isfinite(std) else ""
+    ours = f"{scale * v:{fmt}}{unit}{spread}"
+  if paper_value is ...:
+    return ours
+  if paper_value is None:
+    return f"{ours} / –"
+  return f"{ours} / " + (f"{100 * paper_value:.3g}%" if pct else f"{paper_value:.3g}")
+
+
+def _paper_key(row: Mapping[str, Any]) -> str:
+  """The key of a Table 2/4 row in ``PAPER_TABLE2``/``PAPER_TABLE4``."""
+  if row.get("kind") == "noise":
+    return f"noise:{row['block']}" if "block" in row else f"noise:{row['stddev']:g}"
+  if row.get("kind") == "magnified":
+    return f"magnified:{row.get('source')}"
+  return row.get("source", "")
+
+
+def _matrix_rows(rows: Sequence[dict], paper: Mapping[str, Mapping[str, float]]) -> List[dict]:
+  cols = [r["source"] for r in rows if r.get("kind") == "adversarial"]
+  out = []
+  for r in rows:
+    p = paper.get(_paper_key(r), {})
+    o = {"row": r["row"], **{c: _cell(r, c, p.get(c), True) for c in cols}}
+    o["av. distortion"] = _cell(r, "av_distortion", p.get("av_distortion"), False)
+    out.append(o)
+  return out
+
+
+# Report columns of Tables 1 and 3: (header, row key, paper value shown, percentage).
+_T1_COLUMNS = (("train error", "train_error", True, True), ("test error", "test_error", True, True),
+               ("av. min. distortion", "av_min_distortion", True, False),
+               ("av. distortion (orig. correct)", "av_distortion_correct", False, False),
+               ("attack success", "success_rate", False, True))
+_T3_COLUMNS = (("error on P1", "error_p1", True, True), ("error on P2", "error_p2", True, True),
+               ("error on test", "error_test", True, True),
+               ("min av. distortion", "min_av_distortion", True, False),
+               ("attack success", "success_rate", False, True))
+
+
+def _model_rows(rows: Sequence[dict], paper: Mapping[str, Mapping[str, float]], columns) -> List[dict]:
+  return [{"model": r["model"], **{h: _cell(r, k, paper.get(r["model"], {}).get(k) if shown else ..., pct)
+                                   for h, k, shown, pct in columns}} for r in rows]
+
+
+def _add_tables(rep: Any, results: Mapping[str, Any]) -> None:
+  if results.get("table1"):
+    rep.heading("Table 1: models, errors and average minimum distortion (training-set examples)")
+    rows = [dict(o, **{"failed / attacked": f"{r.get('num_failed', 0):.0f} / {r.get('num_attacked', 0):.0f}"})
+            for o, r in zip(_model_rows(results["table1"], PAPER_TABLE1, _T1_COLUMNS), results["table1"])]
+    rep.table(rows, caption="Table 1 (ours / paper). Distortion averaged over all "
+              "attacked examples (A6); failures are counted, not dropped (A7).")
+  if results.get("table2"):
+    rep.heading("Table 2: cross-model generalisation (rows: examples made for; columns: model evaluated)")
+    rep.table(_matrix_rows(results["table2"], PAPER_TABLE2), caption="Table 2 (ours / paper): error of the "
+              "column model on the row's distorted training examples, against the true labels (A9).")
+  if results.get("table3"):
+    rep.heading("Table 3: models for cross-training-set generalisation (clean errors)")
+    rep.table(_model_rows(results["table3"], PAPER_TABLE3, _T3_COLUMNS),
+              caption="Table 3 (ours / paper). Distortion of the test-set adversarial examples.")
+  t4 = results.get("table4")
+  if t4:
+    rep.heading("Table 4: cross-training-set generalisation (test-set examples)")
+    rep.table(_matrix_rows(t4, PAPER_TABLE4), caption="Table 4 (ours / paper). Upper block: the adversarial "
+              "sets and Gaussian noise of their mean stddev; lower block: perturbations rescaled to RMS 0.1 "
+              "(A11) and Gaussian noise of stddev 0.1.")
+    mags = [r for r in t4 if r.get("kind") == "magnified" and np.isfinite(r.get("magnification", np.nan))]
+    if mags:
+      rep.paragraph("Measured magnification factor (0.1 / the set's av. distortion): "
+                    + ", ".join(f"{r['source']} x{r['magnification']:.2f}" for r in mags)
+                    + ". The paper says 'on average by 40%, from stddev 0.06 to 0.1' (which would be +67%).")
+
+
+def build_report(results: Mapping[str, Any], *, figures: Sequence[Tuple[str, str]] = (),
+                 title: str = "Intriguing properties of neural networks: Tables 1-4 on MNIST") -> Any:
+  """A :class:`intriguing_jax.report.Report` with every table present in ``results``, ours beside the paper's.
+
+  Args:
+    results: ``table1``..``table4`` (rows, possibly aggregated over seeds), optional ``claims`` (from
+      :func:`qualitative_claims`), ``config`` (dict shown as the run's settings), ``timings`` (name ->
+      seconds), ``notes`` (list of str).
+    figures: (relative PNG path, caption) pairs, e.g. from :func:`save_figures`.
+
+  Returns:
+    The Report; write it with ``report.write(out_dir, "report")``.
+  """
+  rep = report.Report(title)
+  if results.get("config"):
+    rep.paragraph("Settings:")
+    rep.bullets([f"{k}: {v}" for k, v in results["config"].items()])
+  rep.paragraph("Every cell reads 'ours / paper'. Errors are percentages; distortions are RMS pixel changes "
+                "(pixels in [0,1]). With several seeds, ours is the mean ± std over seeds.")
+  for note in results.get("notes") or ():
+    rep.paragraph(note)
+  if results.get("claims"):
+    rep.heading("The paper's qualitative claims, checked on our numbers")
+    rep.bullets([f"{'HOLDS' if c['holds'] else 'DOES NOT HOLD'}: {c['claim']} {c['evidence']}"
+                 for c in results["claims"]])
+  _add_tables(rep, results)
+  if figures:
+    rep.heading("Figures")
+    for rel, cap in figures:
+      rep.image(rel, caption=cap)
+  rep.heading("Readings chosen where the paper is ambiguous (paper.md §9)")
+  rep.bullets(list(READINGS))
+  if results.get("timings"):
+    rep.heading("Wall time")
+    rep.bullets([f"{k}: {v:.1f} s" for k, v in results["timings"].items()])
+  return rep
