@@ -1,20 +1,11 @@
 """Reading and validating MNIST IDX files with numpy only (no TensorFlow, no network).
 
-Usage::
-
-    from intriguing_jax import _idx
-    images, labels = _idx.read_split("/path/to/mnist", "test")   # uint8 [N,28,28], uint8 [N]
-    _idx.verify_sha256sums("/path/to/mnist")                      # raises MnistChecksumError on mismatch
-
-The IDX format (http://yann.lecun.com/exdb/mnist/) is a big-endian header -- a 4-byte magic number whose
-low byte is the number of dimensions (2051 = 0x00000803 for 3-d uint8 images, 2049 = 0x00000801 for 1-d
-uint8 labels), then one uint32 per dimension -- followed by the raw uint8 payload. Files may be gzipped
-(``*.gz``, the canonical distribution) or plain. Validation is on the *decoded content* (magic number,
-dimensions, payload length, label range, image/label count agreement), so files whose gzip bytes differ
-from the canonical archives (e.g. recompressed) are accepted; a ``SHA256SUMS`` file in the directory, when
-present, is checked for every file it lists that this module reads.
-
-Every problem raises a subclass of :class:`MnistError` whose message names the file and the problem.
+The IDX format (http://yann.lecun.com/exdb/mnist/): a big-endian header -- a 4-byte magic number whose low
+byte is the number of dimensions (2051 for 3-d uint8 images, 2049 for 1-d uint8 labels), one uint32 per
+dimension -- then the raw uint8 payload; files gzipped or plain. Validation is on the decoded content
+(magic, dimensions, payload length, label range, image/label counts), so recompressed files are accepted;
+a ``SHA256SUMS`` file in the directory is checked for the files it lists. Every problem raises a
+:class:`MnistError` naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -74,21 +65,8 @@ class MnistChecksumError(MnistFormatError):
   """A file's SHA-256 does not match its entry in SHA256SUMS (or the canonical checksum)."""
 
 
-def sha256_file(path: PathLike) -> str:
-  """Hex SHA-256 of a file's bytes."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def resolve_file(directory: PathLike, name: str) -> str:
-  """Path of ``name`` in ``directory``; falls back to the uncompressed name (without ``.gz``).
-
-  Raises:
-    MnistNotFoundError: the directory or both variants of the file are missing.
-  """
+  """Path of ``name`` in ``directory``, else of its uncompressed variant (MnistNotFoundError if neither)."""
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise MnistNotFoundError(directory, f"MNIST directory does not exist or is not a directory. "
@@ -99,8 +77,7 @@ def resolve_file(directory: PathLike, name: str) -> str:
   if name.endswith(".gz") and os.path.isfile(path[:-3]):
     return path[:-3]
   raise MnistNotFoundError(path, f"MNIST file is missing (nor is an uncompressed "
-                           f"{os.path.basename(path[:-3])!r} "
-                           f"there). {WHERE_TO_GET}")
+                           f"{os.path.basename(path[:-3])!r} there). {WHERE_TO_GET}")
 
 
 def _read_bytes(path: str) -> bytes:
@@ -123,20 +100,9 @@ def _read_bytes(path: str) -> bytes:
 
 
 def parse_idx(data: bytes, path: str, expected_magic: int) -> np.ndarray:
-  """Parses IDX bytes into a read-only uint8 array of the header's shape.
-
-  Args:
-    data: decompressed IDX bytes.
-    path: file name used in error messages.
-    expected_magic: 2051 (images) or 2049 (labels).
-
-  Returns:
-    uint8 array, e.g. [N, 28, 28] for images or [N] for labels (a view on ``data``).
-
-  Raises:
-    MnistFormatError: short header, wrong magic number, or payload length not equal to the product of the
-      header dimensions (truncated or trailing bytes).
-  """
+  """Decompressed IDX bytes -> read-only uint8 array of the header's shape (a view on ``data``); raises
+  MnistFormatError naming ``path`` on a short header, a magic other than ``expected_magic`` or a payload
+  length other than the product of the dimensions."""
   if len(data) < 4:
     raise MnistFormatError(path, f"truncated IDX file: {len(data)} bytes, no room for the magic number")
   (magic,) = struct.unpack(">i", data[:4])
@@ -157,32 +123,15 @@ def parse_idx(data: bytes, path: str, expected_magic: int) -> np.ndarray:
   return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def read_images(path: PathLike) -> np.ndarray:
-  """Reads an IDX3 image file -> uint8 [N, 28, 28] (raises MnistError naming ``path``)."""
-  path = os.fspath(path)
-  arr = parse_idx(_read_bytes(path), path, IMAGES_MAGIC)
-  if arr.ndim != 3 or tuple(arr.shape[1:]) != IMAGE_SHAPE:
-    raise MnistFormatError(path, f"images have shape {arr.shape}, expected (N, 28, 28)")
-  return arr
-
-
-def read_labels(path: PathLike) -> np.ndarray:
-  """Reads an IDX1 label file -> uint8 [N] with values in [0, 10) (raises MnistError naming ``path``)."""
-  path = os.fspath(path)
-  arr = parse_idx(_read_bytes(path), path, LABELS_MAGIC)
-  if arr.ndim != 1:
-    raise MnistFormatError(path, f"labels have shape {arr.shape}, expected (N,)")
-  if arr.size and int(arr.max()) >= NUM_CLASSES:
-    raise MnistFormatError(path, f"label value {int(arr.max())} out of range [0, {NUM_CLASSES})")
-  return arr
-
-
-def read_sha256sums(directory: PathLike) -> Dict[str, str]:
-  """Parses ``directory/SHA256SUMS`` (``sha256sum`` format) -> {file name: hex digest}; {} if absent."""
-  path = os.path.join(os.fspath(directory), SHA256SUMS)
+def verify_sha256sums(directory: PathLike, names=None) -> Dict[str, str]:
+  """Checks the existing files listed in ``directory/SHA256SUMS`` (``sha256sum`` format), restricted to
+  ``names`` if given; returns {file name: digest} of those verified ({} without SHA256SUMS). Raises
+  MnistFormatError for a malformed line, MnistChecksumError (naming both digests) for a mismatch."""
+  directory = os.fspath(directory)
+  path = os.path.join(directory, SHA256SUMS)
+  sums, verified = {}, {}
   if not os.path.isfile(path):
-    return {}
-  sums = {}
+    return verified
   with open(path, "r", encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       line = line.strip()
@@ -193,50 +142,45 @@ def read_sha256sums(directory: PathLike) -> Dict[str, str]:
         raise MnistFormatError(path, f"line {lineno} is not '<sha256>  <file name>': {line!r}")
       digest, name = parts
       sums[os.path.basename(name.lstrip("*"))] = digest.lower()
-  return sums
-
-
-def verify_sha256sums(directory: PathLike, names=None) -> Dict[str, str]:
-  """Checks the files listed in ``directory/SHA256SUMS`` that exist (restricted to ``names`` if given).
-
-  Returns:
-    {file name: digest} of the files verified ({} when there is no SHA256SUMS file).
-
-  Raises:
-    MnistChecksumError: a listed file's digest differs (message names file, expected and actual digest).
-  """
-  directory = os.fspath(directory)
-  verified = {}
-  for name, expected in read_sha256sums(directory).items():
+  for name, expected in sums.items():
     path = os.path.join(directory, name)
     if (names is not None and name not in names) or not os.path.isfile(path):
       continue
-    actual = sha256_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    actual = h.hexdigest()
     if actual != expected:
       raise MnistChecksumError(path, f"SHA-256 mismatch: SHA256SUMS says {expected}, file has {actual}")
     verified[name] = actual
   return verified
 
 
+def read_pair(img_path: PathLike, lbl_path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N, 28, 28], labels uint8 [N] in [0, 10)) of an IDX3 image and an IDX1 label file
+  (MnistFormatError naming the file on another shape, a label out of range or disagreeing counts)."""
+  img_path, lbl_path = os.fspath(img_path), os.fspath(lbl_path)
+  images = parse_idx(_read_bytes(img_path), img_path, IMAGES_MAGIC)
+  if images.ndim != 3 or tuple(images.shape[1:]) != IMAGE_SHAPE:
+    raise MnistFormatError(img_path, f"images have shape {images.shape}, expected (N, 28, 28)")
+  labels = parse_idx(_read_bytes(lbl_path), lbl_path, LABELS_MAGIC)
+  if labels.ndim != 1:
+    raise MnistFormatError(lbl_path, f"labels have shape {labels.shape}, expected (N,)")
+  if labels.size and int(labels.max()) >= NUM_CLASSES:
+    raise MnistFormatError(lbl_path, f"label value {int(labels.max())} out of range [0, {NUM_CLASSES})")
+  if images.shape[0] != labels.shape[0]:
+    raise MnistFormatError(img_path, f"image/label count mismatch: {images.shape[0]} images in {img_path} "
+                           f"but {labels.shape[0]} labels in {lbl_path}")
+  return images, labels
+
+
 def read_split(directory: PathLike, split: str, *, verify: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-  """Reads one split from an IDX directory.
-
-  Args:
-    directory: directory holding the IDX files (gzipped or plain).
-    split: "train" or "test".
-    verify: check the files against ``SHA256SUMS`` when that file is present.
-
-  Returns:
-    (images uint8 [N, 28, 28], labels uint8 [N]); errors as in the module docstring.
-  """
+  """(images uint8 [N, 28, 28], labels uint8 [N]) of ``split`` ("train" | "test") in an IDX directory,
+  checked against ``SHA256SUMS`` first when ``verify`` and that file is present."""
   if split not in FILES:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   img_path, lbl_path = (resolve_file(directory, name) for name in FILES[split])
   if verify:
     verify_sha256sums(directory, names={os.path.basename(img_path), os.path.basename(lbl_path)})
-  images = read_images(img_path)
-  labels = read_labels(lbl_path)
-  if images.shape[0] != labels.shape[0]:
-    raise MnistFormatError(img_path, f"image/label count mismatch: {images.shape[0]} images in {img_path} "
-                           f"but {labels.shape[0]} labels in {lbl_path}")
-  return images, labels
+  return read_pair(img_path, lbl_path)

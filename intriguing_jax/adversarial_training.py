@@ -2,44 +2,31 @@
 
 Usage::
 
-    from intriguing_jax import adversarial_training as at, attack, data, models, train
-
-    images, labels = data.load_mnist("train")
-    model = models.get_model("fc100-100-10")
-    config = train.TrainConfig(epochs=40, weight_decay=(1e-5, 1e-5, 1e-6))
     pool_config = at.PoolConfig(layers=("input", "hidden_0", "hidden_1"), pool_size=5000, refresh_every=50,
-                                refresh_fraction=0.05, mix_ratio=0.5,
                                 attack=dataclasses.replace(at.POOL_ATTACK, maxiter=20))
-    result = at.train_with_pool(model, images, labels, config, pool_config, workdir="runs/adv")
-    result.variables                    # {"params": ...} for model.apply; resumes from workdir/ckpt
-
-    # k models (seeds and/or λ) as ONE vmapped program; member i is train_with_pool(seed=seeds[i],
-    # data_seed=0, weight_decay=weight_decays[i]) computed with vmap's float rounding:
-    sweep = at.train_with_pool_sweep(model, images, labels, config, pool_config, seeds=range(8), data_seed=0)
-
+    config = train.TrainConfig(epochs=40, weight_decay=(1e-5, 1e-5, 1e-6))
+    result = at.train_with_pool(model, images, labels, config, pool_config, workdir="runs/adv")  # resumable
+    sweep = at.train_with_pool_sweep(model, images, labels, config, pool_config, seeds=range(8))  # vmapped
     # Any model and loss, from pure functions of the params: make_epoch_fn + driver.run.
 
-The method. The paper kept "a pool of adversarial examples a random subset of which is continuously
-replaced by newly generated adversarial examples and which is mixed into the original training set all the
-time", one pool per layer: the examples of layer k are perturbed layer-k activations, found by the attack
-on the sub-network above layer k, and "used to train all the layers above". Sizes, rates and schedules are
-not given (A21); each is a ``PoolConfig`` field. Here:
+The method (sizes, rates and schedules are not in the paper, A21: each is a ``PoolConfig`` field; the
+paper's wording and the settings tried: notes/adversarial_training.md):
 
 * One pool per entry of ``PoolConfig.layers``: ``pool_size`` stored layer values (pixels for "input",
   post-activation features for a hidden layer) with the TRUE label of the clean example.
 * Generation: random training examples mapped to the layer (``model.features``), attacked through the head
-  above it (``model.apply(..., layer, method="head")``) by ``attack.make_attack`` with the cheap
-  ``PoolConfig.attack`` options, toward random wrong targets (or untargeted); the stored point is the
-  attack's, optionally moved along its direction (``perturbation_scale``, ``perturbation_rms``).
+  above it (``model.apply(..., layer, method="head")``) by ``attack.make_attack`` with ``PoolConfig.attack``,
+  toward random wrong targets (or untargeted); the stored point is the attack's, optionally moved along its
+  direction (``perturbation_scale``, ``perturbation_rms``).
 * Schedule: ``warmup_steps`` of clean training, then the pools are filled (in chunks of ``refresh_size``),
   then every ``refresh_every`` steps a random ``refresh_fraction`` of each pool is replaced.
 * Mixing: every step uses ``batch_size`` clean examples plus uniform samples of each pool making up
   ``mix_ratio`` of the mixed batch; the loss is the weighted mean per-example loss (pool-k examples through
   the head of layer k, with dropout when the model has it) plus the weight decay.
 
-Everything runs in the driver's one jitted ``lax.scan`` per epoch; the refresh is a ``lax.cond`` on the
-global step, taken only on refresh steps (also in a sweep, where it attacks for all members at once).
-Every key derives from ``fold_in(fold_in(rng, salt), step)``, so a resumed run repeats the uninterrupted one.
+Each epoch is the driver's one jitted ``lax.scan``; the refresh is a ``lax.cond`` on the global step, taken
+only on refresh steps (also in a sweep). Every key derives from ``fold_in(fold_in(rng, salt), step)``, so a
+resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -71,7 +58,7 @@ from intriguing_jax.types import Array, Params, PRNGKey
 __all__ = [
     "PoolConfig", "PoolLayer", "PoolTrainState", "POOL_ATTACK", "model_pool_layers", "generate_adversarial",
     "place_at_rms", "make_generate_fn", "init_state", "mixed_batch_sizes", "sample_mixed_batch",
-    "pool_schedule", "make_epoch_fn", "train_with_pool", "train_with_pool_sweep", "softmax_cross_entropy",
+    "make_epoch_fn", "train_with_pool", "train_with_pool_sweep",
     "validate", "run_experiment", "STEP_STATS", "POOL_STATS",
 ]
 
@@ -188,11 +175,6 @@ class PoolTrainState(driver.TrainState):
   num_refreshes: Array
 
 
-def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
-  """Per-example cross-entropy [B] (the default ``loss_fn``)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Layers of a Flax model.
 
@@ -211,15 +193,9 @@ def _train_head(model, layer, params, h, key):
 
 def model_pool_layers(model, names: Sequence[str], *,
                       box: Tuple[float, float] = (0.0, 1.0)) -> List[PoolLayer]:
-  """PoolLayers of a Flax model with ``features`` and ``head`` methods, its params the "params" collection.
-
-  Layer values: ``model.features``; the attacked head: ``model.head`` (the deterministic network above the
-  layer; for "input" the whole network); pool examples are trained through ``model.head(..., train=True)``
-  (dropout, when the model has it, drawn from the step's key).
-
-  Raises:
-    ValueError: a model without ``head``/``features``.
-  """
+  """PoolLayers of a Flax model with ``features`` and ``head`` methods (ValueError without), its params the
+  "params" collection: layer values ``model.features``, attacked through ``model.head`` (the deterministic
+  network above the layer), trained through ``model.head(..., train=True)`` (dropout from the step's key)."""
   if not (hasattr(model, "head") and hasattr(model, "features")):
     raise ValueError(f"{type(model).__name__} has no head/features methods; build PoolLayers of your own")
   return [PoolLayer(n, functools.partial(_features, model, n), functools.partial(_head, model, n), box,
@@ -232,17 +208,10 @@ def model_pool_layers(model, names: Sequence[str], *,
 
 def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Array, key: PRNGKey,
                          config: PoolConfig, num_classes: int) -> Tuple[Array, attack_lib.AttackResult]:
-  """Adversarial layer values for a batch of clean inputs (pure, jittable).
-
-  Args:
-    layer: the pool's layer; params: current parameters (traced, not differentiated).
-    x: [R, ...] clean inputs; labels: [R] their true labels.
-    key: draws the random wrong targets (unused when ``config.attack.untargeted``).
-
-  Returns:
-    (h_adv [R, *layer_shape], the attack's AttackResult on the layer's values). ``h_adv`` is the attack's
-    ``x_adv`` moved along ``x_adv - h`` by ``perturbation_scale``, or to RMS ``perturbation_rms`` along it
-    (clipped to the box); an example the attack did not move stays at ``h``.
+  """(h_adv [R, *layer_shape], the attack's AttackResult on the layer's values) of clean inputs x [R, ...]
+  with true labels [R] (pure, jittable; ``params`` not differentiated; ``key`` draws the random wrong
+  targets). ``h_adv`` is the attack's ``x_adv`` moved along ``x_adv - h`` by ``perturbation_scale``, or to
+  RMS ``perturbation_rms`` along it (clipped to the box); an example the attack did not move stays at h.
   """
   params = jax.lax.stop_gradient(params)
   h = jax.lax.stop_gradient(layer.feature_fn(params, x))
@@ -308,13 +277,6 @@ def sample_mixed_batch(state: PoolTrainState, key: PRNGKey,
     idx = jax.random.randint(jax.random.fold_in(key, i), (b,), 0, state.pool_labels[name].shape[0])
     out[name] = (state.pools[name][idx], state.pool_labels[name][idx])
   return out
-
-
-def pool_schedule(step: int, config: PoolConfig) -> str:
-  """What happens to the pools before step ``step`` (0-based): "fill", "refresh" or "none"."""
-  if step == config.warmup_steps:
-    return "fill"
-  return "refresh" if _is_due(step, config) else "none"
 
 
 def _is_due(step, config: PoolConfig):
@@ -384,10 +346,10 @@ def _no_refresh(num_pools, state, images, labels, key):
   return state, jnp.zeros((num_pools * len(POOL_STATS),), jnp.float32), jnp.zeros((), jnp.float32)
 
 
-def _mixed_loss(layers, config, loss_fn, apply_fn, train_apply_fn, penalty_fn, params, x, y, pool_batch,
-                pool_weight, key, hyper):
+def _mixed_loss(layers, config, loss_fn, apply_fn, penalty_fn, params, x, y, pool_batch, pool_weight, key,
+                hyper):
   """(loss, [data_loss, clean_loss, pool_loss, clean_error, pool_error]) of a mixed batch."""
-  logits_clean = apply_fn(params, x) if train_apply_fn is None else train_apply_fn(params, x, key)
+  logits_clean = apply_fn(params, x, key)
   clean = loss_fn(logits_clean, y)
   pool_sum, pool_count, pool_err = 0.0, 0, 0.0
   for i, layer in enumerate(layers):
@@ -411,24 +373,21 @@ def _salted(rng, salt, step):
   return jax.random.fold_in(jax.random.fold_in(rng, salt), step)
 
 
-def make_epoch_fn(apply_fn: Callable[[Params, Array], Array], layers: Sequence[PoolLayer],
+def make_epoch_fn(apply_fn: Callable[[Params, Array, PRNGKey], Array], layers: Sequence[PoolLayer],
                   tx: optax.GradientTransformation, config: PoolConfig, *, batch_size: int, num_train: int,
-                  num_classes: int, loss_fn: Callable[[Array, Array], Array] = softmax_cross_entropy,
-                  penalty_fn: Optional[Callable[[Params, Any], Array]] = None,
-                  train_apply_fn: Optional[Callable[[Params, Array, PRNGKey], Array]] = None,
-                  stacked: bool = False):
+                  num_classes: int, loss_fn: Callable = optax.softmax_cross_entropy_with_integer_labels,
+                  penalty_fn: Optional[Callable[[Params, Any], Array]] = None, stacked: bool = False):
   """The jitted epoch of pool training for any model and loss given as pure functions (``driver``'s).
 
   Args:
-    apply_fn: ``apply_fn(params, x) -> logits`` [B, num_classes] of clean inputs.
+    apply_fn: ``apply_fn(params, x, key) -> logits`` [B, num_classes] of clean inputs as trained (e.g.
+      dropout drawn from ``key``).
     layers: one PoolLayer per pool, in ``config.layers`` order.
     tx: the optimiser; config: pool settings.
     batch_size: clean examples per step (the pools add ``mixed_batch_sizes(batch_size, config)``).
     num_train: training set size; num_classes: number of classes (random attack targets).
-    loss_fn: ``loss_fn(logits, labels) -> [B]`` per-example loss.
+    loss_fn: ``loss_fn(logits, labels) -> [B]`` per-example loss (default: cross-entropy).
     penalty_fn: ``penalty_fn(params, hyper) -> scalar`` added to the loss (e.g. weight decay with λ = hyper).
-    train_apply_fn: ``train_apply_fn(params, x, key) -> logits`` for the clean examples' loss (e.g. dropout);
-      None = ``apply_fn``.
     stacked: k models at once (state and ``hyper`` with a leading [k] axis, ``jax.vmap``).
 
   Returns:
@@ -442,7 +401,7 @@ def make_epoch_fn(apply_fn: Callable[[Params, Array], Array], layers: Sequence[P
   sizes = mixed_batch_sizes(batch_size, config)
   regenerate = functools.partial(_regenerate, tuple(layers), config, num_classes)
   no_refresh = functools.partial(_no_refresh, len(layers))
-  loss = functools.partial(_mixed_loss, tuple(layers), config, loss_fn, apply_fn, train_apply_fn, penalty_fn)
+  loss = functools.partial(_mixed_loss, tuple(layers), config, loss_fn, apply_fn, penalty_fn)
 
   def step_fn(state, t, x, y, images, labels, hyper):
     key = _salted(state.rng, _SALT_REFRESH, state.step)
@@ -476,27 +435,18 @@ def _summarise(names: Sequence[str], stats: np.ndarray) -> Dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(model, config, pool_config, input_shape, num_train, num_classes, stacked):
-  """(tx, decayed paths, layers, jitted init, epoch_fn); cached (λ is traced: ``config`` has it zeroed)."""
-  x0 = jnp.zeros((1,) + input_shape, jnp.float32)
-  paths = train_lib.decay_layer_paths(model, input_shape)
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)["params"]
-  tx = train_lib.make_optimizer(config, num_train // config.batch_size, params)
+def _compiled(model, config, pool_config, input_shape, num_train, num_classes, stacked) -> train_lib.Program:
+  """The ``train.Program`` of pool training; cached (λ is traced: ``config`` has it zeroed)."""
+  paths, tx, init = train_lib.program_parts(model, config, input_shape, num_train)
   layers = model_pool_layers(model, pool_config.layers)
-  penalty = functools.partial(_penalty, tuple(paths), config.trainable)
-  epoch_fn = make_epoch_fn(functools.partial(_head, model, INPUT), layers, tx, pool_config,
+  penalty = lambda p, decays: train_lib.weight_decay_penalty(p, decays, paths, config.trainable)
+  epoch_fn = make_epoch_fn(functools.partial(_train_head, model, INPUT), layers, tx, pool_config,
                            batch_size=config.batch_size, num_train=num_train, num_classes=num_classes,
-                           penalty_fn=penalty,
-                           train_apply_fn=functools.partial(_train_head, model, INPUT), stacked=stacked)
-
-  def init(key):
-    return model.init(key, x0)["params"]
-
-  return tx, paths, layers, jax.jit(jax.vmap(init) if stacked else init), epoch_fn
-
-
-def _penalty(paths, trainable, params, decays):
-  return train_lib.weight_decay_penalty(params, decays, paths, trainable)
+                           penalty_fn=penalty, stacked=stacked)
+  x0 = jnp.zeros((1,) + input_shape, jnp.float32)
+  return train_lib.Program(len(paths), jax.jit(jax.vmap(init) if stacked else init),
+                           lambda p, r: init_state(layers, p, tx, x0, pool_config, r), epoch_fn,
+                           functools.partial(_summarise, pool_config.layers))
 
 
 def _check_inputs(model, images, labels, config, pool_config, who):
@@ -507,9 +457,6 @@ def _check_inputs(model, images, labels, config, pool_config, who):
   if images.min() < 0 or images.max() > 1:
     raise ValueError(f"{who}: images must lie in [0, 1] (the attack box), got [{images.min()}, "
                      f"{images.max()}]")
-  if images.shape[0] < config.batch_size:
-    raise ValueError(f"{who}: batch_size {config.batch_size} > the {images.shape[0]} training examples")
-  mixed_batch_sizes(config.batch_size, pool_config)
   x0 = jnp.zeros((1,) + images.shape[1:], jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)
   num_classes = int(jax.eval_shape(model.apply, variables, x0).shape[-1])
@@ -522,62 +469,32 @@ def _check_inputs(model, images, labels, config, pool_config, who):
   return images, labels, num_classes
 
 
-def _train_pool(model, images, labels, config, pool_config, *, weight_decays, seeds, data_seed, stacked,
-                workdir, eval_data, stop_after_epoch, who):
-  """train_with_pool (stacked=False) and train_with_pool_sweep: (state, decays, seeds, history)."""
-  images, labels, num_classes = _check_inputs(model, images, labels, config, pool_config, who)
-  tx, paths, layers, init_fn, epoch_fn = _compiled(
-      model, dataclasses.replace(config, weight_decay=(0.0,)), pool_config, tuple(images.shape[1:]),
-      images.shape[0], num_classes, stacked)
-  decays, seeds = train_lib.sweep_members(len(paths), config, weight_decays, seeds, who)
-  keys = jnp.stack([jax.random.split(jax.random.PRNGKey(s)) for s in seeds])
-  x0 = jnp.zeros((1,) + images.shape[1:], jnp.float32)
-  init = functools.partial(init_state, layers, tx=tx, x_example=x0, config=pool_config)
-  if stacked:
-    state = jax.vmap(lambda p, r: init(params=p, rng=r))(init_fn(keys[:, 0]), keys[:, 1])
-  else:
-    state, decays = init(params=init_fn(keys[0, 0]), rng=keys[0, 1]), decays[0]
-  members = len(seeds) if stacked else None
-  run_info = {"config": config.to_dict(), "pool_config": pool_config.to_dict(), "seeds": seeds,
-              "weight_decays": decays.tolist(), "data_seed": int(data_seed),
-              "num_train": int(images.shape[0]), "model": repr(model),
-              "data_fingerprint": train_lib.data_fingerprint(images, labels)}
-  state, history = driver.run(
-      state, epoch_fn, images, labels, jnp.asarray(decays), epochs=config.epochs, data_seed=data_seed,
-      summarise=functools.partial(_summarise, pool_config.layers),
-      evaluate=train_lib.make_evaluate(model, eval_data, config.eval_batch_size, members),
-      checkpoint_every=config.checkpoint_every, workdir=workdir, run_info=run_info,
-      stop_after_epoch=stop_after_epoch, members=members, prefix="[adv sweep] " if stacked else "[adv] ")
-  return state, decays, seeds, history
+def _train_pool(model, images, labels, config, pool_config, stacked, **kw):
+  """train_with_pool (stacked=False) and train_with_pool_sweep, through ``train.fit``."""
+  images, labels, num_classes = _check_inputs(model, images, labels, config, pool_config, kw["who"])
+  program = _compiled(model, dataclasses.replace(config, weight_decay=(0.0,)), pool_config,
+                      tuple(images.shape[1:]), images.shape[0], num_classes, stacked)
+  return train_lib.fit(model, images, labels, config, program, stacked=stacked, mesh=None,
+                       prefix="[adv sweep] " if stacked else "[adv] ",
+                       run_info={"pool_config": pool_config.to_dict()}, **kw)
 
 
 def train_with_pool(model, images, labels, config: train_lib.TrainConfig, pool_config: PoolConfig, *,
                     seed: int = 0, data_seed: Optional[int] = None, workdir: Optional[str] = None,
                     eval_data: Optional[Tuple[Any, Any]] = None,
                     stop_after_epoch: Optional[int] = None) -> train_lib.TrainResult:
-  """Trains a Flax model with adversarial pools mixed into every batch; resumes from ``workdir/ckpt``.
+  """Trains a model of ``models`` with ``features`` and ``head`` (the fully connected ones) with adversarial
+  pools mixed into every batch; resumes from ``workdir/ckpt``.
 
-  The loss is ``train.TrainConfig``'s (cross-entropy + ½ Σ λ_l Σ w², dropout when the model has it) over
-  the mixed batch, with ``train.make_optimizer``'s optimiser; the mini-batch order is
-  ``train.train_model``'s for the same ``data_seed``. Evaluated and attacked without dropout.
-
-  Args:
-    model: a module of ``models`` with ``features`` and ``head`` (the fully connected ones).
-    images: [N, ...] float32 in [0, 1]; labels: [N] int.
-    config: training settings (``task`` must be "classify"); pool_config: pool settings.
-    seed: init and pool seed; data_seed: seed of the per-epoch shuffling (default: ``seed``).
-    workdir: checkpoints, ``metrics.jsonl`` and ``run_config.json`` (None: nothing is written).
-    eval_data: optional (images, labels) whose error is logged each epoch.
-    stop_after_epoch: return after this epoch, as if interrupted.
+  Arguments, loss, optimiser and mini-batch order (for the same ``data_seed``) are ``train.train_model``'s;
+  ``config.task`` must be "classify"; ``seed`` also seeds the pools. Evaluated and attacked without dropout.
 
   Raises:
     ValueError: bad data, settings, or a workdir holding a run with other settings -- before compiling.
   """
-  state, _, _, history = _train_pool(model, images, labels, config, pool_config, weight_decays=[None],
-                                     seeds=[seed], data_seed=seed if data_seed is None else data_seed,
-                                     stacked=False, workdir=workdir, eval_data=eval_data,
-                                     stop_after_epoch=stop_after_epoch, who="train_with_pool")
-  return train_lib.TrainResult({"params": state.params}, state, history)
+  return _train_pool(model, images, labels, config, pool_config, False, weight_decays=[None], seeds=[seed],
+                     data_seed=seed if data_seed is None else data_seed, workdir=workdir, eval_data=eval_data,
+                     stop_after_epoch=stop_after_epoch, who="train_with_pool")
 
 
 def train_with_pool_sweep(model, images, labels, config: train_lib.TrainConfig, pool_config: PoolConfig, *,
@@ -587,26 +504,14 @@ def train_with_pool_sweep(model, images, labels, config: train_lib.TrainConfig, 
                           stop_after_epoch: Optional[int] = None) -> train_lib.SweepResult:
   """Trains k models with adversarial pools, differing in init/pool seed and/or λ, as ONE compiled program.
 
-  What ``train.train_sweep`` is to ``train_model``: the pool step under ``jax.vmap`` (k x refresh_size
-  examples per pool in one attack program, the refresh a branch on the shared step); every member sees the
-  same mini-batches and refreshes on the same steps. Member i is ``train_with_pool(..., weight_decay=
-  weight_decays[i], seed=seeds[i], data_seed=data_seed)`` up to vmap's float rounding (which, over a long
-  run, grows into another draw of the same setting; notes/adversarial_training.md). Members are sharded
-  over all devices.
-
-  Args:
-    weight_decays: k entries, each a scalar or per-layer list (None: ``config.weight_decay``).
-    seeds: k init and pool seeds (a length-1 list is broadcast to the other's length).
-    data_seed: seed of the shared per-epoch shuffling.
-    (other arguments as in :func:`train_with_pool`.)
+  What ``train.train_sweep`` (same arguments) is to ``train_model``: the pool step under ``jax.vmap`` (k x
+  refresh_size examples per pool in one attack program, the refresh a branch on the shared step). Member i
+  is ``train_with_pool(..., weight_decay=weight_decays[i], seed=seeds[i], data_seed=data_seed)`` up to
+  vmap's float rounding (notes/adversarial_training.md). Members are sharded over all devices.
   """
-  state, decays, seeds, history = _train_pool(model, images, labels, config, pool_config,
-                                              weight_decays=weight_decays, seeds=seeds, data_seed=data_seed,
-                                              stacked=True, workdir=workdir, eval_data=eval_data,
-                                              stop_after_epoch=stop_after_epoch, who="train_with_pool_sweep")
-  stacked = {"params": state.params}
-  return train_lib.SweepResult(train_lib.unstack(stacked, len(seeds)), stacked, decays, np.asarray(seeds),
-                               state, history)
+  return _train_pool(model, images, labels, config, pool_config, True, weight_decays=weight_decays,
+                     seeds=seeds, data_seed=data_seed, workdir=workdir, eval_data=eval_data,
+                     stop_after_epoch=stop_after_epoch, who="train_with_pool_sweep")
 
 
 # ----------------------------------------------------------------------------------------------------

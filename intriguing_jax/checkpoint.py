@@ -1,24 +1,10 @@
 """Atomic, verifiable checkpoints and result files.
 
-Usage::
-
-    from intriguing_jax import checkpoint
-    checkpoint.save_checkpoint(workdir / "ckpt", {"params": params, "opt_state": opt}, step=100)
-    state, step = checkpoint.restore_checkpoint(workdir / "ckpt", target=template)
-    checkpoint.atomic_write_json(workdir / "results.json", {"error": 0.0164})
-
-Every write goes to a temporary file in the destination directory, is flushed and fsync'ed, then moved
-into place with ``os.replace`` (atomic on POSIX), so a crash mid-write never leaves a half-written file
-under the final name; the file gets the mode ``0o666 & ~umask``, as ``open`` would give it. Checkpoint
-files carry a magic header and the SHA-256 of their payload, so a truncated or corrupted file is reported
-as such (naming the file) instead of being half-restored; restoring into a ``target`` checks every leaf's
-shape and names the ones that differ. ``restore_checkpoint`` falls back to the newest intact checkpoint
-(with a warning) when the latest one is corrupted.
-
-Layout of a checkpoint directory (big_vision style)::
-
-    ckpt_00000100.msgpack   one file per kept step
-    LAST                    name of the newest complete checkpoint, replaced atomically
+Every write goes to a temporary file in the destination directory, is fsync'ed and moved into place with
+``os.replace`` (atomic on POSIX), mode ``0o666 & ~umask`` as ``open`` would give. Checkpoint files carry a
+magic header and the SHA-256 of their payload, so a truncated or corrupted file is reported (naming it),
+never half-restored; restoring into a ``target`` checks every leaf's shape. A checkpoint directory holds
+``ckpt_<step:08d>.msgpack`` files (the newest two kept) and ``LAST``, the name of the newest complete one.
 """
 
 from __future__ import annotations
@@ -90,9 +76,9 @@ def jsonable(obj: Any) -> Any:
   return json.loads(json.dumps(obj, default=_json_default))
 
 
-def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
+def atomic_write_json(path: PathLike, obj: Any) -> None:
   """Writes ``obj`` as JSON atomically; numpy/JAX arrays and scalars become lists/numbers."""
-  text = json.dumps(obj, indent=indent, default=_json_default, allow_nan=True)
+  text = json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
   atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
@@ -177,41 +163,28 @@ def latest_step(ckpt_dir: PathLike) -> Optional[int]:
   return steps[-1] if steps else None
 
 
-def save_checkpoint(ckpt_dir: PathLike, tree: Any, step: int, *, keep: int = 2) -> str:
-  """Saves ``tree`` as the checkpoint of ``step``, updates ``LAST``, keeps the newest ``keep`` files.
-
-  Returns:
-    The path of the written checkpoint file.
-  """
-  if keep < 1:
-    raise ValueError(f"keep must be >= 1, got {keep}")
+def save_checkpoint(ckpt_dir: PathLike, tree: Any, step: int) -> str:
+  """Saves ``tree`` as the checkpoint of ``step``, updates ``LAST``, keeps the newest two files; returns
+  the path of the written file."""
   ckpt_dir = os.fspath(ckpt_dir)
   path = os.path.join(ckpt_dir, _ckpt_name(step))
   save_pytree(path, tree)
   atomic_write_bytes(os.path.join(ckpt_dir, "LAST"), (_ckpt_name(step) + "\n").encode())
-  for old in all_steps(ckpt_dir)[:-keep]:
+  for old in all_steps(ckpt_dir)[:-2]:
     if old != int(step):
       with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(ckpt_dir, _ckpt_name(old)))
   return path
 
 
-def restore_checkpoint(ckpt_dir: PathLike, target: Any = None,
-                       step: Optional[int] = None) -> Tuple[Any, Optional[int]]:
-  """Restores the checkpoint of ``step``; by default the latest intact one.
-
-  Without ``step``, a corrupted or truncated latest checkpoint is skipped with a warning and the next
-  older one restored (``save_checkpoint`` keeps two).
-
-  Returns:
-    ``(tree, step)``; ``(target, None)`` when the directory holds no checkpoint.
+def restore_checkpoint(ckpt_dir: PathLike, target: Any = None) -> Tuple[Any, Optional[int]]:
+  """``(tree, step)`` of the latest intact checkpoint (``(target, None)`` when there is none): a corrupted
+  or truncated latest one is skipped with a warning and the next older one restored.
 
   Raises:
-    CheckpointError: the file (without ``step``: every file) is corrupted, or does not fit ``target``.
+    CheckpointError: every file is corrupted, or one does not fit ``target``.
   """
   ckpt_dir = os.fspath(ckpt_dir)
-  if step is not None:
-    return load_pytree(os.path.join(ckpt_dir, _ckpt_name(step)), target), int(step)
   latest = latest_step(ckpt_dir)
   candidates = [] if latest is None else [latest] + [s for s in reversed(all_steps(ckpt_dir)) if s < latest]
   for i, s in enumerate(candidates):
@@ -227,19 +200,19 @@ def restore_checkpoint(ckpt_dir: PathLike, target: Any = None,
   return target, None
 
 
-def guard_run_config(workdir: PathLike, run_info: Any, *, filename: str = "run_config.json") -> None:
-  """Records ``run_info`` in ``workdir/filename``, or checks that a previous run there used the same settings.
+def check_settings(where: str, stored: dict, wanted: dict, what: str = "a run") -> None:
+  """Raises ValueError naming the keys whose values differ between two settings dicts (JSON-read)."""
+  diff = sorted(k for k in set(wanted) | set(stored) if stored.get(k) != wanted.get(k))
+  if diff:
+    raise ValueError(f"{where} holds {what} with other settings ({', '.join(diff)}); use another workdir "
+                     "(or run name), or delete it")
 
-  Resuming a run in a workdir that holds a run with other settings would silently mix two experiments, so a
-  mismatch raises ``ValueError`` naming the keys that differ.
-  """
-  info_path = os.path.join(os.fspath(workdir), filename)
-  new = jsonable(run_info)
+
+def guard_run_config(workdir: PathLike, run_info: Any) -> None:
+  """Records ``run_info`` in ``workdir/run_config.json``, or checks (:func:`check_settings`) that the run
+  there used the same settings: resuming another run's workdir would silently mix two experiments."""
+  info_path = os.path.join(os.fspath(workdir), "run_config.json")
   if not os.path.exists(info_path):
     atomic_write_json(info_path, run_info)
-    return
-  old = read_json(info_path)
-  if old != new:
-    diff = sorted(k for k in set(new) | set(old) if old.get(k) != new.get(k))
-    raise ValueError(f"{os.fspath(workdir)} holds a run with different settings ({', '.join(diff)}); "
-                     "use another workdir or delete it")
+  else:
+    check_settings(os.fspath(workdir), read_json(info_path), jsonable(run_info))

@@ -2,13 +2,12 @@
 
 Usage (a whole script)::
 
-    from absl import app
     from intriguing_jax import cli, units
 
-    FLAGS = cli.define_flags("unit_analysis")     # --config defaults to intriguing_jax/configs/unit_analysis.py
+    FLAGS = cli.define_flags("unit_analysis")   # --config default: intriguing_jax/configs/unit_analysis.py
 
     def main(argv):
-      cli.check_no_args(argv)
+      cli.start(argv, FLAGS)                      # or cli.check_no_args(argv) where there is nothing to log
       units.run_experiment(FLAGS.config.value, FLAGS.workdir.value, FLAGS.data_dir.value)
 
     if __name__ == "__main__":
@@ -17,16 +16,18 @@ Usage (a whole script)::
 ``--config=intriguing_jax/configs/<name>.py:<preset>`` selects a preset; ``--config.a.b=v`` overrides one
 field (unknown fields and wrong types are refused while the flags are parsed, before any work). ``--data_dir``
 is the MNIST IDX directory; without it ``data.load_mnist`` reads ``$INTRIGUING_JAX_MNIST_DIR``, else tfds.
+A benchmark prints its figures and, given ``--workdir``, writes them with :func:`write_figures`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from intriguing_jax import configs
@@ -50,17 +51,24 @@ def config_path(name: str) -> str:
   return path
 
 
-def define_flags(config_name: str, *, workdir_required: bool = True) -> Flags:
+def define_flags(config_name: str, *, workdir_required: bool = True,
+                 workdir_help: str = "Output directory; a rerun of the same command resumes there.") -> Flags:
   """Defines ``--config`` (default: the named config), ``--workdir`` and ``--data_dir``."""
-  config = config_flags.DEFINE_config_file(
-      "config", config_path(config_name),
-      f"Experiment config: intriguing_jax/configs/{config_name}.py[:preset]; override fields with "
-      "--config.<field>=<value>.")
-  workdir = flags.DEFINE_string("workdir", None, "Output directory; a rerun of the same command resumes there.")
+  try:  # config_flags applies the --config.<field> overrides of sys.argv here already
+    config = config_flags.DEFINE_config_file(
+        "config", config_path(config_name), f"Experiment config: intriguing_jax/configs/{config_name}.py"
+        "[:preset]; override fields with --config.<field>=<value>.")
+  except (AttributeError, KeyError) as e:
+    _exit_unknown_field(e, sys.argv)
+  workdir = flags.DEFINE_string("workdir", None, workdir_help)
   data_dir = flags.DEFINE_string(
       "data_dir", None, "MNIST IDX directory (default: $INTRIGUING_JAX_MNIST_DIR, else tfds).")
   if workdir_required:
     flags.mark_flag_as_required("workdir")
+  caller = sys._getframe(1).f_globals.get("__name__", "")  # pylint: disable=protected-access
+  for holder in (config, workdir, data_dir):  # key flags of the script: listed by its --help
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller,
+                                             flags.FLAGS[holder.name])
   return Flags(config, workdir, data_dir)
 
 
@@ -70,12 +78,42 @@ def check_no_args(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
 
 
+def start(argv: Sequence[str], flags_: Flags, validate: Optional[Callable[[Any], Any]] = None) -> None:
+  """An experiment script's start: :func:`check_no_args`, ``validate(config)`` (before the workdir is
+  created), the config logged at ``--v=1``, the devices logged (``progress.log_run_start``)."""
+  check_no_args(argv)
+  if validate is not None:
+    validate(flags_.config.value)
+  logging.vlog(1, "config:\n%s", flags_.config.value)
+  from intriguing_jax import progress  # pylint: disable=g-import-not-at-top  (imports jax)
+  progress.log_run_start(flags_.workdir.value)
+
+
 def parse_flags(argv: Sequence[str]):
   """absl's parser, except that ``--help`` and its aliases print the usage and exit 0 (absl exits 1)."""
   if _HELP & set(argv[1:]):
     app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True)
     sys.exit(0)
-  return app.parse_flags_with_usage(list(argv))
+  try:
+    return app.parse_flags_with_usage(list(argv))
+  except (AttributeError, KeyError) as e:  # config_flags' error for a field the config lacks
+    _exit_unknown_field(e, argv)
+
+
+def _exit_unknown_field(error: Exception, argv: Sequence[str]) -> None:
+  field = str(error).strip("\"'")
+  given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+  sys.exit(f"FATAL Flags parsing error: unknown config field {field!r} among {given}; the fields are in the "
+           "config file (--help shows its path)")
+
+
+def write_figures(workdir: Optional[str], name: str, figures: Dict[str, Any], config: Any) -> None:
+  """Writes a benchmark's figures and config to ``<workdir>/<name>.json`` (atomically); no workdir: no-op."""
+  if workdir:
+    from intriguing_jax import checkpoint  # pylint: disable=g-import-not-at-top  (cli itself needs no jax)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f"{name}.json")
+    checkpoint.atomic_write_json(path, dict(figures, config=config.to_dict()))
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:

@@ -9,24 +9,13 @@ Usage::
     (xt, yt), (xv, yv) = data.train_val_split(x_train, y_train, num_val=5000, seed=0)
     xs, ys = data.synthetic_mnist(256, seed=0)                          # tiny learnable data for tests
 
-Where the data comes from (``load_mnist``; every script's ``--data_dir`` is its ``data_dir``), in order:
-
-1. ``data_dir`` if given: a local directory with the four canonical IDX files (gzipped or plain). Never
-   falls back to the network. Files are validated on their decoded content (IDX magic numbers 2051/2049,
-   28x28 images, payload length, label range, image/label counts) and against ``SHA256SUMS`` when the
-   directory has one, so recompressed-but-identical files are accepted.
-2. else ``$INTRIGUING_JAX_MNIST_DIR`` (same as 1).
-3. else the TensorFlow Datasets builder :mod:`intriguing_jax.mnist_tfds` (array_record files read back
-   with ``tfds.data_source``, no TensorFlow needed), which downloads the canonical files with their
-   checksums on first use -- or fails within seconds, saying what to set, when there is no network.
-
-Decoded arrays are cached in-process (keyed on the files' path, size and mtime); the returned arrays are
-read-only views of that cache (copy before writing in place).
-
-All errors derive from :class:`MnistError` and name the file and the problem:
-:class:`MnistNotFoundError` (a ``FileNotFoundError``) for missing directories/files or no reachable
-source; :class:`MnistFormatError` (a ``ValueError``) for non-gzip, truncated, wrong-magic or inconsistent
-files; :class:`MnistChecksumError` for SHA-256 mismatches.
+``load_mnist`` reads, in order: ``data_dir`` (a directory of the four IDX files, gzipped or plain, validated
+on their decoded content and against its ``SHA256SUMS`` if present; never the network), else
+``$INTRIGUING_JAX_MNIST_DIR``, else the tfds builder :mod:`intriguing_jax.mnist_tfds` (downloads on first
+use, or fails within seconds saying what to set). Decoded arrays are cached in-process (keyed on the
+files' path, size and mtime) and returned read-only. Errors derive from :class:`MnistError` and name the
+file: :class:`MnistNotFoundError` (a ``FileNotFoundError``), :class:`MnistFormatError` (a ``ValueError``),
+:class:`MnistChecksumError`.
 """
 
 from __future__ import annotations
@@ -47,15 +36,8 @@ ENV_VAR = "INTRIGUING_JAX_MNIST_DIR"
 SPLITS = _idx.SPLITS
 NUM_CLASSES = _idx.NUM_CLASSES
 IMAGE_SHAPE = (28, 28, 1)
-P1_P2_SIZE = 30000
 
 ArrayPair = Tuple[np.ndarray, np.ndarray]
-
-
-def _readonly(*arrays):
-  for a in arrays:
-    a.setflags(write=False)
-  return arrays
 
 
 def _to_float(images_u8: np.ndarray) -> np.ndarray:
@@ -87,7 +69,10 @@ def _load_idx_cached(directory: str, split: str, verify: bool, key) -> ArrayPair
   if images.shape[0] != _idx.CANONICAL_COUNTS[split]:
     logging.warning("MNIST %s split in %s has %d examples (canonical: %d).", split, directory,
                     images.shape[0], _idx.CANONICAL_COUNTS[split])
-  return _readonly(_to_float(images), labels.astype(np.int32))
+  out = _to_float(images), labels.astype(np.int32)
+  for a in out:
+    a.setflags(write=False)
+  return out
 
 
 def _load_idx(directory: PathLike, split: str, verify: bool) -> ArrayPair:
@@ -100,25 +85,13 @@ def _load_idx(directory: PathLike, split: str, verify: bool) -> ArrayPair:
 
 def load_mnist(split: str, data_dir: Optional[PathLike] = None, *, verify: bool = True,
                tfds_data_dir: Optional[PathLike] = None, download: bool = True) -> ArrayPair:
-  """Loads an MNIST split as float arrays.
+  """MNIST ``split`` ("train": 60000, "test": 10000) as read-only (images float32 [N, 28, 28, 1] in [0, 1],
+  labels int32 [N]), from ``data_dir``, ``$INTRIGUING_JAX_MNIST_DIR`` or tfds (module docstring).
 
-  Args:
-    split: "train" (60000 examples) or "test" (10000).
-    data_dir: local directory with the four IDX files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``),
-      read offline. None: ``$INTRIGUING_JAX_MNIST_DIR`` if set, else the tfds builder
-      (:mod:`intriguing_jax.mnist_tfds`).
-    verify: check ``SHA256SUMS`` when the local directory has one.
-    tfds_data_dir: tfds data directory for the tfds path (None: tfds default, ~/tensorflow_datasets).
-    download: tfds path only; allow downloading the canonical files when the dataset is not built yet.
-
-  Returns:
-    (images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N]); read-only arrays.
-
-  Raises:
-    ValueError: bad ``split``.
-    MnistNotFoundError: missing directory/file, or no local data and no network (the message says which
-      flag/variable to set and where to get the files).
-    MnistFormatError, MnistChecksumError: invalid files (the message names the file).
+  ``verify``: check ``SHA256SUMS`` when the local directory has one. ``tfds_data_dir`` (None: tfds default)
+  and ``download`` (may fetch the canonical files when not built) apply to the tfds path only. Raises
+  ValueError (bad split), MnistNotFoundError (the message says what to set), MnistFormatError or
+  MnistChecksumError (naming the file).
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -145,50 +118,27 @@ def _check_pair(images, labels):
                      f"{labels.shape[0]}")
 
 
-def p1_p2_indices(num: int, *, seed: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """Indices of the two disjoint halves P1, P2 of ``num`` examples (paper §9 A15).
-
-  ``seed=None``: P1 = the first ``num // 2`` examples, P2 = the rest (for MNIST train: first/last 30000).
-  Otherwise a permutation drawn with ``np.random.default_rng(seed)``; same seed -> same split.
-  """
-  if num < 2:
-    raise ValueError(f"num must be >= 2 to split into two halves, got {num}")
-  idx = np.arange(num) if seed is None else np.random.default_rng(seed).permutation(num)
-  half = num // 2
-  return idx[:half], idx[half:]
-
-
 def split_p1_p2(images, labels, *, seed: Optional[int] = None) -> Tuple[ArrayPair, ArrayPair]:
-  """Splits a training set into the paper's two disjoint halves P1 and P2 (30000 + 30000 for MNIST).
+  """The paper's disjoint halves ((x1, y1), (x2, y2)) of images [N, ...], labels [N] (N >= 2; paper §9 A15).
 
-  Args:
-    images: [N, ...] array.
-    labels: [N] array.
-    seed: None for first/last half (deterministic, paper §9 A15), else the seed of a random permutation.
-
-  Returns:
-    ((x1, y1), (x2, y2)): disjoint, together covering all N examples.
+  ``seed=None``: P1 = the first N // 2 examples, P2 = the rest (MNIST train: 30000 + 30000). Otherwise the
+  halves of a permutation drawn with ``np.random.default_rng(seed)``.
   """
   _check_pair(images, labels)
-  i1, i2 = p1_p2_indices(images.shape[0], seed=seed)
+  num = images.shape[0]
+  if num < 2:
+    raise ValueError(f"num must be >= 2 to split into two halves, got {num}")
+  half = num // 2
   if seed is None:  # Contiguous halves: slicing avoids a 94 MB copy on MNIST.
-    h = i1.shape[0]
-    return (images[:h], labels[:h]), (images[h:], labels[h:])
+    return (images[:half], labels[:half]), (images[half:], labels[half:])
+  idx = np.random.default_rng(seed).permutation(num)
+  i1, i2 = idx[:half], idx[half:]
   return (images[i1], labels[i1]), (images[i2], labels[i2])
 
 
 def train_val_split(images, labels, *, num_val: int, seed: Optional[int] = 0) -> Tuple[ArrayPair, ArrayPair]:
-  """Holds out ``num_val`` examples for validation.
-
-  Args:
-    images: [N, ...] array.
-    labels: [N] array.
-    num_val: size of the validation set, 0 < num_val < N.
-    seed: permutation seed; None holds out the last ``num_val`` examples.
-
-  Returns:
-    ((x_train, y_train), (x_val, y_val)) with N - num_val and num_val examples, disjoint.
-  """
+  """((x_train, y_train), (x_val, y_val)): ``num_val`` (0 < num_val < N) of images [N, ...], labels [N] held
+  out, drawn by a permutation of ``seed`` (None: the last ``num_val``), both in their original order."""
   _check_pair(images, labels)
   n = images.shape[0]
   if not 0 < num_val < n:
@@ -202,21 +152,10 @@ def train_val_split(images, labels, *, num_val: int, seed: Optional[int] = 0) ->
 
 def synthetic_mnist(num: int, *, seed: int = 0, num_classes: int = 10,
                     image_shape: Sequence[int] = IMAGE_SHAPE) -> ArrayPair:
-  """Tiny deterministic, learnable MNIST stand-in for unit tests.
-
-  Every class has a fixed sparse "stroke" prototype (independent of ``seed``, so different seeds give
-  train/test samples of the same distribution); an example is its class prototype with a random
-  brightness plus Gaussian noise, clipped to [0, 1]. A linear classifier separates the classes easily.
-
-  Args:
-    num: number of examples (>= 1).
-    seed: seed of the labels and noise.
-    num_classes: number of classes (>= 2).
-    image_shape: per-example shape, e.g. (28, 28, 1) or (784,).
-
-  Returns:
-    (images float32 [num, *image_shape] in [0, 1], labels int32 [num]) with balanced labels.
-  """
+  """Tiny deterministic, learnable MNIST stand-in: (images float32 [num, *image_shape] in [0, 1], labels
+  int32 [num], balanced). Each class has a fixed sparse prototype (independent of ``seed``, so seeds give
+  samples of one distribution); an example is its prototype times a random brightness plus Gaussian noise,
+  clipped to [0, 1]."""
   image_shape = tuple(int(d) for d in image_shape)
   if num < 1:
     raise ValueError(f"num must be >= 1, got {num}")

@@ -3,26 +3,16 @@
 Usage::
 
     from intriguing_jax import distributed
-
     distributed.initialize()   # multi-host from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
-    # model.apply(variables, x) in chunks sized to device memory, each sharded over every device:
-    logits = distributed.stream_map(model.apply, x, broadcast=(variables,))
-    # Resumable: finished chunks are kept in workdir (a host function that shards itself: jit=False).
+    logits = distributed.stream_map(model.apply, x, broadcast=(variables,))   # sharded, memory-sized chunks
     res = distributed.stream_map(attack_fn, x, targets, broadcast=(variables,), jit=False, workdir="runs/a")
 
-Conventions:
-
-* The mesh has one axis, ``BATCH_AXIS = "batch"``; batched arguments are sharded along their axis 0
-  (``NamedSharding(mesh, P("batch"))``), broadcast arguments (parameters) are replicated, and ``jax.jit``
-  with ``in_shardings``/``out_shardings`` lets XLA place the computation. One compiled program per
-  (function, mesh, argument shapes): ragged batches are padded with copies of their first row (valid inputs:
-  in the box, never NaN) and the padding is dropped from the results.
-* Multi-host (SPMD): every process calls the same functions with the same full data (MNIST fits on every
-  host); each process transfers only its own devices' rows, and outputs are gathered with
-  ``multihost_utils.process_allgather`` so every process gets all rows. Only process 0 writes files (a
-  workdir must be on a shared filesystem to resume across hosts).
-* Functions given to :func:`stream_map` map batched arguments to a pytree of arrays with the same leading
-  batch axis (no reductions over the batch: padding rows would leak into them).
+Conventions: the mesh has one axis ``"batch"``; batched arguments are sharded along axis 0, broadcast ones
+(parameters) replicated. Ragged batches are padded with copies of their first row (valid inputs) and the
+padding is dropped from the results, so functions must not reduce over the batch. Multi-host (SPMD): every
+process calls the same functions with the same full data, transfers only its own devices' rows and gets
+all output rows (``process_allgather``); only process 0 writes files (resuming across hosts needs a shared
+filesystem).
 """
 
 from __future__ import annotations
@@ -45,24 +35,20 @@ from intriguing_jax import checkpoint
 
 PyTree = Any
 
-BATCH_AXIS = "batch"
 # Chunk size per device when the device reports no memory limit (CPU) or no estimate is given.
 DEFAULT_EXAMPLES_PER_DEVICE = 1024
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-# --------------------------------------------------------------------------------------------------
 # Processes and meshes.
 
-
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, *, auto_detect: bool = False) -> bool:
+               process_id: Optional[int] = None) -> bool:
   """Starts multi-host JAX (``jax.distributed.initialize``) when a multi-process setting is configured.
 
   Each setting comes from its argument, else ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
-  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``. With none of them this is a no-op (single process) unless
-  ``auto_detect`` lets JAX detect a cluster (SLURM, Open MPI, TPU pod). Idempotent; call it before any other
-  JAX call that touches devices. Returns whether the run has more than one process.
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; with none of them this is a no-op (single process). Idempotent;
+  call it before any other JAX call that touches devices. Returns whether the run has more than one process.
 
   Raises:
     ValueError: an incomplete or inconsistent setting, naming the missing variable.
@@ -75,12 +61,12 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     address, count, pid = values[0], *(None if v is None else int(v) for v in values[1:])
   except ValueError:
     raise ValueError(f"initialize: {_ENV[1]} and {_ENV[2]} must be integers, got {values[1:]}") from None
-  if all(v is None for v in values) and not auto_detect:
+  if all(v is None for v in values):
     return False
-  if not auto_detect and None in (address, count, pid):
+  if None in (address, count, pid):
     raise ValueError(f"initialize: a multi-process run needs all of {', '.join(_ENV)} (or the arguments); "
                      f"got {address!r}, {count!r}, {pid!r}")
-  if count is not None and pid is not None and not 0 <= pid < count:
+  if not 0 <= pid < count:
     raise ValueError(f"initialize: process_id must be in [0, {count}), got {pid}")
   jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=pid)
   logging.info("distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
@@ -88,28 +74,20 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   return jax.process_count() > 1
 
 
-def data_mesh(devices: Optional[Sequence[Any]] = None, *, axis_name: str = BATCH_AXIS) -> Mesh:
+def data_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
   """A 1-D mesh over ``devices`` (default: every global device), ordered by (process, id) so that each
   process owns a contiguous block of the batch axis."""
   devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
   if not devices:
     raise ValueError("data_mesh: no devices")
-  return Mesh(np.asarray(devices), (axis_name,))
+  return Mesh(np.asarray(devices), ("batch",))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Rows (axis 0) split over the mesh's single axis."""
+def _rows(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
 
 
-def replicated_sharding(mesh: Mesh) -> NamedSharding:
-  """Every device holds the whole array."""
-  return NamedSharding(mesh, PartitionSpec())
-
-
-# --------------------------------------------------------------------------------------------------
 # Padding, placement and gathering.
-
 
 def _leading(tree: PyTree, where: str) -> int:
   """The common leading size of every leaf of ``tree`` (ValueError naming ``where`` otherwise)."""
@@ -155,12 +133,12 @@ def _put(tree: PyTree, sharding: NamedSharding) -> PyTree:
 
 def put_batch(tree: PyTree, mesh: Mesh) -> PyTree:
   """Host arrays (the same on every process), axis 0 a multiple of ``mesh.size`` -> rows sharded over mesh."""
-  return _put(tree, batch_sharding(mesh))
+  return _put(tree, _rows(mesh))
 
 
 def put_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
   """A pytree (parameters) placed whole on every device of ``mesh``."""
-  return _put(tree, replicated_sharding(mesh))
+  return _put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def gather(tree: PyTree) -> PyTree:
@@ -174,7 +152,7 @@ def gather(tree: PyTree) -> PyTree:
 
 @functools.lru_cache(maxsize=128)
 def _sharded_jit(fn: Callable, mesh: Mesh, num_broadcast: int, num_batched: int) -> Callable:
-  rows, rep = batch_sharding(mesh), replicated_sharding(mesh)
+  rows, rep = _rows(mesh), NamedSharding(mesh, PartitionSpec())
   logging.vlog(1, "distributed: compiling %s over %d devices", getattr(fn, "__name__", fn), mesh.size)
   return jax.jit(lambda *args: fn(*args), in_shardings=(rep,) * num_broadcast + (rows,) * num_batched,
                  out_shardings=rows)
@@ -186,9 +164,7 @@ def _dispatch(fn: Callable, batched: Tuple[Any, ...], broadcast: Tuple[Any, ...]
   return compiled(*put_replicated(broadcast, mesh), *put_batch(pad_batch(batched, size), mesh))
 
 
-# --------------------------------------------------------------------------------------------------
 # Memory-sized chunks.
-
 
 def device_memory_bytes(device: Optional[Any] = None) -> Optional[int]:
   """``memory_stats()["bytes_limit"]`` of one device, or None when not reported (CPU)."""
@@ -200,18 +176,14 @@ def device_memory_bytes(device: Optional[Any] = None) -> Optional[int]:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def estimate_bytes_per_example(fn: Callable, *example_batched: Any, broadcast: Sequence[Any] = (),
-                               batch_sizes: Tuple[int, int] = (8, 16)) -> int:
+def estimate_bytes_per_example(fn: Callable, *example_batched: Any, broadcast: Sequence[Any] = ()) -> int:
   """Device bytes per example of ``fn(*broadcast, *batched)``, from XLA's compiled memory analysis.
 
-  Compiles (without running) at the two ``batch_sizes`` b1 < b2 and returns
-  ``ceil((M(b2) - M(b1)) / (b2 - b1))`` with M = argument + output + temporary - aliased bytes, so the
-  parameters, which do not grow with the batch, cancel out. Only the shapes and dtypes of
-  ``example_batched`` (>= 1 row each) are used.
+  Compiles (without running) at batch sizes b1 = 8 and b2 = 16 and returns ``ceil((M(b2) - M(b1)) / 8)``
+  with M = argument + output + temporary - aliased bytes, so the parameters, which do not grow with the
+  batch, cancel out. Only the shapes and dtypes of ``example_batched`` (>= 1 row each) are used.
   """
-  b1, b2 = (int(b) for b in batch_sizes)
-  if not 1 <= b1 < b2:
-    raise ValueError(f"estimate_bytes_per_example: batch_sizes must be 1 <= b1 < b2, got {batch_sizes}")
+  b1, b2 = 8, 16
   _leading(example_batched, "estimate_bytes_per_example")
   spec = lambda a, rows=None: jax.ShapeDtypeStruct(
       np.shape(a) if rows is None else (rows,) + np.shape(a)[1:], np.asarray(a).dtype)
@@ -254,9 +226,7 @@ def pick_chunk_size(bytes_per_example: Optional[int] = None, *, num_devices: Opt
   return max(nd, chunk // nd * nd)
 
 
-# --------------------------------------------------------------------------------------------------
 # Resumable streaming.
-
 
 class _Plan(NamedTuple):
   """A stream's fixed layout: chunk ``i`` holds rows ``starts[i] : starts[i] + size`` (the last is short)."""
@@ -264,6 +234,8 @@ class _Plan(NamedTuple):
   size: int
   starts: Tuple[int, ...]
   digest: str          # of key, chunk size, mode and broadcast arguments ("" without a workdir)
+  workdir: Optional[str]
+  name: str
 
 
 def _hash(*trees: Any, extra: str = "") -> str:
@@ -281,8 +253,8 @@ def _chunk(batched: Tuple[Any, ...], plan: _Plan, i: int) -> Tuple[Any, ...]:
   return jax.tree_util.tree_map(lambda a: a[start:start + plan.size], batched)
 
 
-def _chunk_path(workdir: str, plan: _Plan, i: int) -> str:
-  return os.path.join(workdir, f"chunk_{plan.starts[i]:08d}_{plan.size:06d}.msgpack")
+def _chunk_path(plan: _Plan, i: int) -> str:
+  return os.path.join(plan.workdir, f"chunk_{plan.starts[i]:08d}_{plan.size:06d}.msgpack")
 
 
 def _agree(ok: bool) -> bool:
@@ -318,15 +290,14 @@ def _save_chunk(path: str, fingerprint: str, out: PyTree) -> None:
       "leaves": {f"{j:05d}": np.asarray(leaf) for j, leaf in enumerate(leaves)}})
 
 
-def _plan(n: int, chunk_size: Optional[int], num_devices: int, bytes_per_example: Optional[int],
-          memory_fraction: float) -> Tuple[int, Tuple[int, ...]]:
+def _make_plan(n, chunk_size, num_devices, broadcast, *, key, jit, workdir, name) -> _Plan:
   if chunk_size is None:
-    chunk_size = pick_chunk_size(bytes_per_example, num_devices=num_devices, memory_fraction=memory_fraction,
-                                 max_chunk_size=n)
+    chunk_size = pick_chunk_size(num_devices=num_devices, max_chunk_size=n)
   if int(chunk_size) < 1:
     raise ValueError(f"stream_map: chunk_size must be >= 1, got {chunk_size}")
   size = round_up(min(int(chunk_size), round_up(n, num_devices)), num_devices)
-  return size, tuple(range(0, n, size))
+  digest = _hash(broadcast, extra=f"{key}|{size}|{jit}") if workdir is not None else ""
+  return _Plan(n, size, tuple(range(0, n, size)), digest, workdir, name)
 
 
 def _launch(fn, broadcast, chunk, plan: _Plan, mesh: Optional[Mesh]):
@@ -336,75 +307,65 @@ def _launch(fn, broadcast, chunk, plan: _Plan, mesh: Optional[Mesh]):
   return fn(*broadcast, *pad_batch(chunk, plan.size))
 
 
-def _log_chunk(name: str, plan: _Plan, i: int, done_rows: int, computed: int, seconds: float,
-               level: int) -> dict:
-  rate = computed / max(seconds, 1e-9)
-  stop = min(plan.starts[i] + plan.size, plan.n)
-  logging.vlog(level, "stream[%s] chunk %d/%d: %d/%d examples, %.1f ex/s, ETA %.0fs", name, i + 1,
-               len(plan.starts), stop, plan.n, rate, (plan.n - done_rows) / max(rate, 1e-9))
-  return {"examples_done": done_rows, "examples_per_sec": rate, "seconds": seconds}
+def _progress(plan: _Plan, done: int, i: Optional[int] = None, rows: int = 0, computed: int = 0,
+              seconds: float = 0.0) -> None:
+  """Logs chunk ``i`` (INFO with a workdir, ``--v=1`` without) and writes ``progress.json`` (process 0)."""
+  figures = {}
+  if i is not None:
+    rate = computed / max(seconds, 1e-9)
+    logging.vlog(0 if plan.workdir is not None else 1, "stream[%s] chunk %d/%d: %d/%d examples, %.1f ex/s, "
+                 "ETA %.0fs", plan.name, i + 1, len(plan.starts), min(plan.starts[i] + plan.size, plan.n),
+                 plan.n, rate, (plan.n - rows) / max(rate, 1e-9))
+    figures = {"examples_done": rows, "examples_per_sec": rate, "seconds": seconds}
+  if plan.workdir is not None and jax.process_index() == 0:
+    checkpoint.atomic_write_json(os.path.join(plan.workdir, "progress.json"), dict(
+        name=plan.name, num_examples=plan.n, chunk_size=plan.size, num_chunks=len(plan.starts),
+        chunks_done=done, **figures))
 
 
-def _write_progress(workdir: Optional[str], plan: _Plan, name: str, done: int, **figures: Any) -> None:
-  if workdir is not None and jax.process_index() == 0:
-    checkpoint.atomic_write_json(os.path.join(workdir, "progress.json"), dict(
-        name=name, num_examples=plan.n, chunk_size=plan.size, num_chunks=len(plan.starts), chunks_done=done,
-        **figures))
-
-
-def _reuse(workdir: Optional[str], batched, plan: _Plan, name: str) -> Tuple[dict, dict]:
+def _reuse(batched, plan: _Plan) -> Tuple[dict, dict]:
   """(fingerprint per chunk, outputs of the chunks whose saved file is valid on every process)."""
-  if workdir is None:
+  if plan.workdir is None:
     return {}, {}
   prints = {i: _hash(_chunk(batched, plan, i), extra=plan.digest) for i in range(len(plan.starts))}
   loaded = {}
   for i, fp in prints.items():
-    out = _load_chunk(_chunk_path(workdir, plan, i), fp, name)
+    out = _load_chunk(_chunk_path(plan, i), fp, plan.name)
     if _agree(out is not None):
       loaded[i] = out
   if loaded:
-    logging.info("stream[%s]: reusing %d/%d finished chunks from %s", name, len(loaded), len(plan.starts),
-                 workdir)
+    logging.info("stream[%s]: reusing %d/%d finished chunks from %s", plan.name, len(loaded),
+                 len(plan.starts), plan.workdir)
   return prints, loaded
 
 
 def stream_map(fn: Callable, *batched: Any, broadcast: Sequence[Any] = (), chunk_size: Optional[int] = None,
-               bytes_per_example: Optional[int] = None, memory_fraction: float = 0.5,
                workdir: Optional[str] = None, key: str = "", name: str = "", jit: bool = True,
                mesh: Optional[Mesh] = None, on_chunk: Optional[Callable[[int, int], None]] = None) -> PyTree:
   """``fn(*broadcast, *batched)`` over an example set of any size, chunk by chunk; resumable with ``workdir``.
 
-  Signature::
-
-      stream_map(fn, *batched, broadcast=(), chunk_size=None, bytes_per_example=None, memory_fraction=0.5,
-                 workdir=None, key="", name="", jit=True, mesh=None, on_chunk=None) -> numpy pytree [N, ...]
-
   Every chunk has the same padded size, so one compiled program serves the stream. ``jit=True``: each chunk
   runs jitted with its rows sharded over ``mesh`` and ``broadcast`` replicated (the next chunk is dispatched
   before the current one is fetched; ``fn`` is hashed by identity for the compile cache). ``jit=False``:
-  ``fn`` is a host function called on every process with the whole padded chunk (it may shard itself over
-  the global devices, like ``attack.lbfgs_attack``); its outputs are gathered.
+  ``fn`` is a host function called on every process with the whole padded chunk (it may shard itself, like
+  ``attack.lbfgs_attack``); its outputs are gathered.
 
   With ``workdir``, each finished chunk is written atomically (by process 0) to
   ``chunk_<start>_<size>.msgpack`` with a fingerprint: blake2b of the chunk's inputs, ``key``, the chunk
-  size, the mode and the broadcast arguments (the parameters). A rerun reuses a chunk file only if it reads
-  back intact and carries the same fingerprint; a corrupted file or one made by another computation is
-  recomputed (with a warning), never trusted. Chunk files of other chunk sizes coexist; a larger example set
-  reuses the chunks of its prefix. ``progress.json`` gives the chunks done and the rate. The result equals
-  a one-shot run (bit for bit an uninterrupted stream of the same chunk size).
-
-  Log lines per chunk (rate, ETA) are INFO with a workdir (long jobs) and ``--v=1`` without (evaluation).
+  size, the mode and the broadcast arguments. A chunk file is reused only if it reads back intact with the
+  same fingerprint; a corrupted or foreign one is recomputed (with a warning), never trusted. A larger
+  example set reuses the chunks of its prefix; ``progress.json`` gives the chunks done and the rate. The
+  result is bit for bit that of an uninterrupted stream of the same chunk size.
 
   Args:
     fn: ``fn(*broadcast, *batched_chunk)`` -> pytree of arrays with the chunk's leading axis.
     *batched: pytrees of host arrays with a common leading axis N >= 1 (the same on every process).
     broadcast: arguments passed whole (parameters).
-    chunk_size: examples per chunk, rounded up to a multiple of the device count; None: from
-      :func:`pick_chunk_size` with ``bytes_per_example`` and ``memory_fraction``.
+    chunk_size: examples per chunk, rounded up to a multiple of the device count; None:
+      :func:`pick_chunk_size`'s default.
     workdir: where chunk files and ``progress.json`` go (None: nothing is written).
     key: text identifying the computation beyond its inputs (e.g. the attack options).
     name: label of the log lines.
-    jit: see above.
     mesh: the mesh of ``jit=True`` (default :func:`data_mesh`).
     on_chunk: called as ``on_chunk(i, chunks_done)`` after chunk ``i`` is computed and saved.
 
@@ -416,32 +377,29 @@ def stream_map(fn: Callable, *batched: Any, broadcast: Sequence[Any] = (), chunk
   if n == 0:
     raise ValueError("stream_map: empty example set (0 examples)")
   mesh = (data_mesh() if mesh is None else mesh) if jit else None
-  size, starts = _plan(n, chunk_size, mesh.size if jit else jax.device_count(), bytes_per_example,
-                       memory_fraction)
-  digest = _hash(broadcast, extra=f"{key}|{size}|{jit}") if workdir is not None else ""
-  plan = _Plan(n, size, starts, digest)
-  prints, outputs = _reuse(workdir, batched, plan, name)
-  todo = [i for i in range(len(starts)) if i not in outputs]
-  level = 0 if workdir is not None else 1
-  t0, computed, left = time.perf_counter(), 0, sum(min(size, n - starts[i]) for i in todo)
-  pending = _launch(fn, broadcast, _chunk(batched, plan, todo[0]), plan, mesh) if todo else None
+  plan = _make_plan(n, chunk_size, mesh.size if jit else jax.device_count(), broadcast, key=key, jit=jit,
+                    workdir=workdir, name=name)
+  prints, outputs = _reuse(batched, plan)
+  todo = [i for i in range(len(plan.starts)) if i not in outputs]
+  t0, computed, left = time.perf_counter(), 0, sum(min(plan.size, n - plan.starts[i]) for i in todo)
+  launch = lambda j: _launch(fn, broadcast, _chunk(batched, plan, todo[j]), plan, mesh)
+  pending = launch(0) if todo else None
   for j, i in enumerate(todo):
     out = pending
     if jit and j + 1 < len(todo):  # keep the device busy while this chunk is fetched
-      pending = _launch(fn, broadcast, _chunk(batched, plan, todo[j + 1]), plan, mesh)
-    k = min(size, n - starts[i])
+      pending = launch(j + 1)
+    k = min(plan.size, n - plan.starts[i])
     outputs[i] = unpad(gather(out), k)
     computed, left = computed + k, left - k
     if workdir is not None and jax.process_index() == 0:
-      _save_chunk(_chunk_path(workdir, plan, i), prints[i], outputs[i])
-    figures = _log_chunk(name, plan, i, n - left, computed, time.perf_counter() - t0, level)
-    _write_progress(workdir, plan, name, len(outputs), **figures)
+      _save_chunk(_chunk_path(plan, i), prints[i], outputs[i])
+    _progress(plan, len(outputs), i, n - left, computed, time.perf_counter() - t0)
     if on_chunk is not None:
       on_chunk(i, len(outputs))
     if not jit and j + 1 < len(todo):
-      pending = _launch(fn, broadcast, _chunk(batched, plan, todo[j + 1]), plan, mesh)
+      pending = launch(j + 1)
   if not todo:
-    _write_progress(workdir, plan, name, len(outputs))
+    _progress(plan, len(outputs))
   if workdir is not None and jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"stream_map {workdir}")  # files written before anyone reads them
-  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *(outputs[i] for i in range(len(starts))))
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *(outputs[i] for i in sorted(outputs)))

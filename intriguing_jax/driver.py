@@ -1,22 +1,12 @@
-"""The run driver shared by every trainer: epoch scan, sweeps, resume, config guard, metrics, checkpoints.
+"""The run driver of every trainer (``train.fit``): epoch scan, sweeps, resume, config guard, metrics,
+checkpoints, and "restore a finished run or train it".
 
-A trainer (``train.train_model``/``train_sweep``, ``adversarial_training.train_with_pool``/
-``train_with_pool_sweep``) supplies three things:
-
-* a state, a :class:`TrainState` or a subclass adding fields (e.g. the adversarial pools);
-* ``step_fn(state, t, x, y, images, labels, hyper) -> (state, stats [C])``: ONE optimiser step of ONE model
-  on the mini-batch ``(x, y)``; ``t`` is the global step index (the same for every member of a sweep, so a
-  ``lax.cond`` on it stays a branch under ``vmap``), ``images, labels`` the whole training set (on the
-  device) and ``hyper`` the traced per-member hyper-parameters (e.g. the per-layer λ);
-* ``summarise(stats [steps, C]) -> dict`` of one member's epoch.
-
-:func:`make_epoch_fn` turns ``step_fn`` into one jitted ``lax.scan`` over the mini-batches of
-``permutation(fold_in(PRNGKey(data_seed), epoch))``; a sweep of k models is the same function under
-``jax.vmap`` over a state and ``hyper`` with a leading [k] axis (every member sees the same batches).
-:func:`run` is the epoch loop: it records ``run_info`` in ``workdir/run_config.json`` (refusing a workdir
-that holds other settings), resumes from ``workdir/ckpt``, shards sweep members over a mesh, logs one line
-and one ``metrics.jsonl`` record per epoch, and checkpoints. :func:`restore_or_run` is "restore a finished
-run or train it".
+A trainer supplies a state (:class:`TrainState`, or a subclass adding fields such as the adversarial pools)
+and ``step_fn(state, t, x, y, images, labels, hyper) -> (state, stats [C])``: ONE optimiser step of ONE model
+on the mini-batch ``(x, y)``. ``t`` is the global step index (the same for every member of a sweep, so a
+``lax.cond`` on it stays a branch under ``vmap``), ``images, labels`` the whole training set on the device,
+``hyper`` the traced per-member hyper-parameters (e.g. the per-layer λ). Epoch e's mini-batches are the rows
+of ``permutation(fold_in(PRNGKey(data_seed), e))``, so a resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -102,11 +92,9 @@ def make_epoch_fn(step_fn: StepFn, *, num_train: int, batch_size: int, stacked: 
 
 
 def _placement(members: Optional[int], mesh: Optional[Mesh]):
-  """(place_members, place_shared, to_host) for a single model (None) or k sweep members.
-
-  Members are padded to a multiple of the mesh size with copies of member 0 and sharded over it, shared
-  inputs replicated; ``to_host`` gathers and drops the padding copies.
-  """
+  """(place_members, place_shared, to_host) for one model (None) or k sweep members: members padded to a
+  multiple of the mesh size with copies of member 0 and sharded, shared inputs replicated; ``to_host``
+  gathers and drops the padding."""
   if members is None:
     return (lambda t: jax.tree.map(jnp.asarray, t), lambda t: jax.tree.map(jnp.asarray, t),
             lambda t: jax.tree.map(np.asarray, t))
@@ -144,20 +132,14 @@ def run(state, epoch_fn: Callable, images, labels, hyper, *, epochs: int, data_s
         checkpoint_every: int = 1, workdir: Optional[str] = None, run_info: Any = None,
         stop_after_epoch: Optional[int] = None, members: Optional[int] = None, mesh: Optional[Mesh] = None,
         prefix: str = "") -> Tuple[Any, List[Dict[str, Any]]]:
-  """The epoch loop: resume, train epochs ``[state.epoch, last)``, log, evaluate, checkpoint.
+  """The epoch loop: resume, train epochs ``[state.epoch, last)``, log, evaluate, checkpoint; returns (final
+  state on the host devices, history: one record per epoch run in this call).
 
-  Args:
-    state: the fresh state (the checkpoint target); a leading [k] axis when ``members=k``.
-    epoch_fn: from :func:`make_epoch_fn` (``stacked`` iff ``members`` is set).
-    images, labels: the training set (host arrays); ``hyper``: passed to every step.
-    summarise: one member's epoch summary from its stats [steps, C] (sweeps: each value a [k] list).
-    evaluate: ``evaluate(params) -> error`` (float, or [k] for sweeps), logged as "eval_error".
-    workdir: ``run_config.json`` (``run_info``, guarded), ``metrics.jsonl`` and ``ckpt/`` (None: nothing).
-    stop_after_epoch: return after this epoch, as if interrupted (resume later with the same call).
-    members, mesh: k sweep members, sharded over ``mesh`` (default all devices); None: one model.
-
-  Returns:
-    (final state on the host devices, history: one record per epoch run in this call).
+  ``state``: the fresh state (the checkpoint target), a leading [k] axis with ``members=k`` sweep members
+  (sharded over ``mesh``, default all devices; ``epoch_fn`` then ``stacked``). ``summarise``: one member's
+  epoch record from its stats [steps, C] (sweeps: each value a [k] list); ``evaluate(params) -> error``,
+  logged as "eval_error". ``workdir``: ``run_config.json`` (``run_info``, guarded), ``metrics.jsonl`` and
+  ``ckpt/`` (None: nothing written). ``stop_after_epoch``: return after it, as if interrupted.
 
   Raises:
     ValueError: ``stop_after_epoch`` outside [1, epochs], or a workdir holding a run with other settings.
@@ -207,11 +189,7 @@ def restore_or_run(run_dir: str, settings: Dict[str, Any],
   want = checkpoint.jsonable(settings)
   if os.path.exists(result_path) and os.path.exists(final_path):
     result = checkpoint.read_json(result_path)
-    stored = result.get("settings") or {}
-    diff = sorted(k for k in set(want) | set(stored) if want.get(k) != stored.get(k))
-    if diff:
-      raise ValueError(f"{run_dir} holds a finished run with other settings ({', '.join(diff)}); use another "
-                       "workdir or run name, or delete that run directory")
+    checkpoint.check_settings(run_dir, result.get("settings") or {}, want, "a finished run")
     variables = jax.tree.map(jnp.asarray, checkpoint.load_pytree(final_path, target))
     logging.info("%srestored from %s", f"{who}: " if who else "", run_dir)
     return variables, result

@@ -36,20 +36,12 @@ import numpy as np
 
 
 class ExactSolution(NamedTuple):
-  """Exact optimum of the box-constrained minimum-norm problem, per example (all numpy float64).
-
-  Attributes:
-    x_adv: [B, ...] the optimal point x + r* (in the box; on the decision boundary).
-    distortion: [B] RMS distortion sqrt(mean(r*^2)) of ``x_adv`` (0 when x is already classified l).
-    lower_bound: [B] certified lower bound on the optimal RMS distortion (weak duality).
-    max_violation: [B] max_j of the constraint violation of ``x_adv`` (<= ~1e-9 when solved; 0 is exact).
-    feasible: [B] bool, False when no point of the box is classified ``target`` (then x_adv = x, inf dist).
-  """
-  x_adv: np.ndarray
-  distortion: np.ndarray
-  lower_bound: np.ndarray
-  max_violation: np.ndarray
-  feasible: np.ndarray
+  """Exact optimum of the box-constrained minimum-norm problem, per example (all numpy float64)."""
+  x_adv: np.ndarray          # [B, ...] the optimal point x + r* (in the box; on the decision boundary)
+  distortion: np.ndarray     # [B] RMS sqrt(mean(r*^2)) (0 when x is already classified l)
+  lower_bound: np.ndarray    # [B] certified lower bound on the optimal RMS (weak duality)
+  max_violation: np.ndarray  # [B] max_j constraint violation of x_adv (<= ~1e-9 when solved)
+  feasible: np.ndarray       # [B] bool: False when no box point is classified target (x_adv = x, inf)
 
 
 def _constraints(kernel: np.ndarray, bias: np.ndarray, target: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -74,7 +66,7 @@ def _box_feasible(a: np.ndarray, beta: np.ndarray, lower: np.ndarray, upper: np.
 
 
 def _solve_one(a, beta, x, lower, upper, *, tol):
-  """Dual L-BFGS-B + active-set polish for one example. Returns (r, dual_value)."""
+  """Dual L-BFGS-B + active-set polish for one example. Returns (r, dual value, scaled A, scaled beta)."""
   from scipy import optimize  # pylint: disable=g-import-not-at-top
   lo, hi = lower - x, upper - x
   scale = float(np.max(np.abs(a))) or 1.0  # rows scaled so mu is O(1); the problem is unchanged
@@ -125,20 +117,10 @@ def linear_min_norm(kernel, bias, x, target, *, box: Tuple[float, float] = (0.0,
                     tol: float = 1e-12, check_feasible: bool = True) -> ExactSolution:
   """Exact D(x, l) for the linear classifier ``logits = flatten(x) @ kernel + bias`` (paper.md §3).
 
-  Args:
-    kernel: [m, k] weights (Flax Dense layout; m = prod(input_shape)).
-    bias: [k] biases.
-    x: [B, *input_shape] images in the box.
-    target: [B] int labels to reach.
-    box: (lower, upper) pixel bounds.
-    tol: projected-gradient tolerance of the dual solve.
-    check_feasible: solve a small LP first to detect targets unreachable inside the box.
-
-  Returns:
-    An ExactSolution (numpy float64).
-
-  Raises:
-    ValueError: on shape mismatch, non-finite input, x outside the box or target out of range.
+  ``kernel`` [m, k] (Flax Dense layout, m = prod(input_shape)), ``bias`` [k], ``x`` [B, *input_shape] in
+  ``box``, ``target`` [B] int; ``tol``: projected-gradient tolerance of the dual solve; ``check_feasible``:
+  first solve a small LP to detect targets unreachable in the box. Returns an ExactSolution; ValueError on
+  a shape mismatch, non-finite input, x outside the box or a target out of range.
   """
   kernel, bias, x, target = (np.asarray(kernel, np.float64), np.asarray(bias, np.float64),
                              np.asarray(x, np.float64), np.asarray(target))
@@ -164,7 +146,8 @@ def linear_min_norm(kernel, bias, x, target, *, box: Tuple[float, float] = (0.0,
 
   flat = x.reshape(b, m)
   lo_v, hi_v = np.full(m, lower), np.full(m, upper)
-  x_adv, dist, lower_bound, viol, feasible = flat.copy(), np.zeros(b), np.zeros(b), np.zeros(b), np.ones(b, bool)
+  x_adv, feasible = flat.copy(), np.ones(b, bool)
+  dist, lower_bound, viol = np.zeros(b), np.zeros(b), np.zeros(b)
   for i in range(b):
     a, beta = _constraints(kernel, bias, int(target[i]))
     if np.all(a @ flat[i] + beta >= 0):  # already classified as the target (up to ties): r* = 0
@@ -182,11 +165,8 @@ def linear_min_norm(kernel, bias, x, target, *, box: Tuple[float, float] = (0.0,
 
 
 def dense_kernel_bias(variables) -> Tuple[np.ndarray, np.ndarray]:
-  """The (kernel [m, k], bias [k]) of the single Dense layer of a linear model's variables (e.g. FC10).
-
-  Raises:
-    ValueError: when there is not exactly one {"kernel", "bias"} pair.
-  """
+  """The (kernel [m, k], bias [k]) of the single Dense layer of a linear model's variables (e.g. FC10);
+  ValueError unless there is exactly one {"kernel", "bias"} pair."""
   found = []
 
   def walk(node):

@@ -5,26 +5,14 @@ Usage::
     from intriguing_jax import mnist_tfds
     images, labels = mnist_tfds.load("test")                     # builds on first use (download), then reads
     builder = mnist_tfds.build(data_dir="/tmp/tfds", manual_dir="/path/to/idx")   # offline build
-    # Random access through tfds itself once built (importing this module registers the builder):
-    source = tfds.data_source("intriguing_jax_mnist", split="test", data_dir="/tmp/tfds")
+    source = tfds.data_source("intriguing_jax_mnist", split="test", data_dir="/tmp/tfds")  # once built
 
-Why a custom builder: tfds' own ``mnist`` stores PNG-encoded ``tfds.features.Image``s in TFRecord files
-and is read through ``tf.data`` -- both need TensorFlow. This builder stores each image as a raw
-``uint8 [28, 28, 1]`` ``tfds.features.Tensor`` (no image codec) in ``array_record`` files; writing goes
-through tfds' pure-Python writer (``tf.train.Example`` protos come from tfds' bundled ``tf_example_pb2``,
-no TF) and reading through ``tfds.data_source`` (numpy example parser, no TF). Apache Beam is not used.
-
-Where the IDX files come from (``_split_generators``):
-
-* ``manual_dir`` (``DownloadConfig(manual_dir=...)``, here the ``manual_dir`` argument of :func:`build`/
-  :func:`load`, defaulting to ``$INTRIGUING_JAX_MNIST_DIR``) holding the four IDX files: read offline,
-  validated on decoded content and against the directory's ``SHA256SUMS`` when present.
-* otherwise downloaded from ``storage.googleapis.com/cvdf-datasets/mnist/`` by tfds' download manager,
-  which checks size and SHA-256 against :data:`URL_INFOS` (tfds' canonical checksums for mnist).
-
-Offline with no manual dir, :func:`load` fails within ~``connect_timeout`` seconds with a
-:class:`~intriguing_jax._idx.MnistNotFoundError` telling which variable/flag to set -- it never hangs on
-DNS or TCP timeouts.
+tfds' own ``mnist`` stores PNG-encoded images in TFRecords read through ``tf.data`` (TensorFlow); this
+builder stores raw ``uint8 [28, 28, 1]`` tensors in ``array_record`` files, written by tfds' pure-Python
+writer and read by ``tfds.data_source``: no TensorFlow, no Beam. The IDX files come from ``manual_dir``
+(default ``$INTRIGUING_JAX_MNIST_DIR``; validated as in :mod:`intriguing_jax._idx`), else are downloaded
+by tfds with the size and SHA-256 of :data:`CANONICAL`. Offline with no manual dir, :func:`load` fails
+within ``connect_timeout`` seconds with a ``MnistNotFoundError`` saying what to set; it never hangs.
 """
 
 from __future__ import annotations
@@ -41,18 +29,19 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums as tfds_checksums
 
 from intriguing_jax import _idx
-from intriguing_jax._idx import MnistFormatError, MnistNotFoundError
+from intriguing_jax._idx import MnistNotFoundError
 
 PathLike = Union[str, os.PathLike]
 
 NAME = "intriguing_jax_mnist"
 URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
-# (size in bytes, SHA-256) of the canonical archives, as registered by tfds for its own mnist builder
-# (tensorflow_datasets/url_checksums/mnist.txt).
+# (size in bytes, SHA-256) of the canonical archives, as tfds registers them for its own mnist builder.
 CANONICAL = {
-    "train-images-idx3-ubyte.gz": (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    "train-images-idx3-ubyte.gz":
+        (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
     "train-labels-idx1-ubyte.gz": (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-    "t10k-images-idx3-ubyte.gz": (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    "t10k-images-idx3-ubyte.gz":
+        (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
     "t10k-labels-idx1-ubyte.gz": (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
 }
 URL_INFOS = {
@@ -107,11 +96,7 @@ class IntriguingJaxMnist(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, images_path: str, labels_path: str):
-    images = _idx.read_images(images_path)
-    labels = _idx.read_labels(labels_path)
-    if images.shape[0] != labels.shape[0]:
-      raise MnistFormatError(images_path, f"image/label count mismatch: {images.shape[0]} images but "
-                             f"{labels.shape[0]} labels in {labels_path}")
+    images, labels = _idx.read_pair(images_path, labels_path)
     for i in range(images.shape[0]):
       yield i, {"image": images[i, :, :, None], "label": int(labels[i])}
 
@@ -128,11 +113,8 @@ def _manual_dir_with_files(dl_manager) -> Optional[str]:
 
 
 def network_reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
-  """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (DNS included).
-
-  DNS lookups have no timeout of their own, so the check runs in a daemon thread that is abandoned
-  after ``timeout`` seconds: the answer never takes longer than that.
-  """
+  """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds, DNS included (the check
+  runs in a thread abandoned after ``timeout``: DNS lookups have no timeout of their own)."""
   def _connect():
     with socket.create_connection((host, port), timeout=timeout):
       return True
@@ -150,26 +132,13 @@ def _builder(data_dir: Optional[PathLike]) -> IntriguingJaxMnist:
   return IntriguingJaxMnist(data_dir=data_dir and os.fspath(data_dir), file_format=FILE_FORMAT)
 
 
-def is_built(data_dir: Optional[PathLike] = None) -> bool:
-  """Whether the dataset has already been prepared under ``data_dir`` (tfds default if None)."""
-  return _builder(data_dir).is_prepared()
-
-
 def build(data_dir: Optional[PathLike] = None, *, manual_dir: Optional[PathLike] = None,
           download: bool = True, connect_timeout: float = 3.0) -> IntriguingJaxMnist:
-  """Prepares the dataset (no-op if already built) and returns the builder.
+  """Prepares the dataset in ``data_dir`` (None: tfds default) unless built; returns the builder.
 
-  Args:
-    data_dir: tfds data directory (None: tfds default, ``~/tensorflow_datasets``).
-    manual_dir: directory with the four IDX files for an offline build (None: ``$INTRIGUING_JAX_MNIST_DIR``
-      if set, else download).
-    download: allow downloading the canonical files when no manual dir is given.
-    connect_timeout: seconds to wait for the download host before failing.
-
-  Raises:
-    MnistNotFoundError: ``manual_dir`` missing; or not built, no manual dir, and downloads disabled or
-      the network unreachable (the message says what to set).
-    MnistFormatError, MnistChecksumError: invalid local files.
+  From ``manual_dir`` (None: ``$INTRIGUING_JAX_MNIST_DIR`` if set), else by download when ``download`` and
+  the host answers within ``connect_timeout`` seconds. Raises MnistNotFoundError (missing manual dir, or
+  nothing to build from: the message says what to set), MnistFormatError or MnistChecksumError.
   """
   builder = _builder(data_dir)
   if builder.is_prepared():
@@ -196,20 +165,16 @@ def build(data_dir: Optional[PathLike] = None, *, manual_dir: Optional[PathLike]
   return builder
 
 
-def _read_all(source) -> Tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def _load_cached(split: str, data_root: str, fingerprint) -> Tuple[np.ndarray, np.ndarray]:
+  del fingerprint  # Cache key only.
+  source = tfds.data_source(NAME, split=split, data_dir=data_root, download=False)
   n, step = len(source), 4096
   images, labels = np.empty((n, 28, 28, 1), np.float32), np.empty((n,), np.int32)
   for start in range(0, n, step):
     batch = source.__getitems__(range(start, min(n, start + step)))
     images[start:start + len(batch)] = np.stack([ex["image"] for ex in batch]) * np.float32(1.0 / 255.0)
     labels[start:start + len(batch)] = [ex["label"] for ex in batch]
-  return images, labels
-
-
-@functools.lru_cache(maxsize=4)
-def _load_cached(split: str, data_root: str, fingerprint) -> Tuple[np.ndarray, np.ndarray]:
-  del fingerprint  # Cache key only.
-  images, labels = _read_all(tfds.data_source(NAME, split=split, data_dir=data_root, download=False))
   images.setflags(write=False)
   labels.setflags(write=False)
   return images, labels
@@ -217,11 +182,8 @@ def _load_cached(split: str, data_root: str, fingerprint) -> Tuple[np.ndarray, n
 
 def load(split: str, data_dir: Optional[PathLike] = None, *, manual_dir: Optional[PathLike] = None,
          download: bool = True, connect_timeout: float = 3.0) -> Tuple[np.ndarray, np.ndarray]:
-  """Loads a split through the tfds builder (building it first if needed).
-
-  Returns:
-    (images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N]), read-only and cached in-process.
-  """
+  """(images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N]) of ``split`` through the builder (built
+  first if needed, :func:`build`), read-only and cached in-process."""
   if split not in _idx.SPLITS:
     raise ValueError(f"split must be one of {_idx.SPLITS}, got {split!r}")
   builder = build(data_dir, manual_dir=manual_dir, download=download, connect_timeout=connect_timeout)

@@ -7,25 +7,12 @@ Usage::
     logits = model.apply(variables, x)                             # [B, 10]
     feats = model.apply(variables, x, method="features")           # {"hidden_0": [B, 100], "hidden_1": ...}
     logits = model.apply(variables, feats["hidden_0"], "hidden_0", method="head")  # the layers above
-    models.weight_layer_paths(model, variables, (28, 28, 1))  # [("hidden_0",), ("hidden_1",), ("output",)]
 
-Models (paper.md §4.1, Table 1, Table 3, Table 5):
-
-* ``FC10``: softmax regression 784 -> 10 on raw pixels ("fc10"; λ is a training setting).
-* ``SigmoidMLP(widths)``: fully connected sigmoid nets, "fc100-100-10", "fc200-200-10", "fc123-456-10"
-  (any "fc<w1>-<w2>-...-10" name is parsed).
-* ``AutoencoderClassifier``: AE400-10, a sparse autoencoder 784 -> 400 -> 784 (sigmoid, untied weights)
-  whose frozen encoder feeds a softmax 400 -> 10 (paper.md A13). ``reconstruct`` is the AE path.
-* ``MnistConvNet``: a small LeNet-like ReLU ConvNet for unit analysis (paper §3) and spectral bounds.
-* ``AlexNet``: single-tower AlexNet with the paper's Table 5 layer sizes; 227x227x3 input so that conv5
-  pools to 6x6x256 = 9216. Never trained here; for spectral analysis of given or random weights.
-
-Contract shared by every model: ``__call__(x, train=False) -> logits [B, K]`` and
-``features(x, train=False) -> {name: [B, ...]}`` (post-nonlinearity activation of every hidden layer, in
-forward order); inputs are batched, ``[B, H, W, C]`` or ``[B, H*W*C]``. Every layer is a submodule (the
-parameter-free ones too: ``Activation``, ``Flatten``, ``MaxPool``, ``LocalResponseNorm``), so
-``trace_layers`` reads the network's structure from the module itself. Dropout needs
-``rngs={"dropout": key}`` when ``train=True``.
+Contract shared by every model (paper.md §4.1, Tables 1, 3, 5): ``__call__(x, train=False) -> logits
+[B, K]`` and ``features(x, train=False) -> {name: [B, ...]}`` (post-nonlinearity activation of every
+hidden layer, in forward order); inputs are batched, ``[B, H, W, C]`` or ``[B, H*W*C]``. Every layer is a
+submodule (the parameter-free ones too), so ``trace_layers`` reads the network's structure from the module
+itself. Dropout needs ``rngs={"dropout": key}`` when ``train=True``.
 """
 
 from __future__ import annotations
@@ -44,16 +31,6 @@ import numpy as np
 from intriguing_jax.types import Array, Params
 
 MNIST_SHAPE = (28, 28, 1)
-
-__all__ = [
-    "FC10", "SigmoidMLP", "AutoencoderClassifier", "MnistConvNet", "AlexNet", "Activation", "Flatten",
-    "MaxPool", "LocalResponseNorm", "LayerCall", "get_model", "MODEL_NAMES", "get_param", "trace_layers",
-    "weight_layer_paths", "feature_fn", "count_params", "local_response_norm", "model_name_widths",
-]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Parameter-free layers (modules so that a trace sees them).
 
 
 class Activation(nn.Module):
@@ -81,41 +58,28 @@ class MaxPool(nn.Module):
     return nn.max_pool(x, self.window, strides=self.strides, padding=self.padding)
 
 
-def local_response_norm(x: Array, *, depth_radius: int = 2, bias: float = 2.0, alpha: float = 1e-4,
-                        beta: float = 0.75) -> Array:
-  """AlexNet's local response normalisation across channels (Krizhevsky et al. 2012, §3.3).
-
-  ``b_c = a_c / (bias + alpha / n * sum_{|c'-c| <= depth_radius} a_{c'}^2) ** beta`` with
-  ``n = 2 * depth_radius + 1`` (the Caffe convention, alpha divided by the window size); x: [..., C].
-  """
-  n = 2 * depth_radius + 1
-  sq = jnp.square(x)
-  pad = [(0, 0)] * (x.ndim - 1) + [(depth_radius, depth_radius)]
-  window = jax.lax.reduce_window(sq, 0.0, jax.lax.add, (1,) * (x.ndim - 1) + (n,), (1,) * x.ndim, pad)
-  return x / jnp.power(bias + (alpha / n) * window, beta)
-
-
 class LocalResponseNorm(nn.Module):
-  """``local_response_norm`` as a layer."""
+  """AlexNet's local response normalisation across channels of x [..., C] (Krizhevsky et al. 2012, §3.3):
+  ``b_c = a_c / (bias + alpha / n * sum_{|c'-c| <= depth_radius} a_{c'}^2) ** beta``, ``n = 2 * depth_radius
+  + 1`` (the Caffe convention, alpha divided by the window size)."""
   depth_radius: int = 2
   bias: float = 2.0
   alpha: float = 1e-4
   beta: float = 0.75
 
   def __call__(self, x: Array) -> Array:
-    return local_response_norm(x, depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha,
-                               beta=self.beta)
+    n, r = 2 * self.depth_radius + 1, self.depth_radius
+    pad = [(0, 0)] * (x.ndim - 1) + [(r, r)]
+    window = jax.lax.reduce_window(jnp.square(x), 0.0, jax.lax.add, (1,) * (x.ndim - 1) + (n,), (1,) * x.ndim,
+                                   pad)
+    return x / jnp.power(self.bias + (self.alpha / n) * window, self.beta)
 
 
-def _check_batched(x: Array, name: str) -> Array:
+def _check_batched(x: Array, name: str, image_shape: Optional[Tuple[int, ...]] = None) -> Array:
+  """x itself, or x [B, H*W*C] reshaped to [B, *image_shape] when ``image_shape`` is given."""
   if x.ndim < 2:
     raise ValueError(f"{name}: x must be batched, [B, H, W, C] or [B, D]; got shape {x.shape}")
-  return x
-
-
-def _to_image(x: Array, image_shape: Tuple[int, ...], name: str) -> Array:
-  _check_batched(x, name)
-  if x.shape[1:] == tuple(image_shape):
+  if image_shape is None or x.shape[1:] == tuple(image_shape):
     return x
   if x.ndim == 2 and x.shape[1] == math.prod(image_shape):
     return x.reshape((x.shape[0],) + tuple(image_shape))
@@ -123,41 +87,35 @@ def _to_image(x: Array, image_shape: Tuple[int, ...], name: str) -> Array:
                    f"nor [B, {math.prod(image_shape)}]")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Fully connected models.
+class _Net(nn.Module):
+  """``__call__`` and ``features`` from ``_forward(x, train) -> (logits, features)``."""
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """x: [B, H, W, C] or [B, H*W*C] -> logits [B, num_classes]."""
+    return self._forward(x, train)[0]
+
+  def features(self, x: Array, train: bool = False) -> Dict[str, Array]:
+    return self._forward(x, train)[1]
 
 
-class SigmoidMLP(nn.Module):
+class SigmoidMLP(_Net):
   """Fully connected sigmoid network with a softmax (logits) output: FC100-100-10 and friends.
 
-  Dense layers ``hidden_0 .. hidden_{n-1}`` (sigmoid) and ``output``. When training, dropout at
-  ``input_dropout_rate`` on the pixels and at ``dropout_rate`` on the input of every later dense layer.
-
-  Attributes:
-    widths: hidden layer widths, input -> output (``()`` gives softmax regression).
-    num_classes: output width.
-    dropout_rate: dropout on the input of every dense layer after the first when training (0 = off).
-    input_dropout_rate: dropout on the pixels when training (0 = off).
+  Dense layers ``hidden_0 .. hidden_{n-1}`` (widths ``widths``, sigmoid; ``()`` gives softmax regression)
+  and ``output`` (``num_classes``). When training, dropout at ``input_dropout_rate`` on the pixels and at
+  ``dropout_rate`` on the input of every later dense layer (0 = off).
   """
   widths: Sequence[int] = (100, 100)
   num_classes: int = 10
   dropout_rate: float = 0.0
   input_dropout_rate: float = 0.0
 
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """x: [B, 28, 28, 1] or [B, 784] -> logits [B, num_classes]."""
-    return self._forward(x, "input", train)[0]
-
-  def features(self, x: Array, train: bool = False) -> Dict[str, Array]:
-    """x -> {"hidden_i": [B, widths[i]]} (post-sigmoid)."""
-    return self._forward(x, "input", train)[1]
-
   def head(self, h: Array, layer: str, train: bool = False) -> Array:
     """Logits from the activation ``h`` of feature ``layer`` ("input": the pixels, as ``__call__``)."""
-    return self._forward(h, layer, train)[0]
+    return self._forward(h, train, layer)[0]
 
   @nn.compact
-  def _forward(self, h: Array, start: str, train: bool) -> Tuple[Array, Dict[str, Array]]:
+  def _forward(self, h: Array, train: bool, start: str = "input") -> Tuple[Array, Dict[str, Array]]:
     dense = [f"hidden_{i}" for i in range(len(self.widths))] + ["output"]
     starts = ["input"] + dense[:-1]
     if start not in starts:
@@ -181,17 +139,12 @@ class FC10(SigmoidMLP):
   widths: Sequence[int] = ()
 
 
-class AutoencoderClassifier(nn.Module):
+class AutoencoderClassifier(_Net):
   """AE400-10: sparse autoencoder (784 -> 400 -> 784, sigmoid) with a softmax on its code (paper.md A13).
 
   ``__call__`` is the classifier: logits = output(sigmoid(encoder(x))); ``features`` gives the code as
   "hidden_0"; ``reconstruct`` is the autoencoder path, ``(code, recon_logits)`` with
   ``sigmoid(recon_logits)`` the reconstruction. Untied weights ``encoder``, ``decoder``, ``output``.
-
-  Attributes:
-    code_size: hidden units (400).
-    num_classes: output width.
-    image_shape: per-example input shape.
   """
   code_size: int = 400
   num_classes: int = 10
@@ -213,51 +166,26 @@ class AutoencoderClassifier(nn.Module):
     code = self.encode(x)
     return code, self.decoder(code)
 
-  def features(self, x: Array, train: bool = False) -> Dict[str, Array]:
-    del train
-    return {"hidden_0": self.encode(x)}
-
   def head(self, h: Array, layer: str, train: bool = False) -> Array:
     """Logits from the activation ``h`` of ``layer`` ("input" or "hidden_0")."""
     if layer not in ("input", "hidden_0"):
       raise ValueError(f"AutoencoderClassifier: unknown layer {layer!r}; known: ['input', 'hidden_0']")
     return self(h, train) if layer == "input" else self.output(h)
 
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def _forward(self, x: Array, train: bool) -> Tuple[Array, Dict[str, Array]]:
     del train
     code = self.encode(x)
     if self.is_initializing():
       self.decoder(code)  # create the decoder params too
-    return self.output(code)
+    return self.output(code), {"hidden_0": code}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Convolutional models.
-
-
-class _ConvNet(nn.Module):
-  """``__call__`` and ``features`` from ``_forward(x, train) -> (logits, features)``."""
-
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """x: [B, H, W, C] or [B, H*W*C] -> logits [B, num_classes]."""
-    return self._forward(x, train)[0]
-
-  def features(self, x: Array, train: bool = False) -> Dict[str, Array]:
-    return self._forward(x, train)[1]
-
-
-class MnistConvNet(_ConvNet):
+class MnistConvNet(_Net):
   """Small LeNet-like ReLU ConvNet for MNIST (paper §3 unit analysis; spectral bounds).
 
   conv1 5x5 1->c1 VALID, ReLU, max-pool 2x2/2 -> conv2 5x5 c1->c2 VALID, ReLU, max-pool 2x2/2 ->
-  fc1 (4*4*c2 -> hidden), ReLU -> output (hidden -> 10). Features: conv1, pool1, conv2, pool2, fc1.
-
-  Attributes:
-    channels: (c1, c2), default (16, 32).
-    hidden: width of fc1, default 128.
-    num_classes: output width.
-    dropout_rate: dropout before ``output`` when training.
-    image_shape: per-example input shape.
+  fc1 (4*4*c2 -> hidden), ReLU -> [dropout when training] -> output (hidden -> 10). Features: conv1,
+  pool1, conv2, pool2, fc1.
   """
   channels: Tuple[int, int] = (16, 32)
   hidden: int = 128
@@ -267,7 +195,7 @@ class MnistConvNet(_ConvNet):
 
   @nn.compact
   def _forward(self, x: Array, train: bool) -> Tuple[Array, Dict[str, Array]]:
-    h = _to_image(x, self.image_shape, "MnistConvNet")
+    h = _check_batched(x, "MnistConvNet", self.image_shape)
     feats = {}
     for i, c in enumerate(self.channels):
       name = f"conv{i + 1}"
@@ -281,19 +209,14 @@ class MnistConvNet(_ConvNet):
     return nn.Dense(self.num_classes, name="output")(h), feats
 
 
-class AlexNet(_ConvNet):
+class AlexNet(_Net):
   """Single-tower AlexNet with the paper's Table 5 sizes (Krizhevsky et al. 2012; paper.md A18).
 
   conv1 11x11/4 3->96 VALID, ReLU, LRN, max-pool 3x3/2 -> conv2 5x5 96->256 SAME, ReLU, LRN, pool ->
   conv3 3x3 256->384, conv4 3x3 384->384, conv5 3x3 384->256 (SAME, ReLU), pool -> fc1 9216->4096,
   fc2 4096->4096 (ReLU, dropout) -> output 4096->1000. Input 227x227x3: 55 -> 27 -> 13 -> 6, 6*6*256=9216.
-  Features: conv1..conv5 (post-ReLU), pool1, pool2, pool5, fc1, fc2.
-
-  Attributes:
-    num_classes: 1000.
-    dropout_rate: dropout before fc2 and output when training (0.5 in the original).
-    lrn: whether to apply local response normalisation after conv1 and conv2.
-    image_shape: (227, 227, 3).
+  Features: conv1..conv5 (post-ReLU), pool1, pool2, pool5, fc1, fc2. ``dropout_rate``: before fc2 and
+  output when training; ``lrn``: LRN after conv1 and conv2. Never trained here (spectral analysis only).
   """
   num_classes: int = 1000
   dropout_rate: float = 0.5
@@ -307,7 +230,7 @@ class AlexNet(_ConvNet):
 
   @nn.compact
   def _forward(self, x: Array, train: bool) -> Tuple[Array, Dict[str, Array]]:
-    h = _to_image(x, self.image_shape, "AlexNet")
+    h = _check_batched(x, "AlexNet", self.image_shape)
     feats = {}
     for name, features, window, strides, padding in self.CONVS:
       h = nn.Conv(features, window, strides=strides, padding=padding, name=name)(h)
@@ -317,22 +240,17 @@ class AlexNet(_ConvNet):
       if name in self.POOLS:
         h = feats[self.POOLS[name]] = MaxPool((3, 3), (2, 2), name=self.POOLS[name])(h)
     h = Flatten(name="flatten")(h)
-    for name in ("fc1", "fc2"):
-      if name == "fc2" and self.dropout_rate > 0:
+    for name in ("fc1", "fc2", "output"):
+      if name != "fc1" and self.dropout_rate > 0:
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+      if name == "output":
+        return nn.Dense(self.num_classes, name="output")(h), feats
       h = feats[name] = Activation("relu", name=f"{name}_relu")(nn.Dense(4096, name=name)(h))
-    if self.dropout_rate > 0:
-      h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    return nn.Dense(self.num_classes, name="output")(h), feats
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading a model's structure.
 
 
 def get_param(variables: Params, param_path: Sequence[str]) -> Dict[str, Array]:
   """The ``{"kernel", "bias"}`` dict at ``param_path`` inside ``variables["params"]`` (or bare params)."""
-  tree = variables["params"] if "params" in variables else variables
+  tree = variables.get("params", variables)
   for key in param_path:
     tree = tree[key]
   return tree
@@ -347,13 +265,8 @@ LAYER_TYPES = (nn.Dense, nn.Conv, nn.Dropout, Activation, Flatten, MaxPool, Loca
 
 
 class LayerCall(NamedTuple):
-  """One call of a layer during a forward pass (``trace_layers``).
-
-  Attributes:
-    path: the module's path; for Dense/Conv the keys of its params inside ``variables["params"]``.
-    module: the layer (its attributes: features, kernel_size, strides, padding, window, kind...).
-    input_shape, output_shape: per-example shapes (batch dimension dropped).
-  """
+  """One call of a layer during a forward pass (``trace_layers``): the module's path (for Dense/Conv the
+  keys of its params inside ``variables["params"]``), the layer, and its per-example shapes."""
   path: Tuple[str, ...]
   module: nn.Module
   input_shape: Tuple[int, ...]
@@ -361,13 +274,9 @@ class LayerCall(NamedTuple):
 
 
 def trace_layers(model: nn.Module, variables: Params, input_shape: Sequence[int]) -> List[LayerCall]:
-  """The ``LAYER_TYPES`` calls of ``model.apply(variables, x)`` on one input of ``input_shape``, in order.
-
-  Traced with ``jax.eval_shape`` under ``flax.linen.intercept_methods`` (nothing is computed).
-
-  Raises:
-    ValueError: the model cannot take an input of ``input_shape`` (with the model's own reason).
-  """
+  """The ``LAYER_TYPES`` calls of ``model.apply(variables, x)`` on one input of ``input_shape``, in order,
+  traced with ``jax.eval_shape`` under ``nn.intercept_methods``; ValueError (with the model's own reason)
+  when the model cannot take that input."""
   shape = tuple(int(v) for v in input_shape)
   calls: List[LayerCall] = []
 
@@ -410,43 +319,32 @@ def feature_fn(model: nn.Module):
   return _Features(model)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Registry.
-
 MODEL_NAMES = ("fc10", "fc100-100-10", "fc200-200-10", "fc123-456-10", "ae400-10", "mnist_conv", "alexnet")
 _FC_RE = re.compile(r"^fc(\d+(?:-\d+)*)$")
 
 
+def _fc_sizes(name: str) -> Optional[Tuple[int, ...]]:
+  m = _FC_RE.match(name.lower().strip())
+  return tuple(int(s) for s in m.group(1).split("-")) if m else None
+
+
 def model_name_widths(name: str) -> Optional[Tuple[int, ...]]:
   """Hidden widths of an "fc<w1>-...-<classes>" name ((100, 100) for "fc100-100-10"), else None."""
-  m = _FC_RE.match(name.lower())
-  if not m:
-    return None
-  sizes = tuple(int(s) for s in m.group(1).split("-"))
-  return sizes[:-1]
+  sizes = _fc_sizes(name)
+  return sizes[:-1] if sizes else None
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
-  """The model called ``name`` (see ``MODEL_NAMES``; any "fc<w1>-...-<classes>" also works).
-
-  Args:
-    name: model name, case-insensitive, e.g. "fc100-100-10", "ae400-10", "mnist_conv", "alexnet".
-    **kwargs: module attributes to override (e.g. ``dropout_rate=0.5``, ``channels=(8, 16)``).
-
-  Raises:
-    ValueError: unknown name.
-  """
+  """The model called ``name`` (case-insensitive; ``MODEL_NAMES`` or any "fc<w1>-...-<classes>"), with
+  ``kwargs`` overriding module attributes (e.g. ``dropout_rate=0.5``); ValueError for an unknown name."""
   key = name.lower().strip()
-  if key == "mnist_conv":
-    return MnistConvNet(**kwargs)
-  if key == "alexnet":
-    return AlexNet(**kwargs)
+  if key in ("mnist_conv", "alexnet"):
+    return {"mnist_conv": MnistConvNet, "alexnet": AlexNet}[key](**kwargs)
   m = re.match(r"^ae(\d+)-(\d+)$", key)
   if m:
     return AutoencoderClassifier(code_size=int(m.group(1)), num_classes=int(m.group(2)), **kwargs)
-  m = _FC_RE.match(key)
-  if m:
-    sizes = tuple(int(s) for s in m.group(1).split("-"))
+  sizes = _fc_sizes(key)
+  if sizes:
     if any(s < 1 for s in sizes):
       raise ValueError(f"get_model: layer widths must be >= 1 in {name!r}")
     if len(sizes) == 1:

@@ -30,6 +30,7 @@ def safe_name(name: str) -> str:
 
 
 def format_cell(value: Any, floatfmt: str) -> str:
+  """A table cell: "" for None, yes/no, n/a for NaN, ``floatfmt`` floats, escaped text."""
   if value is None:
     return ""
   if isinstance(value, (bool, np.bool_)):
@@ -56,22 +57,11 @@ def table_columns(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
-                   *, floatfmt: str = ".4g", headers: Optional[Mapping[str, str]] = None) -> str:
-  """Renders rows (dicts) as a GitHub-flavoured Markdown table.
-
-  Args:
-    rows: one dict per row.
-    columns: keys to show, in order (default: keys of all rows, first-seen order).
-    floatfmt: ``format`` spec for floats (e.g. ".3g", ".1%").
-    headers: optional display names for columns.
-
-  Returns:
-    The table as a string ending with a newline.
-  """
+                   *, floatfmt: str = ".4g") -> str:
+  """Rows (dicts) as a GitHub-flavoured Markdown table ending with a newline: ``columns`` in order (default
+  :func:`table_columns`), floats formatted with ``floatfmt`` (e.g. ".3g", ".1%")."""
   columns = table_columns(rows, columns)
-  headers = dict(headers or {})
-  head = [headers.get(c, c) for c in columns]
-  lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+  lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
   for row in rows:
     lines.append("| " + " | ".join(format_cell(row.get(c), floatfmt) for c in columns) + " |")
   return "\n".join(lines) + "\n"
@@ -84,10 +74,10 @@ def _pyplot():
   return plt
 
 
-def _save_figure(fig: Any, path: str, dpi: int) -> str:
+def _save_figure(fig: Any, path: str) -> str:
   plt = _pyplot()
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+  fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
   plt.close(fig)
   checkpoint.atomic_write_bytes(path, buf.getvalue())
   return path
@@ -95,20 +85,11 @@ def _save_figure(fig: Any, path: str, dpi: int) -> str:
 
 def save_image_grid(images: Any, path: str, *, ncols: Optional[int] = None,
                     titles: Optional[Sequence[str]] = None, row_labels: Optional[Sequence[str]] = None,
-                    vmin: float = 0.0, vmax: float = 1.0, cmap: str = "gray", cell_inches: float = 0.9,
-                    suptitle: Optional[str] = None, dpi: int = 100) -> str:
-  """Saves images as a grid PNG.
+                    suptitle: Optional[str] = None) -> str:
+  """Saves images with pixels in [0, 1] as a grid PNG at ``path``; returns ``path``.
 
-  Args:
-    images: [N, H, W] or [N, H, W, C] (laid out ``ncols`` per row), or [rows, cols, H, W(, C)].
-    path: output PNG path.
-    ncols: images per row for the flat layout (default: min(N, 10)).
-    titles: optional per-image titles (flat order).
-    row_labels: optional label per grid row, shown at the left.
-    vmin, vmax: display range (pixels in [0, 1] by default).
-
-  Returns:
-    ``path``.
+  ``images``: [N, H, W(, C)] laid out ``ncols`` per row (default min(N, 10)), or [rows, cols, H, W(, C)].
+  ``titles``: per image (flat order); ``row_labels``: per grid row, at the left.
   """
   images = np.asarray(images, dtype=np.float32)
   if images.ndim == 5 or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
@@ -124,7 +105,7 @@ def save_image_grid(images: Any, path: str, *, ncols: Optional[int] = None,
   if images.ndim == 4 and images.shape[-1] == 1:
     images = images[..., 0]
   plt = _pyplot()
-  fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell_inches, nrows * cell_inches * 1.05),
+  fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 0.9, nrows * 0.9 * 1.05),
                            squeeze=False)
   for i, ax in enumerate(axes.flat):
     ax.set_xticks([])
@@ -132,8 +113,8 @@ def save_image_grid(images: Any, path: str, *, ncols: Optional[int] = None,
     for spine in ax.spines.values():
       spine.set_visible(False)
     if i < images.shape[0]:
-      ax.imshow(np.clip(images[i], vmin, vmax), cmap=cmap if images[i].ndim == 2 else None, vmin=vmin,
-                vmax=vmax, interpolation="nearest")
+      ax.imshow(np.clip(images[i], 0.0, 1.0), cmap="gray" if images[i].ndim == 2 else None, vmin=0.0,
+                vmax=1.0, interpolation="nearest")
       if titles is not None and i < len(titles):
         ax.set_title(titles[i], fontsize=7)
   if row_labels is not None:
@@ -141,11 +122,11 @@ def save_image_grid(images: Any, path: str, *, ncols: Optional[int] = None,
       axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
   if suptitle:
     fig.suptitle(suptitle, fontsize=9)
-  return _save_figure(fig, path, dpi)
+  return _save_figure(fig, path)
 
 
 def save_histograms(series: Mapping[str, Any], path: str, *, bins: int = 40, xlabel: str = "",
-                    title: Optional[str] = None, dpi: int = 100) -> str:
+                    title: Optional[str] = None) -> str:
   """Saves overlaid histograms of several 1-D series (e.g. distortion per model) as a PNG."""
   if not series:
     raise ValueError("save_histograms: no series given")
@@ -162,7 +143,7 @@ def save_histograms(series: Mapping[str, Any], path: str, *, bins: int = 40, xla
   ax.legend(fontsize=7)
   if title:
     ax.set_title(title, fontsize=9)
-  return _save_figure(fig, path, dpi)
+  return _save_figure(fig, path)
 
 
 def adversarial_triplets(x: Any, x_adv: Any, *, magnify: float = 10.0) -> np.ndarray:

@@ -79,15 +79,6 @@ class Timer:
     self.seconds = time.perf_counter() - self._start
 
 
-def parse_flags(argv):
-  """absl's flag parser for ``app.run(main, flags_parser=progress.parse_flags)``; --help exits 0."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  if {"--help", "-h", "-?", "--helpshort"} & set(argv[1:]):
-    app.usage(shorthelp=True, writeto_stdout=True)
-    sys.exit(0)
-  return app.parse_flags_with_usage(argv)
-
-
 def log_run_start(workdir: Optional[str], flag_values: Any = None) -> None:
   """Shared script start-up: log devices and save the flags used to ``workdir/flags.txt``."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""A small report builder: Markdown and a self-contained HTML page with embedded PNG figures.
+"""A small report builder: Markdown and a self-contained HTML page (PNG figures embedded as base64).
 
 Usage::
 
@@ -8,10 +8,7 @@ Usage::
     rep.paragraph("Our numbers beside the paper's.")
     rep.table(rows, columns=["model", "test error", "paper"], floatfmt=".3g", caption="Table 1")
     rep.image("figures/fig7.png", caption="Figure 7 analogue")     # path relative to the output dir
-    md_path, html_path = rep.write(workdir, "report")              # report.md + report.html
-
-The report is built from structured blocks, so both formats are rendered from the same content; the HTML
-page embeds every PNG as base64 and can be opened or mailed on its own. Files are written atomically.
+    md_path, html_path = rep.write(workdir, "report")              # report.md + report.html, atomically
 """
 
 from __future__ import annotations
@@ -80,10 +77,8 @@ class Report:
     self.title = title
     self.blocks: List[Tuple[str, tuple]] = []
 
-  def heading(self, text: str, level: int = 2) -> None:
-    if not 1 <= level <= 6:
-      raise ValueError(f"heading level must be in 1..6, got {level}")
-    self.blocks.append(("heading", (level, text)))
+  def heading(self, text: str) -> None:
+    self.blocks.append(("heading", (2, text)))
 
   def paragraph(self, text: str) -> None:
     self.blocks.append(("paragraph", (text,)))
@@ -115,12 +110,10 @@ class Report:
             f"{_STYLE}\n</head><body><h1>{html.escape(self.title)}</h1>")
     return "\n".join([head] + self._render(_HTML, base_dir) + ["</body></html>"])
 
-  def write(self, out_dir: str, name: str = "report", *, html_page: bool = True) -> Tuple[str, Optional[str]]:
-    """Writes ``out_dir/name.md`` (and ``name.html``) atomically; returns their paths."""
+  def write(self, out_dir: str, name: str = "report") -> Tuple[str, str]:
+    """Writes ``out_dir/name.md`` and ``name.html`` atomically; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    md_path = os.path.join(out_dir, name + ".md")
+    md_path, html_path = os.path.join(out_dir, name + ".md"), os.path.join(out_dir, name + ".html")
     checkpoint.atomic_write_bytes(md_path, self.to_markdown().encode("utf-8"))
-    html_path = os.path.join(out_dir, name + ".html") if html_page else None
-    if html_page:
-      checkpoint.atomic_write_bytes(html_path, self.to_html(out_dir).encode("utf-8"))
+    checkpoint.atomic_write_bytes(html_path, self.to_html(out_dir).encode("utf-8"))
     return md_path, html_path

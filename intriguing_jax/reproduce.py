@@ -9,13 +9,10 @@ Usage::
     # Or one step at a time, on your own models (name -> tables.Model):
     adv = reproduce.adversarial_sets(models, x, labels, targets, options=attack.AttackOptions(maxiter=50),
                                      cache_dir="runs/attacks")          # resumable, chunked, cached
-    rec = reproduce.attack_cached(models["FC10(10^-4)"], x, targets, cache_dir="runs/attacks/fc10")
 
-Attacks stream through ``distributed.stream_map`` (``jit=False``: the attack shards itself): each finished
-chunk is saved in the cache directory with a fingerprint of its images and targets, the model
-(:func:`model_digest`), the attack function and its options; a rerun after an interruption computes only
-the missing chunks, a larger example set reuses the chunks of its prefix, and a chunk of other settings or
-a corrupted one is recomputed.
+Attacks stream through ``distributed.stream_map`` (``jit=False``), keyed on the model (:func:`model_digest`),
+the attack function and its options: a rerun computes only the missing chunks, a larger example set reuses
+its prefix's chunks, and a chunk of other settings or a corrupted one is recomputed.
 """
 
 from __future__ import annotations
@@ -83,22 +80,13 @@ def model_digest(model: Model) -> str:
 def attack_cached(model: Model, x: Any, targets: Any, *, options: Optional[attack.AttackOptions] = None,
                   cache_dir: Optional[str] = None, chunk_size: int = 500, name: str = "",
                   attack_fn: Optional[Callable] = None) -> AttackRecord:
-  """Attacks ``x`` toward ``targets`` in chunks of ``chunk_size``, reusing finished chunks from ``cache_dir``.
+  """Attacks ``x`` [N, ...] (in [0, 1]) toward ``targets`` [N] int in chunks of ``chunk_size`` (rounded up
+  to a multiple of the device count; the last chunk padded, so one compiled attack serves the set),
+  reusing the finished chunks in ``cache_dir`` (None: nothing is written; ``name`` labels the log lines).
 
-  Args:
-    model: the attacked model.
-    x: [N, ...] images in [0, 1].
-    targets: [N] int target labels.
-    options: the attack's options (default ``AttackOptions()``).
-    cache_dir: directory of the chunk files (None: nothing is written).
-    chunk_size: examples per attack call, rounded up to a multiple of the device count; the last chunk is
-      padded, so one compiled attack serves the whole set.
-    name: label of the log lines.
-    attack_fn: ``attack_fn(apply_fn, params, x, target, options=options)`` returning ``x_adv``, ``success``
-      and ``c`` with a leading [B] axis (default ``attack.lbfgs_attack``).
-
-  Returns:
-    AttackRecord with N rows; ``distortion`` is :func:`tables.rms` of x and x_adv.
+  ``attack_fn(apply_fn, params, x, target, options=options)`` (default ``attack.lbfgs_attack``) returns
+  ``x_adv``, ``success`` and ``c`` with a leading [B] axis. Returns an AttackRecord of N rows, its
+  ``distortion`` :func:`tables.rms` of x and x_adv.
   """
   x = np.asarray(x, np.float32)
   targets = np.asarray(targets)
@@ -161,11 +149,9 @@ def train_models(specs: Sequence[Tuple[str, str, str, int]], parts: Mapping[str,
   recipe's). Run names are ``train.default_run_name`` with the data tag ``data_tag`` for part "train" (""
   for all of MNIST, so runs of ``scripts/train.py`` are reused) and ``<part>[_<data_tag>]`` otherwise.
 
-  Returns display name -> Model(model.apply, variables). Equal modules (e.g. the three FC10s) share one
-  module object, hence one ``apply_fn`` and one compiled attack (bound methods of two equal but distinct
-  modules compare unequal, which would key a second compilation).
+  Returns display name -> Model(model.apply, variables).
   """
-  out, modules = {}, {}
+  out = {}
   for name, recipe, part, offset in specs:
     s = seed + offset
     tag = data_tag if part == "train" else part + (f"_{data_tag}" if data_tag else "")
@@ -173,7 +159,7 @@ def train_models(specs: Sequence[Tuple[str, str, str, int]], parts: Mapping[str,
     model, variables = train_lib.get_or_train(
         recipe, *parts[part], workdir=workdir, seed=s, epochs=epochs,
         run_name=train_lib.default_run_name(recipe, seed=s, epochs=epochs, data_tag=tag))
-    out[name] = Model(modules.setdefault(model, model).apply, variables)
+    out[name] = Model(model.apply, variables)
   return out
 
 

@@ -6,15 +6,12 @@ Usage (``scripts/bench/scale.py`` wires flags to :func:`run`)::
     from intriguing_jax.configs import scale as scale_config
     result = scale.run(scale_config.get_config("full"), workdir="runs/scale")
 
-* ``mode="throughput"``: for each batch size B, one compile call of ``attack.lbfgs_attack`` on B MNIST test
-  digits (synthetic digits without MNIST) toward seeded random wrong labels, then ``repeats`` timed calls;
-  a row gives examples/s (median wall time), examples per CPU-second (the figure that survives a machine
-  shared with other jobs), the first call's seconds, the load average, success and mean distortion.
-  With ``devices`` set, each count re-runs the table in a child process on that many forced CPU devices.
-* ``mode="full"``: every training image (or the first ``num_examples``) attacked once through
-  ``distributed.stream_map(jit=False)`` in ``<workdir>/attack_<model>_train``: chunks sized to device
-  memory (the logits function's compiled bytes per example x the c grid x the L-BFGS history), every
-  finished chunk kept, so a killed run resumes.
+``mode="throughput"``: per batch size B, ``attack.lbfgs_attack`` on B MNIST test digits (synthetic without
+MNIST) toward seeded random wrong labels, one compile call then ``repeats`` timed calls; a row gives
+examples/s (median wall time), examples per CPU-second, the first call's seconds, the load average, success
+and mean distortion; with ``devices``, one child process per forced CPU device count. ``mode="full"``: the
+training images attacked once through the resumable ``distributed.stream_map(jit=False)``, chunks sized to
+device memory (compiled bytes per example of the logits x the c grid x the L-BFGS history).
 """
 
 from __future__ import annotations

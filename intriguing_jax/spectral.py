@@ -2,36 +2,23 @@
 
 Usage::
 
-    kernel = 0.03 * jax.random.normal(jax.random.PRNGKey(0), (11, 11, 3, 96))      # Flax HWIO layout
-    r = spectral.conv_operator_norm(kernel, input_shape=(224, 224, 3), strides=(4, 4),
-                                    padding="CIRCULAR")
+    r = spectral.conv_operator_norm(kernel, input_shape=(224, 224, 3), strides=(4, 4))  # HWIO kernel
     r.value, r.paper_formula     # exact circular norm; the printed Δ^-2 formula (= exact / 4)
     r = spectral.conv_operator_norm(kernel, input_shape=(224, 224, 3), strides=(4, 4),
                                     padding=((2, 2), (2, 2)), method="lanczos")
     r.lower, r.upper             # certified interval for the zero-padded layer as the model runs it
-    spectral.dense_operator_norm(w)                       # largest singular value of a [in, out] kernel
-    spectral.maxpool_lipschitz((3, 3), (2, 2), input_shape=(27, 27, 96))   # 2.0: overlapping windows
     rows, summary = spectral.lipschitz_table(model, variables, (227, 227, 3))
     print(spectral.format_table(rows, summary))
     emp = spectral.empirical_lipschitz(model.apply, variables, images, x_adv=adv)
 
-Mathematics (``../shared/spectral.md`` §2, paper.md §5 and §9 A19-A20):
-
-* A strided circular convolution on an N×N grid with stride s | N is, after the orthogonal polyphase
-  (space-to-depth) reshuffle ``x_c^{(l)}(m) = x_c(s·m + l)``, a stride-1 circular correlation on the
-  M×M grid (M = N/s) with C·s² input channels. Its operator norm is therefore
-  ``max_ξ σ_max(P(ξ))`` over the M×M frequencies of the D×(C·s²) polyphase symbol P(ξ). The paper's
-  aliasing form, eq. (1), is the same matrix up to a unitary factor when its coefficient is s⁻¹; the
-  printed Δ⁻² gives exactly ``norm / s`` (§9 A19; tests/test_spectral.py evaluates eq. (1) literally).
-* Zero padding ('SAME', 'VALID', explicit pads) embeds the layer in a circular one on N' ≥ N+pads with
-  s | N', so ``‖K_zero‖ ≤ ‖K_circ(N')‖`` (certified). The exact zero-padded norm is found matrix-free
-  by Lanczos on the operator as ``lax.conv_general_dilated`` applies it, warm-started
-  from the circular top singular vector; any unit vector's ``‖Kx‖`` is a certified lower bound.
-* Max pooling with overlapping windows is ``√(max #windows covering a pixel)``-Lipschitz, which is
-  attained (⌈k/s⌉ = 2 for AlexNet's 3×3/2 pools); the paper's 1 holds only when k ≤ s.
-* Contrast normalisation ``x/(ε+‖x‖²)^γ``: ε^{-γ} exactly, for every γ ≥ 0.
-* AlexNet LRN: certified ``k^{-β} ≤ L ≤ k^{-β} + β g* √((1+√n)(n+1))``.
-* A network that is a chain of layers f = f_L ∘ … ∘ f_1 is ``Π L_i``-Lipschitz (``lipschitz_table``).
+Mathematics (``../shared/spectral.md`` §2, paper.md §5 and §9 A19-A20): a strided circular convolution on
+an N×N grid, s | N, is after the orthogonal polyphase reshuffle ``x_c^{(l)}(m) = x_c(s·m + l)`` a stride-1
+circular correlation on the M×M grid (M = N/s) with C·s² channels: its norm is ``max_ξ σ_max(P(ξ))`` over
+the M×M frequencies of the D×(C·s²) symbol P(ξ); the paper's eq. (1) with the printed Δ⁻² gives exactly
+``norm / s``. Zero padding embeds the layer in a circular one on N' ≥ N+pads, s | N', so
+``‖K_zero‖ ≤ ‖K_circ(N')‖``; Lanczos on the operator as ``lax`` applies it gives the exact value, and any
+unit vector's ``‖Kx‖`` is a certified lower bound. A chain of layers f = f_L ∘ … ∘ f_1 is
+``Π L_i``-Lipschitz (``lipschitz_table``).
 """
 
 from __future__ import annotations
@@ -73,15 +60,11 @@ TABLE5 = (
 class OperatorNorm(NamedTuple):
   """Operator norm of a linear layer, with a certified interval.
 
-  Attributes:
-    value: the best estimate of the norm of the layer as specified (exact for circular padding and for
-      dense layers up to the eigen-solver's accuracy; for zero padding the matrix-free estimate when
-      ``method`` is "lanczos", else the certified upper bound).
-    lower: certified lower bound (‖K x‖ for an explicit unit vector x); equals ``value`` when exact.
-    upper: certified upper bound (exact circular value, or min over N' of the circular norm on N').
-    paper_formula: the paper's eq. (1) as printed (coefficient Δ⁻²) on the circular N×N grid; for
-      dense layers σ_max itself. NaN where it is undefined (s ∤ N).
-    circular: the exact circular norm on the layer's own N×N grid (the paper's setting); NaN if s ∤ N.
+  ``value``: the best estimate (exact for circular padding; for zero padding the Lanczos value with
+  ``method="lanczos"``, else the upper bound); ``lower``: ‖K x‖ for an explicit unit vector x;
+  ``upper``: exact circular value, or min over N' of the circular norm on N'; ``paper_formula``: the
+  paper's eq. (1) as printed (Δ⁻²) on the N×N grid; ``circular``: the exact circular norm on the N×N grid
+  (the paper's setting). The last two are NaN where s ∤ N.
   """
   value: float
   lower: float
@@ -91,27 +74,16 @@ class OperatorNorm(NamedTuple):
 
 
 class EmpiricalLipschitz(NamedTuple):
-  """Empirical lower bounds on a network's Lipschitz constant (``empirical_lipschitz``).
-
-  Attributes:
-    jacobian_norms: [B] spectral norm of the Jacobian at each input (power iteration, jvp + vjp).
-    pair_ratios: [P] ``‖f(x') − f(x)‖ / ‖x' − x‖`` for each adversarial pair (empty if none given).
-    lower_bound: the largest of all the above (a valid lower bound on the global Lipschitz constant).
-  """
+  """``empirical_lipschitz``: jacobian_norms [B] (‖J(x)‖₂ per input), pair_ratios [P]
+  (‖f(x') − f(x)‖ / ‖x' − x‖ per pair), lower_bound (the largest of them all)."""
   jacobian_norms: np.ndarray
   pair_ratios: np.ndarray
   lower_bound: float
 
 
-# ----------------------------------------------------------------------------------------------------
-# Input checking and padding arithmetic (pure Python, before any compile).
-
-
 def _pair(value: Any, name: str) -> Tuple[int, int]:
-  if isinstance(value, (int, np.integer)):
-    value = (int(value), int(value))
   try:
-    out = tuple(int(v) for v in value)
+    out = (int(value),) * 2 if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
   except TypeError as e:
     raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from e
   if len(out) != 2 or min(out) < 1:
@@ -122,19 +94,15 @@ def _pair(value: Any, name: str) -> Tuple[int, int]:
 def _check_kernel(kernel: Any, input_shape: Any, strides: Any) -> Tuple[np.ndarray, Tuple[int, int, int],
                                                                          Tuple[int, int]]:
   shape = tuple(np.shape(kernel))
-  if len(shape) != 4:
-    raise ValueError(f"kernel must be 4-D in Flax layout (kh, kw, C_in, C_out), got shape {shape}")
-  if min(shape) < 1:
-    raise ValueError(f"kernel has an empty dimension: shape {shape}")
+  if len(shape) != 4 or min(shape) < 1:
+    raise ValueError(f"kernel must be 4-D in Flax layout (kh, kw, C_in, C_out), non-empty; got {shape}")
   try:
     input_shape = tuple(int(v) for v in input_shape)
   except TypeError as e:
     raise ValueError(f"input_shape must be (H, W, C_in), got {input_shape!r}") from e
-  if len(input_shape) != 3 or min(input_shape) < 1:
-    raise ValueError(f"input_shape must be (H, W, C_in) with positive entries, got {input_shape}")
-  if input_shape[2] != shape[2]:
-    raise ValueError(f"input_shape has {input_shape[2]} channels but kernel {shape} expects C_in={shape[2]} "
-                     "(kernel layout is (kh, kw, C_in, C_out))")
+  if len(input_shape) != 3 or min(input_shape) < 1 or input_shape[2] != shape[2]:
+    raise ValueError(f"input_shape must be (H, W, C_in), positive, with the kernel's C_in={shape[2]} "
+                     f"channels (kernel layout (kh, kw, C_in, C_out): {shape}), got {input_shape}")
   strides = _pair(strides, "strides")
   if not np.all(np.isfinite(np.asarray(kernel))):
     raise ValueError("kernel contains NaN or Inf")
@@ -142,31 +110,20 @@ def _check_kernel(kernel: Any, input_shape: Any, strides: Any) -> Tuple[np.ndarr
 
 
 def _same_pads(n: int, k: int, s: int) -> Tuple[int, int]:
-  out = -(-n // s)
-  total = max((out - 1) * s + k - n, 0)
+  total = max((-(-n // s) - 1) * s + k - n, 0)
   return total // 2, total - total // 2
 
 
 def resolve_padding(padding: Padding, input_hw: Tuple[int, int], window: Tuple[int, int],
                     strides: Tuple[int, int]) -> Union[str, Tuple[Tuple[int, int], Tuple[int, int]]]:
-  """Returns "CIRCULAR" or explicit ((lo, hi), (lo, hi)) pads, as ``lax`` would use them.
-
-  Args:
-    padding: "CIRCULAR", "SAME", "VALID" (any case) or a pair of (lo, hi) pairs.
-    input_hw: (H, W) input size; window: (kh, kw); strides: (sh, sw).
-
-  Raises:
-    ValueError: unknown string, malformed or negative pads.
-  """
-  if isinstance(padding, str):
-    p = padding.upper()
-    if p == "CIRCULAR":
-      return "CIRCULAR"
-    if p == "VALID":
-      return ((0, 0), (0, 0))
-    if p == "SAME":
-      return tuple(_same_pads(n, k, s) for n, k, s in zip(input_hw, window, strides))  # type: ignore
-    raise ValueError(f"padding must be 'CIRCULAR', 'SAME', 'VALID' or ((lo, hi), (lo, hi)), got {padding!r}")
+  """"CIRCULAR" or the explicit ((lo, hi), (lo, hi)) pads ``lax`` uses for ``padding`` ("CIRCULAR", "SAME",
+  "VALID" (any case) or a pair of (lo, hi) pairs) on an ``input_hw`` input, window (kh, kw), strides."""
+  p = padding.upper() if isinstance(padding, str) else None
+  if p == "CIRCULAR":
+    return "CIRCULAR"
+  if p in ("VALID", "SAME"):
+    return tuple(_same_pads(n, k, s) if p == "SAME" else (0, 0)  # type: ignore[return-value]
+                 for n, k, s in zip(input_hw, window, strides))
   try:
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   except (TypeError, ValueError) as e:
@@ -178,60 +135,42 @@ def resolve_padding(padding: Padding, input_hw: Tuple[int, int], window: Tuple[i
 
 
 # ----------------------------------------------------------------------------------------------------
-# Exact circular norms through the polyphase symbol.
+# Convolutions: exact circular norms (polyphase symbol), the operator as the model runs it, Lanczos.
 
 
-def _polyphase_kernel(kernel: Array, grid: Tuple[int, int], strides: Tuple[int, int]) -> Array:
-  """[kh, kw, C, D] -> [Mh, Mw, sh*sw*C, D]: phases (lh, lw, c) as channels, taps folded modulo M."""
+def _polyphase_symbol(kernel: Array, grid: Tuple[int, int], strides: Tuple[int, int], *, full: bool) -> Array:
+  """Symbol matrices [F, C·s², D] (rfft half-plane unless ``full``); σ(P(ξ)) are the operator's.
+
+  The kernel [kh, kw, C, D] becomes [Mh, Mw, sh*sw*C, D]: phases (lh, lw, c) as channels, taps folded
+  modulo M (circular aliasing when k > N).
+  """
   kh, kw, c, d = kernel.shape
   (mh, mw), (sh, sw) = grid, strides
   qh, qw = -(-kh // sh), -(-kw // sw)  # taps per phase
   th, tw = -(-qh // mh) * mh, -(-qw // mw)  * mw  # rounded up to whole periods of the M grid
   k = jnp.pad(kernel, ((0, th * sh - kh), (0, tw * sw - kw), (0, 0), (0, 0)))
-  k = k.reshape(th // mh, mh, sh, tw // mw, mw, sw, c, d).sum(axis=(0, 3))  # circular aliasing of taps
-  return k.transpose(0, 2, 1, 3, 4, 5).reshape(mh, mw, sh * sw * c, d)
-
-
-def _polyphase_symbol(kernel: Array, grid: Tuple[int, int], strides: Tuple[int, int], *, full: bool) -> Array:
-  """Symbol matrices [F, C·s², D] (rfft half-plane unless ``full``); σ(P(ξ)) are the operator's."""
-  k = _polyphase_kernel(kernel, grid, strides)
-  if full or not jnp.isrealobj(kernel):
-    p = jnp.fft.fft2(k, axes=(0, 1))
-  else:
-    p = jnp.fft.rfft2(k, axes=(0, 1))  # real kernel: P(-ξ) = conj P(ξ)
+  k = k.reshape(th // mh, mh, sh, tw // mw, mw, sw, c, d).sum(axis=(0, 3))
+  k = k.transpose(0, 2, 1, 3, 4, 5).reshape(mh, mw, sh * sw * c, d)
+  p = jnp.fft.fft2(k, axes=(0, 1)) if full else jnp.fft.rfft2(k, axes=(0, 1))  # real: P(-ξ) = conj P(ξ)
   return p.reshape((-1,) + p.shape[2:])
-
-
-def _top_sigma(p: Array) -> Array:
-  """Per-frequency σ_max of [F, a, b] complex matrices."""
-  return jnp.linalg.svd(p, compute_uv=False)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "strides"))
 def _circular_norm_and_vector(kernel: Array, grid: Tuple[int, int], strides: Tuple[int, int]):
   """Exact circular norm and a real top right singular vector in input space [s·Mh, s·Mw, C]."""
   p = _polyphase_symbol(kernel, grid, strides, full=False)  # [F, Cs², D]
-  sig = _top_sigma(p)
+  sig = jnp.linalg.svd(p, compute_uv=False)[:, 0]
   i = jnp.argmax(sig)
-  mh, mw = grid
-  fw = mw // 2 + 1
-  xi_h, xi_w = i // fw, i % fw
-  # Operator symbol A(ξ) = P(ξ)^T (D × Cs²); top right singular vector of conj(A) drives the plane wave.
-  _, _, vh = jnp.linalg.svd(p[i].T)
-  v = vh[0].conj()  # top right singular vector of A(ξ)
-  sh, sw = strides
-  c = kernel.shape[2]
-  m_h = jnp.arange(mh)[:, None]
-  m_w = jnp.arange(mw)[None, :]
-  phase = jnp.exp(2j * jnp.pi * (m_h * xi_h / mh + m_w * xi_w / mw))  # [Mh, Mw]
+  (mh, mw), (sh, sw) = grid, strides
+  xi_h, xi_w = i // (mw // 2 + 1), i % (mw // 2 + 1)
+  # Operator symbol A(ξ) = P(ξ)^T (D × Cs²); v: top right singular vector of A(ξ).
+  v = jnp.linalg.svd(p[i].T)[2][0].conj()
+  phase = jnp.exp(2j * jnp.pi * (jnp.arange(mh)[:, None] * xi_h / mh + jnp.arange(mw)[None, :] * xi_w / mw))
   # x^{(l)}_c(m) = Re[conj(v_(l,c)) e^{+2πi m·ξ/M}]: a correlation maps the plane wave a·e^{iθm} to
   # e^{iθm}·conj(A(ξ))·a, whose top right singular vector is conj(v).
-  z = jnp.real(phase[:, :, None] * v.conj()[None, None, :]).reshape(mh, mw, sh, sw, c)
-  if z.dtype != kernel.dtype and not jnp.iscomplexobj(kernel):
-    z = z.astype(kernel.dtype)
-  x = z.transpose(0, 2, 1, 3, 4).reshape(mh * sh, mw * sw, c)
-  alt = jnp.imag(phase[:, :, None] * v.conj()[None, None, :]).reshape(mh, mw, sh, sw, c)
-  alt = alt.transpose(0, 2, 1, 3, 4).reshape(mh * sh, mw * sw, c).astype(x.dtype)
+  z = (phase[:, :, None] * v.conj()[None, None, :]).reshape(mh, mw, sh, sw, -1).transpose(0, 2, 1, 3, 4)
+  z = z.reshape(mh * sh, mw * sw, -1)
+  x, alt = jnp.real(z).astype(kernel.dtype), jnp.imag(z).astype(kernel.dtype)
   # Re z and Im z are both top singular vectors unless one vanishes (ξ = -ξ); keep the larger.
   x = jnp.where(jnp.sum(x * x) >= jnp.sum(alt * alt), x, alt)
   return jnp.max(sig), x / jnp.linalg.norm(x)
@@ -244,48 +183,29 @@ def _check_divisible(hw: Tuple[int, int], strides: Tuple[int, int]) -> None:
 
 
 def conv_singular_values(kernel: Array, input_hw: Tuple[int, int], strides: Any = (1, 1)) -> np.ndarray:
-  """All singular values of the circular strided convolution (sorted descending), for tests and spectra.
-
-  Returns:
-    [(H/sh)·(W/sw)·min(D, C·sh·sw)] numpy array: the union of σ(P(ξ)) over all frequencies.
-  """
+  """All singular values of the circular strided convolution, sorted descending: the union of σ(P(ξ))
+  over all frequencies, [(H/sh)·(W/sw)·min(D, C·sh·sw)] numpy."""
   h, w = _pair(input_hw, "input_hw")
   kernel, _, strides = _check_kernel(kernel, (h, w, np.shape(kernel)[2]), strides)
   _check_divisible((h, w), strides)
   p = _polyphase_symbol(jnp.asarray(kernel), (h // strides[0], w // strides[1]), strides, full=True)
-  sv = np.asarray(jnp.linalg.svd(p, compute_uv=False)).ravel()
-  return np.sort(sv)[::-1]
-
-
-# ----------------------------------------------------------------------------------------------------
-# The exact operator as the model applies it, and matrix-free solvers.
+  return np.sort(np.asarray(jnp.linalg.svd(p, compute_uv=False)).ravel())[::-1]
 
 
 def conv_apply(kernel: Array, x: Array, strides: Tuple[int, int], padding: Any) -> Array:
-  """The bias-free layer ``x [H, W, C] -> y [H', W', D]`` exactly as lax/Flax run it.
-
-  ``padding`` is the output of ``resolve_padding``: "CIRCULAR" wraps the input by ((k-1)//2, k//2) per
-  axis, as Flax ``nn.Conv(padding="CIRCULAR")`` does, then runs a VALID convolution.
-  """
-  if isinstance(padding, str) and padding == "CIRCULAR":
-    pads = tuple(((k - 1) // 2, k // 2) for k in kernel.shape[:2])
-    x = jnp.pad(x, pads + ((0, 0),), mode="wrap")
+  """The bias-free layer ``x [H, W, C] -> y [H', W', D]`` exactly as lax/Flax run it; ``padding`` from
+  ``resolve_padding`` ("CIRCULAR" wraps by ((k-1)//2, k//2) per axis, as ``nn.Conv(padding="CIRCULAR")``)."""
+  if padding == "CIRCULAR":
+    x = jnp.pad(x, tuple(((k - 1) // 2, k // 2) for k in kernel.shape[:2]) + ((0, 0),), mode="wrap")
     padding = ((0, 0), (0, 0))
   return lax.conv_general_dilated(x[None], kernel, strides, padding, dimension_numbers=_DIMS)[0]
 
 
 def _lanczos_top(matvec: Callable[[Array], Array], v0: Array, num_steps: int) -> Tuple[Array, Array]:
-  """Top Ritz pair of a symmetric PSD operator on the Krylov space of ``v0`` (Lanczos basis).
-
-  The basis is fully re-orthogonalised and the Ritz pair comes from the explicit projection
-  ``Vᵀ A V`` (Rayleigh-Ritz) rather than the three-term tridiagonal, so it stays correct after a
-  breakdown (Krylov space exhausted, e.g. a low-rank VALID convolution).
-
-  Returns:
-    (ritz_vector, unit, same shape as v0; ritz_value ≤ λ_max).
-  """
-  shape, dtype = v0.shape, v0.dtype
-  n = v0.size
+  """Top Ritz pair (unit vector shaped like v0, value ≤ λ_max) of a symmetric PSD operator on the Krylov
+  space of ``v0``: full re-orthogonalisation and Rayleigh-Ritz on ``Vᵀ A V`` (not the tridiagonal), so it
+  stays correct after a breakdown (Krylov space exhausted, e.g. a low-rank VALID convolution)."""
+  shape, dtype, n = v0.shape, v0.dtype, v0.size
   basis = jnp.zeros((num_steps, n), dtype).at[0].set(v0.ravel() / jnp.linalg.norm(v0))
   images = jnp.zeros((num_steps, n), dtype)
   eps = jnp.sqrt(jnp.finfo(dtype).eps)
@@ -318,17 +238,28 @@ def _matrix_free_norm(kernel, x0, strides, padding, num_steps):
   x0 = x0 / jnp.linalg.norm(x0) + 1e-2 * noise / jnp.linalg.norm(noise)
   op = functools.partial(conv_apply, kernel, strides=strides, padding=padding)
   op_t = jax.linear_transpose(op, x0)
-  gram = lambda v: op_t(op(v))[0]
-  x, _ = _lanczos_top(gram, x0, num_steps)
+  x, _ = _lanczos_top(lambda v: op_t(op(v))[0], x0, num_steps)
   return jnp.linalg.norm(op(x)) / jnp.linalg.norm(x)  # Rayleigh: a certified lower bound
 
 
-def _embedding_grids(hw, pads, strides, num_grids):
-  """Admissible circular grids N' ≥ N + lo + hi with s | N' (spectral.md §2.3)."""
-  out = []
+def _zero_padded_norm(kernel: Array, hw: Tuple[int, int], strides: Tuple[int, int], pads, method: str,
+                      num_steps: int, num_grids: int) -> Tuple[float, float, float]:
+  """(value, lower, upper) of a zero-padded layer: upper = min over the first ``num_grids`` admissible
+  circular grids N' ≥ N + lo + hi with s | N' (spectral.md §2.3); lower from the first grid's top vector
+  cropped to the input (or Lanczos warm-started from it)."""
+  upper, start = float("inf"), None
   for extra in range(num_grids):
-    out.append(tuple((-(-(n + lo + hi) // s) + extra) * s for n, (lo, hi), s in zip(hw, pads, strides)))
-  return out
+    grid = tuple(-(-(n + lo + hi) // s) + extra for n, (lo, hi), s in zip(hw, pads, strides))
+    val, v = _circular_norm_and_vector(kernel, grid, strides)
+    upper = min(upper, float(val))
+    if start is None:  # E places x at offset (lo_h, lo_w) in the N' grid
+      (lo_h, _), (lo_w, _) = pads
+      start = v[lo_h:lo_h + hw[0], lo_w:lo_w + hw[1]]
+  if method == "fft":
+    lower = float(jnp.linalg.norm(conv_apply(kernel, start / jnp.linalg.norm(start), strides, pads)))
+    return upper, lower, upper
+  lower = float(_matrix_free_norm(kernel, start.astype(kernel.dtype), strides, pads, num_steps))
+  return lower, lower, upper
 
 
 def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: Any = (1, 1),
@@ -336,73 +267,39 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
                        num_grids: int = 1) -> OperatorNorm:
   """Operator norm (largest singular value) of a multi-channel strided 2-D convolution layer.
 
-  Args:
-    kernel: [kh, kw, C_in, C_out] in Flax layout (the bias never changes a Lipschitz constant).
-    input_shape: (H, W, C_in), the layer's per-example input size.
-    strides: int or (sh, sw).
-    padding: "CIRCULAR" (periodic, the paper's setting), "SAME", "VALID", or ((lo, hi), (lo, hi)).
-    method: "fft": exact polyphase FFT norm for circular padding; for zero padding the certified
-      circular upper bound min over N' (no iterations). "lanczos": additionally ``num_steps`` Lanczos
-      steps (full re-orthogonalisation) on the exact operator (``jax.linear_transpose``), warm-started
-      from the circular top singular vector: the exact value, its Rayleigh quotient a certified lower
-      bound.
-    num_steps: Lanczos steps.
-    num_grids: how many admissible N' the zero-padded upper bound minimises over.
-
-  Returns:
-    ``OperatorNorm(value, lower, upper, paper_formula, circular)`` (Python floats).
-
-  Raises:
-    ValueError: bad shapes/strides/padding/method; circular padding with a stride not dividing H or W.
+  ``kernel`` [kh, kw, C_in, C_out] (Flax layout; the bias never changes a Lipschitz constant) on inputs of
+  ``input_shape`` (H, W, C_in); ``strides``: int or (sh, sw); ``padding``: "CIRCULAR" (periodic, the
+  paper's setting), "SAME", "VALID", or ((lo, hi), (lo, hi)). ``method`` "fft": exact polyphase FFT norm
+  for circular padding, for zero padding the certified upper bound min over ``num_grids`` grids N';
+  "lanczos": also ``num_steps`` Lanczos steps on the exact operator, warm-started from the circular top
+  singular vector (exact value; its Rayleigh quotient a certified lower bound). Returns ``OperatorNorm``
+  (Python floats); ValueError for bad arguments or circular padding with a stride not dividing H or W.
   """
   kernel, input_shape, strides = _check_kernel(kernel, input_shape, strides)
-  if method not in ("fft", "lanczos"):
-    raise ValueError(f"method must be 'fft' or 'lanczos', got {method!r}")
-  if int(num_steps) < 1 or int(num_grids) < 1:
-    raise ValueError(f"num_steps and num_grids must be >= 1, got {num_steps}, {num_grids}")
-  kernel = jnp.asarray(kernel)
-  hw = input_shape[:2]
+  if method not in ("fft", "lanczos") or int(num_steps) < 1 or int(num_grids) < 1:
+    raise ValueError(f"method must be 'fft' or 'lanczos', num_steps and num_grids >= 1; got {method!r}, "
+                     f"{num_steps}, {num_grids}")
+  kernel, hw = jnp.asarray(kernel), input_shape[:2]
   kh, kw = kernel.shape[:2]
   pads = resolve_padding(padding, hw, (kh, kw), strides)
-  divisible = hw[0] % strides[0] == 0 and hw[1] % strides[1] == 0
-
-  circ = float("nan")
-  paper = float("nan")
-  vec = None
-  if divisible:
+  circ = paper = float("nan")
+  if hw[0] % strides[0] == 0 and hw[1] % strides[1] == 0:
     circ, vec = _circular_norm_and_vector(kernel, (hw[0] // strides[0], hw[1] // strides[1]), strides)
     circ = float(circ)
-    # The printed Δ⁻² coefficient gives exactly norm / Δ (norm / √(Δh·Δw) for rectangular strides),
-    # spectral.md §2.2 (the test evaluates the printed formula literally and finds it equal).
-    paper = circ / math.sqrt(strides[0] * strides[1])
-  if pads == "CIRCULAR":
-    _check_divisible(hw, strides)
-    if method == "fft":
-      return OperatorNorm(circ, circ, circ, paper, circ)
-    # conv_apply wraps by ((k-1)//2, k//2), i.e. shifts the input by (k-1)//2: the top vector shifts too.
-    lo_h, lo_w = (kh - 1) // 2, (kw - 1) // 2
-    x0 = jnp.roll(vec, (-lo_h, -lo_w), axis=(0, 1)).astype(kernel.dtype)
-    lower = float(_matrix_free_norm(kernel, x0, strides, "CIRCULAR", int(num_steps)))
-    if lower > circ * (1 + 1e-4):
-      logging.warning("conv_operator_norm: Rayleigh value %.8g exceeds the exact circular norm %.8g", lower,
-                      circ)
-    return OperatorNorm(circ, min(lower, circ), circ, paper, circ)
-
-  # Zero padding: certified upper bound from circular embeddings, warm start from the first grid.
-  upper = float("inf")
-  start = None
-  for grid_hw in _embedding_grids(hw, pads, strides, int(num_grids)):
-    val, v = _circular_norm_and_vector(kernel, (grid_hw[0] // strides[0], grid_hw[1] // strides[1]), strides)
-    if float(val) < upper:
-      upper = float(val)
-    if start is None:
-      (lo_h, _), (lo_w, _) = pads
-      start = v[lo_h:lo_h + hw[0], lo_w:lo_w + hw[1]]  # E places x at offset (lo_h, lo_w) in the N' grid
+    paper = circ / math.sqrt(strides[0] * strides[1])  # the printed Δ⁻²: norm / Δ (spectral.md §2.2)
+  if pads != "CIRCULAR":
+    value, lower, upper = _zero_padded_norm(kernel, hw, strides, pads, method, int(num_steps), int(num_grids))
+    return OperatorNorm(value, lower, upper, paper, circ)
+  _check_divisible(hw, strides)
   if method == "fft":
-    lower = float(jnp.linalg.norm(conv_apply(kernel, start / jnp.linalg.norm(start), strides, pads)))
-    return OperatorNorm(upper, lower, upper, paper, circ)
-  lower = float(_matrix_free_norm(kernel, start.astype(kernel.dtype), strides, pads, int(num_steps)))
-  return OperatorNorm(lower, lower, upper, paper, circ)
+    return OperatorNorm(circ, circ, circ, paper, circ)
+  # conv_apply wraps by ((k-1)//2, k//2), i.e. shifts the input by (k-1)//2: the top vector shifts too.
+  x0 = jnp.roll(vec, (-((kh - 1) // 2), -((kw - 1) // 2)), axis=(0, 1)).astype(kernel.dtype)
+  lower = float(_matrix_free_norm(kernel, x0, strides, "CIRCULAR", int(num_steps)))
+  if lower > circ * (1 + 1e-4):
+    logging.warning("conv_operator_norm: Rayleigh value %.8g exceeds the exact circular norm %.8g", lower,
+                    circ)
+  return OperatorNorm(circ, min(lower, circ), circ, paper, circ)
 
 
 def reshaped_kernel_norm(kernel: Array) -> float:
@@ -411,25 +308,18 @@ def reshaped_kernel_norm(kernel: Array) -> float:
   It is NOT the convolution's norm but a lower bound on it: for circular padding with N ≥ k,
   ``‖W_r‖ ≤ ‖K‖ ≤ √(⌈kh/s⌉⌈kw/s⌉)·‖W_r‖`` (spectral.md §2.4). Reported beside the exact value.
   """
-  shape = np.shape(kernel)
-  if len(shape) != 4:
-    raise ValueError(f"kernel must be 4-D (kh, kw, C_in, C_out), got shape {shape}")
-  return dense_operator_norm(jnp.reshape(jnp.asarray(kernel), (-1, shape[3])))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Dense layers.
+  if len(np.shape(kernel)) != 4:
+    raise ValueError(f"kernel must be 4-D (kh, kw, C_in, C_out), got shape {np.shape(kernel)}")
+  return dense_operator_norm(jnp.reshape(jnp.asarray(kernel), (-1, np.shape(kernel)[3])))
 
 
 @functools.partial(jax.jit, static_argnames=("num_blocks", "check_every"))
 def _dense_block_krylov(w, v0, num_blocks, tol, check_every=2):
-  """Block Lanczos (block Krylov + Rayleigh-Ritz) on wᵀw: each step reads w twice for a whole block
-  of vectors (GEMM, not GEMV), which is what makes FC1 (9216×4096) fast on a CPU.
+  """Block Lanczos (block Krylov + Rayleigh-Ritz) on wᵀw, one GEMM pair per block (notes/spectral.md).
 
-  The projection ``H = Vᵀ(wᵀw)V`` is filled one block column per step, so every ``check_every`` blocks
-  the top Ritz pair (θ, y = Vs) and its residual ``‖wᵀw y − θ y‖ = ‖(wᵀw V)s − θ Vs‖`` cost one small
-  eigh and two thin mat-vecs (no access to w). The loop stops once the residual is ≤ ``tol``·θ: then an
-  eigenvalue of wᵀw lies within tol·θ of θ (residual bound for symmetric matrices).
+  ``H = Vᵀ(wᵀw)V`` is filled one block column per step; every ``check_every`` blocks the top Ritz pair
+  (θ, y = Vs) and its residual ``‖(wᵀw V)s − θ Vs‖`` are computed without touching w, and the loop stops
+  once it is ≤ ``tol``·θ (an eigenvalue of wᵀw then lies within tol·θ of θ).
 
   Returns:
     (rayleigh ‖w x‖/‖x‖ (a certified lower bound on σ_max), blocks used, relative residual of θ).
@@ -451,9 +341,7 @@ def _dense_block_krylov(w, v0, num_blocks, tol, check_every=2):
     scale = jnp.maximum(theta * jnp.linalg.norm(x), jnp.finfo(w.dtype).tiny)
     return x, jnp.linalg.norm(ax - theta * x) / scale
 
-  def cond(carry):
-    j, _, _, _, rel = carry
-    return (j < num_blocks) & (rel > tol)
+  cond = lambda carry: (carry[0] < num_blocks) & (carry[4] > tol)  # carry: (j, basis, images, h, rel)
 
   def body(carry):
     j, basis, images, h, rel = carry
@@ -483,29 +371,17 @@ def dense_operator_norm(w: Array, *, method: str = "auto", num_steps: int = 384,
                         tol: float = 1e-3, seed: int = 0) -> float:
   """Largest singular value of a dense kernel ``w`` [in, out] (Flax layout; the bias is irrelevant).
 
-  Args:
-    w: 2-D array.
-    method: "svd" (exact, LAPACK), "lanczos" (jitted block Lanczos on wᵀw with full
-      re-orthogonalisation and Rayleigh-Ritz; its value is a certified lower bound ‖w x‖/‖x‖ that
-      converges to σ_max), or "auto" (svd when min(in, out) ≤ 1024, else lanczos).
-    num_steps: maximum Krylov dimension (block_size × number of blocks).
-    block_size: vectors per block.
-    tol: "lanczos" stops early once the top Ritz pair's relative residual ‖wᵀw y − θy‖/θ ≤ tol (checked
-      every 2 blocks; 0 runs all blocks).
-    seed: seed of the start block.
-
-  Returns:
-    σ_max as a Python float.
+  ``method``: "svd" (exact, LAPACK), "lanczos" (block Lanczos on wᵀw, ``block_size`` vectors per block,
+  Krylov dimension ≤ ``num_steps``, start block from ``seed``; its value is a certified lower bound
+  ‖w x‖/‖x‖ converging to σ_max; it stops once the relative Ritz residual is ≤ ``tol``, checked every 2
+  blocks, 0 runs all), or "auto" (svd when min(in, out) ≤ 1024, else lanczos). Returns a Python float.
   """
   shape = np.shape(w)
   if len(shape) != 2 or min(shape) < 1:
     raise ValueError(f"w must be a non-empty 2-D [in, out] matrix, got shape {shape}")
-  if method not in ("auto", "svd", "lanczos"):
-    raise ValueError(f"method must be 'auto', 'svd' or 'lanczos', got {method!r}")
-  if int(num_steps) < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  if not 0 <= float(tol) < 1:
-    raise ValueError(f"tol must be in [0, 1), got {tol}")
+  if method not in ("auto", "svd", "lanczos") or int(num_steps) < 1 or not 0 <= float(tol) < 1:
+    raise ValueError(f"need method 'auto', 'svd' or 'lanczos', num_steps >= 1 and tol in [0, 1); got "
+                     f"{method!r}, {num_steps}, {tol}")
   w = jnp.asarray(w)
   if not bool(jnp.all(jnp.isfinite(w))):
     raise ValueError("w contains NaN or Inf")
@@ -513,8 +389,7 @@ def dense_operator_norm(w: Array, *, method: str = "auto", num_steps: int = 384,
     method = "svd" if min(shape) <= 1024 else "lanczos"
   if method == "svd":
     return float(jnp.linalg.svd(w, compute_uv=False)[0])
-  if w.shape[0] < w.shape[1]:
-    w = w.T  # iterate on the smaller Gram side
+  w = w.T if w.shape[0] < w.shape[1] else w  # iterate on the smaller Gram side
   block = int(min(block_size, w.shape[1]))
   num_blocks = int(max(1, min(-(-int(num_steps) // block), w.shape[1] // block)))
   v0 = jax.random.normal(jax.random.PRNGKey(seed), (w.shape[1], block), w.dtype)
@@ -524,50 +399,39 @@ def dense_operator_norm(w: Array, *, method: str = "auto", num_steps: int = 384,
   return float(value)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Non-linear layers.
-
-
-def _window_counts(n: int, k: int, s: int, lo: int, hi: int) -> np.ndarray:
-  """Number of pooling windows covering each of the n input positions (padding never counts)."""
+def _max_windows(n: int, k: int, s: int, lo: int, hi: int) -> int:
+  """Largest number of pooling windows covering one of the n input positions (padding never counts)."""
   out = (n + lo + hi - k) // s + 1
   if out < 1:
     raise ValueError(f"pooling window {k} larger than the padded input {n}+{lo}+{hi}")
-  counts = np.zeros(n, np.int64)
-  for j in range(out):
-    a, b = max(j * s - lo, 0), min(j * s - lo + k, n)
-    counts[a:b] += 1
-  return counts
+  starts, pos = np.arange(out) * s - lo, np.arange(n)[:, None]
+  return int(((pos >= starts) & (pos < starts + k)).sum(axis=1).max())
+
+
+def _pool_args(window: Any, strides: Any, input_shape: Optional[Sequence[int]]):
+  window = _pair(window, "window")
+  if input_shape is not None and (len(input_shape) not in (2, 3) or min(input_shape) < 1):
+    raise ValueError(f"input_shape must be (H, W) or (H, W, C), got {tuple(input_shape)}")
+  return window, _pair(strides if strides is not None else window, "strides")
 
 
 def maxpool_lipschitz(window: Any, strides: Any = None, *, input_shape: Optional[Sequence[int]] = None,
                       padding: Padding = "VALID") -> float:
-  """Exact L2 Lipschitz constant of max pooling: √(max number of windows covering one input pixel).
+  """Exact L2 Lipschitz constant of max pooling: √(max number m of windows covering one input pixel).
 
-  ``|max(x_W) − max(y_W)| ≤ ‖(x−y)_W‖`` summed over windows gives ‖P(x) − P(y)‖² ≤ Σ_i m_i (x_i−y_i)²;
-  a bump at a pixel in m_max windows attains it (spectral.md §2.6). The paper's "≤ 1" holds only when
-  windows do not overlap (k ≤ s).
-
-  Args:
-    window: int or (kh, kw); strides: int or pair (default: the window, i.e. non-overlapping).
-    input_shape: (H, W[, C]); without it the count for a large map, ⌈kh/sh⌉·⌈kw/sw⌉, is used.
-    padding: "SAME", "VALID" or explicit pairs (padded cells hold -inf and never win).
-
-  Returns:
-    The constant as a Python float.
+  ``‖P(x) − P(y)‖² ≤ Σ_i m_i (x_i−y_i)²``, attained by a bump at a pixel in m_max windows (spectral.md
+  §2.6); the paper's "≤ 1" holds only when k ≤ s. ``window``, ``strides``: int or pair (default: the
+  window); ``input_shape``: (H, W[, C]), without it ⌈kh/sh⌉·⌈kw/sw⌉ (a large map); ``padding``: "SAME",
+  "VALID" or explicit pairs (padded cells never win).
   """
-  kh, kw = _pair(window, "window")
-  sh, sw = _pair(strides if strides is not None else (kh, kw), "strides")
+  (kh, kw), (sh, sw) = window, strides = _pool_args(window, strides, input_shape)
   if input_shape is None:
     return math.sqrt(-(-kh // sh) * -(-kw // sw))
-  if len(input_shape) not in (2, 3) or min(input_shape) < 1:
-    raise ValueError(f"input_shape must be (H, W) or (H, W, C), got {input_shape}")
-  pads = resolve_padding(padding, tuple(input_shape[:2]), (kh, kw), (sh, sw))
+  pads = resolve_padding(padding, tuple(input_shape[:2]), window, strides)
   if pads == "CIRCULAR":
     raise ValueError("maxpool_lipschitz: circular padding is not a pooling mode")
-  ch = _window_counts(int(input_shape[0]), kh, sh, *pads[0])
-  cw = _window_counts(int(input_shape[1]), kw, sw, *pads[1])
-  return math.sqrt(int(ch.max()) * int(cw.max()))
+  return math.sqrt(_max_windows(int(input_shape[0]), kh, sh, *pads[0]) *
+                   _max_windows(int(input_shape[1]), kw, sw, *pads[1]))
 
 
 def avgpool_norm(window: Any, strides: Any = None, *, input_shape: Sequence[int],
@@ -576,10 +440,7 @@ def avgpool_norm(window: Any, strides: Any = None, *, input_shape: Sequence[int]
 
   input_shape: (H, W) or (H, W, C); the norm does not depend on C.
   """
-  kh, kw = _pair(window, "window")
-  strides = _pair(strides if strides is not None else (kh, kw), "strides")
-  if len(input_shape) not in (2, 3):
-    raise ValueError(f"avgpool_norm: input_shape must be (H, W) or (H, W, C), got {tuple(input_shape)}")
+  (kh, kw), strides = _pool_args(window, strides, input_shape)
   kernel = jnp.full((kh, kw, 1, 1), 1.0 / (kh * kw), jnp.float32)
   return conv_operator_norm(kernel, input_shape=(int(input_shape[0]), int(input_shape[1]), 1),
                             strides=strides, padding=padding, method="fft").upper
@@ -593,13 +454,10 @@ def contrast_norm_lipschitz(epsilon: float, gamma: float) -> float:
 
 
 def lrn_lipschitz(k: float = 2.0, n: int = 5, beta: float = 0.75) -> Tuple[float, float]:
-  """Certified interval [k^{-β}, k^{-β} + β g* √((1+√n)(n+1))] for AlexNet's across-channel LRN.
+  """Certified interval (lower, upper) = [k^{-β}, k^{-β} + β g* √((1+√n)(n+1))] for AlexNet's LRN.
 
   ``b_i = a_i (k + α' Σ_{j∈N(i)} a_j²)^{-β}``; the bound is independent of α (and of whether it is divided
-  by n). g* = (β/(k(1+β)))^β / (1+β). See spectral.md §2.7. For k=2, n=5, β=0.75: [0.5946, 1.1895].
-
-  Returns:
-    (lower, upper) Python floats.
+  by n). g* = (β/(k(1+β)))^β / (1+β) (spectral.md §2.7).
   """
   if not k > 0 or not beta >= 0 or int(n) < 1:
     raise ValueError(f"lrn_lipschitz needs k > 0, beta >= 0, n >= 1, got k={k}, n={n}, beta={beta}")
@@ -636,8 +494,7 @@ def _conv_row(call: models.LayerCall, variables: Params, method: str, num_steps:
               note=note)
 
 
-def _dense_row(call: models.LayerCall, variables: Params, method: str, num_steps: int) -> Dict[str, Any]:
-  del method, num_steps
+def _dense_row(call: models.LayerCall, variables: Params, *_) -> Dict[str, Any]:
   kernel = jnp.asarray(models.get_param(variables, call.path)["kernel"])
   sig = dense_operator_norm(kernel)
   return dict(type="dense", size=f"{kernel.shape[0]} x {kernel.shape[1]}", stride="N/A", upper=sig, lower=sig,
@@ -660,11 +517,8 @@ def _lrn_row(call: models.LayerCall, *_) -> Dict[str, Any]:
               note=f"certified interval, k={m.bias:g} n={n} beta={m.beta:g}")
 
 
-_ACTIVATIONS = {"relu": (1.0, "contractive"), "sigmoid": (0.25, "sup sigma' = 1/4")}
-
-
 def _activation_row(call: models.LayerCall, *_) -> Dict[str, Any]:
-  lip, note = _ACTIVATIONS[call.module.kind]
+  lip, note = {"relu": (1.0, "contractive"), "sigmoid": (0.25, "sup sigma' = 1/4")}[call.module.kind]
   return dict(type=call.module.kind, upper=lip, lower=lip, paper=lip, note=note)
 
 # Module type -> row of its layer (the Lipschitz constant and how it was found).
@@ -686,8 +540,8 @@ def _check_chain(model: nn.Module, variables: Params, calls: Sequence[models.Lay
   x = h = jnp.asarray(np.random.default_rng(0).standard_normal((2,) + input_shape), jnp.float32)
   for call in calls:
     layer = call.module.clone(parent=None, name=None)
-    has_params = isinstance(layer, (nn.Dense, nn.Conv))
-    h = layer.apply({"params": models.get_param(variables, call.path)} if has_params else {}, h)
+    h = layer.apply({"params": models.get_param(variables, call.path)}
+                    if isinstance(layer, (nn.Dense, nn.Conv)) else {}, h)
   want = model.apply(variables, x)
   if h.shape != want.shape or not np.allclose(h, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want)))):
     raise ValueError(
@@ -701,41 +555,28 @@ def lipschitz_table(model: nn.Module, variables: Params, input_shape: Sequence[i
                     num_steps: int = 100) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
   """Per-layer Lipschitz bounds of ``model`` on inputs of ``input_shape`` and their product (Table 5).
 
-  The layers are those ``model.apply`` calls (``models.trace_layers``) on an input of ``input_shape``,
-  with the shapes they see there; the model must be the chain of them (checked on a random input).
-
-  Args:
-    model: a Flax module built from ``nn.Conv``, ``nn.Dense``, ``nn.Dropout`` and ``models.Activation``,
-      ``Flatten``, ``MaxPool``, ``LocalResponseNorm`` (the models of ``intriguing_jax.models``).
-    variables: its variables ``{"params": ...}``.
-    input_shape: per-example input shape, e.g. (227, 227, 3) or (784,).
-    method: conv norm method (``conv_operator_norm``); "fft" is fast and certified.
-    num_steps: Lanczos steps.
-
-  Returns:
-    (rows, summary). Each row: layer, type, size, stride, input, upper (certified upper bound used in the
-    product), lower (certified lower bound of the layer's own constant), circular (exact circular norm on
-    the layer's N×N input, the paper's setting), paper (the paper's formula: Δ⁻² for conv, σ_max for
-    dense, 1 for max-pool and ReLU, 1/4 for sigmoid), note; conv rows also have reshaped (σ_max of the
-    reshaped kernel, Flax ``SpectralNorm``'s value, a lower bound on the conv norm). summary:
-    product_upper (all layers, certified), product_paper_style (conv + dense rows with the paper's
-    formula), product_linear (conv + dense upper bounds), num_layers.
-
-  Raises:
-    ValueError: a shape the model cannot take, a layer without a known bound, a model that is not a chain.
+  The layers (``nn.Conv``, ``nn.Dense``, ``nn.Dropout``, ``models.Activation``, ``Flatten``, ``MaxPool``,
+  ``LocalResponseNorm``) are those ``model.apply`` calls on an input of ``input_shape`` (e.g. (784,)),
+  with the shapes they see there; the model must be their chain (checked), else ValueError. ``method``,
+  ``num_steps``: conv norms. Returns (rows, summary). A row: layer, type, size, stride, input, upper
+  (certified, used in the product), lower (certified lower bound of the layer's constant), circular (exact
+  circular norm on the layer's N×N input), paper (the paper's formula: Δ⁻² for conv, σ_max for dense, 1
+  for max-pool and ReLU, 1/4 for sigmoid), note; conv rows add reshaped (``reshaped_kernel_norm``). The
+  summary: product_upper (all layers), product_paper_style (conv + dense, the paper's formula),
+  product_linear (conv + dense upper bounds), num_layers.
   """
   shape = tuple(int(v) for v in input_shape)
   variables = variables if "params" in variables else {"params": variables}
   calls = models.trace_layers(model, variables, shape)
   _check_chain(model, variables, calls, shape)
-  rows: List[Dict[str, Any]] = []
+  rows = []
   for call in calls:
     row_fn = next(fn for kind, fn in _ROWS if isinstance(call.module, kind))
-    row = dict(layer="/".join(call.path), type="", size="", stride="", upper=1.0, lower=1.0,
-               input="x".join(map(str, call.input_shape)), circular=float("nan"), paper=1.0, note="")
-    rows.append({**row, **row_fn(call, variables, method, num_steps)})
-    logging.info("spectral: %s %s upper=%.6g lower=%.6g", row["layer"], rows[-1]["type"], rows[-1]["upper"],
-                 rows[-1]["lower"])
+    rows.append(dict(layer="/".join(call.path), type="", size="", stride="", upper=1.0, lower=1.0,
+                     input="x".join(map(str, call.input_shape)), circular=float("nan"), paper=1.0, note=""))
+    rows[-1].update(row_fn(call, variables, method, num_steps))
+    logging.info("spectral: %s %s upper=%.6g lower=%.6g", *(rows[-1][c] for c in ("layer", "type", "upper",
+                                                                                   "lower")))
   linear = [r for r in rows if r["type"] in ("conv", "dense")]
   summary = dict(product_upper=float(np.prod([r["upper"] for r in rows])),
                  product_linear=float(np.prod([r["upper"] for r in linear])),
@@ -748,16 +589,12 @@ def format_table(rows: Sequence[Mapping[str, Any]], summary: Optional[Mapping[st
   """Markdown rendering of ``lipschitz_table`` output (plus the products when ``summary`` is given)."""
   from intriguing_jax import plotting  # pylint: disable=g-import-not-at-top
   cols = [c for c in ("layer", "size", "stride", "input", "upper", "lower", "circular", "paper", "reshaped",
-                      "paper_table5", "empirical", "note") if any(c in r for r in rows)]
+                      "paper_table5", "note") if any(c in r for r in rows)]
   text = plotting.markdown_table(list(rows), cols, floatfmt=floatfmt)
   if summary:
     text += "\n" + "\n".join(f"- {k}: {v:{floatfmt}}" if isinstance(v, float) else f"- {k}: {v}"
                              for k, v in summary.items()) + "\n"
   return text
-
-
-# ----------------------------------------------------------------------------------------------------
-# Empirical lower bounds.
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "num_steps"))
@@ -780,35 +617,22 @@ def empirical_lipschitz(fn: Callable[[Any, Array], Array], params: Any, x: Array
                         batch_size: int = 256) -> EmpiricalLipschitz:
   """Empirical lower bounds on the Lipschitz constant of ``x -> fn(params, x)`` (beside the upper bounds).
 
-  ``‖J(x)‖₂`` by ``num_steps`` steps of power iteration (jvp + vjp) from a seeded random start at each
-  input, and ``‖f(x') − f(x)‖ / ‖x' − x‖`` for the pairs (x, x_adv).
-
-  Args:
-    fn: ``fn(params, x [B, ...]) -> [B, ...]`` (e.g. ``model.apply``); hashable (a jit static argument).
-    params: pytree, traced.
-    x: [B, ...] inputs; x_adv: optional [B, ...] perturbed inputs paired with ``x``.
-    num_steps: power-iteration steps per example; seed: seed of the start vectors.
-    batch_size: examples per compiled call (the last batch is padded).
-
-  Returns:
-    ``EmpiricalLipschitz(jacobian_norms [B], pair_ratios [#pairs with x' != x], lower_bound)``.
+  ``‖J(x)‖₂`` at each input x [B, ...] by ``num_steps`` steps of power iteration (jvp + vjp) from a start
+  drawn with ``seed``, ``batch_size`` inputs per compiled call (the last batch padded); and
+  ``‖f(x') − f(x)‖ / ‖x' − x‖`` for the pairs (x, x_adv) with x' != x. ``fn(params, x [B, ...]) -> [B, ...]``
+  (e.g. ``model.apply``) is a jit static argument (hashable); ``params`` is traced.
   """
   x = jnp.asarray(x)
-  if x.ndim < 2 or x.shape[0] < 1:
-    raise ValueError(f"x must be a non-empty batch [B, ...], got shape {x.shape}")
+  if x.ndim < 2 or x.shape[0] < 1 or int(num_steps) < 1 or int(batch_size) < 1:
+    raise ValueError(f"need x a non-empty batch [B, ...], num_steps and batch_size >= 1; got shape "
+                     f"{x.shape}, {num_steps}, {batch_size}")
   if x_adv is not None and tuple(np.shape(x_adv)) != tuple(x.shape):
     raise ValueError(f"x_adv shape {np.shape(x_adv)} differs from x shape {x.shape}")
-  if int(num_steps) < 1 or int(batch_size) < 1:
-    raise ValueError(f"num_steps and batch_size must be >= 1, got {num_steps}, {batch_size}")
   b, bs = x.shape[0], min(int(batch_size), x.shape[0])
   v0 = jax.random.normal(jax.random.PRNGKey(seed), x.shape, x.dtype)
-  norms = []
-  for start in range(0, b, bs):
-    xb, vb = x[start:start + bs], v0[start:start + bs]
-    k = xb.shape[0]
-    xb, vb = (jnp.concatenate([a, jnp.repeat(a[:1], bs - k, axis=0)]) for a in (xb, vb))
-    norms.append(np.asarray(_jacobian_norms(fn, params, xb, vb, int(num_steps)))[:k])
-  jac = np.concatenate(norms)
+  xp, vp = (jnp.concatenate([a, jnp.repeat(a[:1], -b % bs, axis=0)]) for a in (x, v0))  # whole batches
+  jac = np.concatenate([np.asarray(_jacobian_norms(fn, params, xp[i:i + bs], vp[i:i + bs], int(num_steps)))
+                        for i in range(0, b, bs)])[:b]
   ratios = np.zeros((0,), np.float64)
   if x_adv is not None:
     x_adv = jnp.asarray(x_adv)
@@ -823,10 +647,9 @@ def empirical_lipschitz(fn: Callable[[Any, Array], Array], params: Any, x: Array
 
 
 def _check_config(config) -> None:
-  if not config.models:
-    raise ValueError("spectral: config.models is empty")
-  if config.method not in ("fft", "lanczos"):
-    raise ValueError(f"spectral: config.method must be 'fft' or 'lanczos', got {config.method!r}")
+  if not config.models or config.method not in ("fft", "lanczos"):
+    raise ValueError(f"spectral: config.models must be non-empty and config.method 'fft' or 'lanczos', got "
+                     f"{config.models}, {config.method!r}")
   if config.weights not in ("random", "trained") and not os.path.exists(config.weights):
     raise ValueError(f"spectral: config.weights must be 'random', 'trained' or an existing .npz file or "
                      f"checkpoint directory, got {config.weights!r}")
@@ -835,8 +658,8 @@ def _check_config(config) -> None:
   if config.num_steps < 1 or config.empirical_steps < 1 or config.num_empirical < 0:
     raise ValueError("spectral: num_steps and empirical_steps must be >= 1 and num_empirical >= 0")
   from intriguing_jax import train  # pylint: disable=g-import-not-at-top
-  for name in config.models:
-    train.recipe(name) if config.weights == "trained" else models.get_model(name)  # raises for unknown names
+  for name in config.models:  # raises for unknown names
+    train.recipe(name) if config.weights == "trained" else models.get_model(name)
   for name, run_dir in config.run_dirs.items():
     if run_dir and not os.path.isfile(os.path.join(run_dir, "result.json")):
       raise ValueError(f"spectral: config.run_dirs.{name}={run_dir!r} is not a finished run (no result.json)")
@@ -878,8 +701,8 @@ def _model_and_inputs(name: str, config, data_dir: Optional[str]):
     model = models.get_model(rec["model"], **rec.get("model_kwargs", {}))
     return model, train.load_run(config.run_dirs[name], model)[0], models.MNIST_SHAPE, test_x
   epochs = config.epochs.get(name) or None
-  run_name = train.default_run_name(name, seed=config.train_seed, epochs=epochs)
-  run_dir = os.path.join(config.models_dir, run_name)
+  run_dir = os.path.join(config.models_dir,
+                         train.default_run_name(name, seed=config.train_seed, epochs=epochs))
   if not config.train_missing and not os.path.isdir(run_dir):
     logging.warning("spectral: skipping %s: no run %s (set config.train_missing to train it)", name, run_dir)
     return None
@@ -890,13 +713,9 @@ def _model_and_inputs(name: str, config, data_dir: Optional[str]):
 
 
 def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
-  """Table 5 (``lipschitz_table``) and the empirical lower bound for each of ``config.models``.
-
-  Writes ``<workdir>/<model>.md`` (table and products) and ``<workdir>/<model>.json`` (rows, summary).
-  Config fields: see ``intriguing_jax/configs/spectral.py``.
-
-  Returns:
-    {model: summary} (products, empirical bounds, seconds).
+  """Table 5 (``lipschitz_table``) and the empirical lower bound for each of ``config.models``
+  (``intriguing_jax/configs/spectral.py``): writes ``<workdir>/<model>.md`` (table and products) and
+  ``<workdir>/<model>.json`` (rows, summary); returns {model: summary} (products, empirical bounds, seconds).
   """
   from intriguing_jax import checkpoint  # pylint: disable=g-import-not-at-top
   _check_config(config)
@@ -913,11 +732,9 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
     for row in rows if name == "alexnet" else ():
       if row["layer"] in table5:
         row["paper_table5"] = table5[row["layer"]]
+    x_adv = None
     if config.adv_file:
-      pairs = np.load(config.adv_file)
-      x, x_adv = jnp.asarray(pairs["x"]), jnp.asarray(pairs["x_adv"])
-    else:
-      x_adv = None
+      x, x_adv = (jnp.asarray(np.load(config.adv_file)[k]) for k in ("x", "x_adv"))
     if x.shape[0]:
       emp = empirical_lipschitz(model.apply, variables, x, x_adv=x_adv, num_steps=config.empirical_steps,
                                 batch_size=min(64, x.shape[0]))
@@ -930,7 +747,7 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
     text = f"# Lipschitz bounds: {name} (method {config.method})\n\n" + format_table(rows, summary)
     checkpoint.atomic_write_bytes(os.path.join(workdir, f"{name}.md"), text.encode())
     checkpoint.atomic_write_json(os.path.join(workdir, f"{name}.json"), dict(rows=rows, summary=summary))
-    logging.info("spectral: %s: product_upper %.4g, paper-style %.4g (%.1f s)", name, summary["product_upper"],
-                 summary["product_paper_style"], summary["seconds"])
+    logging.info("spectral: %s: product_upper %.4g, paper-style %.4g (%.1f s)", name,
+                 summary["product_upper"], summary["product_paper_style"], summary["seconds"])
     out[name] = summary
   return out

@@ -37,26 +37,15 @@ class Model(NamedTuple):
 
 
 class AdversarialSet(NamedTuple):
-  """One model's adversarial set (paper §4.2): the originals, their targets and the attack outputs.
-
-  Attributes:
-    x: [N, ...] original images in [0, 1].
-    labels: [N] int32 true labels.
-    targets: [N] int32 attack targets (never the true label).
-    x_adv: [N, ...] adversarial images.
-    success: [N] bool, the source model predicts the target on x_adv.
-    distortion: [N] float32 RMS distortion sqrt(mean((x_adv - x)^2)).
-    c: [N] penalty weight found by the attack's line search.
-    clean_correct: [N] bool, the source model classifies x correctly.
-  """
-  x: np.ndarray
-  labels: np.ndarray
-  targets: np.ndarray
-  x_adv: np.ndarray
-  success: np.ndarray
-  distortion: np.ndarray
-  c: np.ndarray
-  clean_correct: np.ndarray
+  """One model's adversarial set (paper §4.2): the originals, their targets and the attack outputs."""
+  x: np.ndarray              # [N, ...] original images in [0, 1]
+  labels: np.ndarray         # [N] int32 true labels
+  targets: np.ndarray        # [N] int32 attack targets (never the true label)
+  x_adv: np.ndarray          # [N, ...] adversarial images
+  success: np.ndarray        # [N] bool: the source model predicts the target on x_adv
+  distortion: np.ndarray     # [N] float32 RMS distortion sqrt(mean((x_adv - x)^2))
+  c: np.ndarray              # [N] penalty weight found by the attack's c search
+  clean_correct: np.ndarray  # [N] bool: the source model classifies x correctly
 
 
 def select_examples(num_total: int, num_examples: Optional[int], *, seed: int = 0) -> np.ndarray:
@@ -115,7 +104,9 @@ def _check_sets(models: Mapping[str, Model], adversarial: Mapping[str, Adversari
                        "examples")
 
 
-def _noise(key: jax.Array, x: np.ndarray, stddev: float, clip: bool) -> np.ndarray:
+def noisy(seed: int, k: int, x: np.ndarray, stddev: float, clip: bool = False) -> np.ndarray:
+  """x plus Gaussian noise of ``stddev`` drawn with the key ``fold_in(PRNGKey(seed), k)``."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), k)
   return np.asarray(attack.gaussian_noise(key, jax.numpy.asarray(x), stddev, clip=clip), np.float32)
 
 
@@ -131,16 +122,11 @@ def table1(models: Mapping[str, Model], adversarial: Mapping[str, AdversarialSet
            test: ArrayPair, *, batch_size: int = 1000) -> List[dict]:
   """Table 1: training/test error and average minimum distortion of each model.
 
-  Args:
-    models: name -> Model.
-    adversarial: name -> AdversarialSet (made from the training set in the paper).
-    train, test: (images [N, ...], labels [N]) for the error columns.
-
-  Returns:
-    One dict per model: ``model``, ``train_error``, ``test_error``, ``av_min_distortion`` (mean over all
-    attacked examples), ``av_distortion_correct`` (over those the model classified correctly),
-    ``av_distortion_success`` (over successful attacks), ``success_rate``, ``num_attacked``, ``num_failed``,
-    ``mean_log10_c`` (over the finite positive c).
+  ``adversarial``: name -> AdversarialSet (of training images in the paper); ``train``, ``test``: (images
+  [N, ...], labels [N]). One dict per model: ``model``, ``train_error``, ``test_error``,
+  ``av_min_distortion`` (mean over all attacked examples), ``av_distortion_correct`` (over those the model
+  classified correctly), ``av_distortion_success`` (over successes), ``success_rate``, ``num_attacked``,
+  ``num_failed``, ``mean_log10_c`` (over the finite positive c).
   """
   _check_sets(models, adversarial, "table1")
   rows = []
@@ -167,17 +153,11 @@ def table2(models: Mapping[str, Model], adversarial: Mapping[str, AdversarialSet
            batch_size: int = 1000) -> List[dict]:
   """Table 2: cross-model generalisation, the adversarial set made for model i fed to model j.
 
-  Args:
-    models: name -> Model; both the rows and the columns.
-    adversarial: name -> AdversarialSet of the same examples, one per model.
-    noise_stddevs: stddevs of the Gaussian-noise reference rows, added to the same examples (noise i uses
-      the key ``fold_in(PRNGKey(seed), 1000 + i)``).
-    clip_noise: clip the noisy images to [0, 1] (default no, A10).
-
-  Returns:
-    One dict per row: ``row`` (the source model, or "Gaussian noise, stddev=s"), ``kind``
-    ("adversarial" | "noise"), ``source`` (model name or None), ``stddev`` (noise only), the error of each
-    column model (A9), and ``av_distortion`` (measured mean RMS).
+  ``models`` are the rows and the columns; ``adversarial`` holds one set per model, of the same examples.
+  Reference rows add Gaussian noise of each of ``noise_stddevs`` to the examples (noise i: key
+  ``fold_in(PRNGKey(seed), 1000 + i)``; clipped to [0, 1] only with ``clip_noise``, A10). One dict per row:
+  ``row`` (the source model, or "Gaussian noise, stddev=s"), ``kind`` ("adversarial" | "noise"), ``source``
+  (model name or None), ``stddev`` (noise only), the error of each column model (A9), ``av_distortion``.
   """
   _check_sets(models, adversarial, "table2", same_examples=True)
   for s in noise_stddevs:
@@ -189,9 +169,8 @@ def table2(models: Mapping[str, Model], adversarial: Mapping[str, AdversarialSet
     rows.append(_matrix_row(models, a.x, a.x_adv, a.labels, batch_size, a.distortion, row=src,
                             kind="adversarial", source=src))
   x, labels = adversarial[next(iter(models))].x, adversarial[next(iter(models))].labels
-  base = jax.random.PRNGKey(seed)
   for i, s in enumerate(noise_stddevs):
-    xn = _noise(jax.random.fold_in(base, 1000 + i), x, float(s), clip_noise)
+    xn = noisy(seed, 1000 + i, x, float(s), clip_noise)
     rows.append(_matrix_row(models, x, xn, labels, batch_size, row=f"Gaussian noise, stddev={s:g}",
                             kind="noise", source=None, stddev=float(s)))
   return rows
@@ -201,14 +180,9 @@ def table3(models: Mapping[str, Model], adversarial: Mapping[str, AdversarialSet
            p2: ArrayPair, test: ArrayPair, *, batch_size: int = 1000) -> List[dict]:
   """Table 3: the P1/P2 models' errors on P1, P2 and the test set, and their min. av. distortion.
 
-  Args:
-    models: name -> Model, e.g. FC100-100-10 and FC123-456-10 trained on P1, FC100-100-10' on P2.
-    adversarial: name -> AdversarialSet made from the *test* set (paper §4.2).
-    p1, p2, test: (images, labels) of the two training halves and the test set.
-
-  Returns:
-    One dict per model: ``model``, ``error_p1``, ``error_p2``, ``error_test``, ``min_av_distortion``,
-    ``av_distortion_correct``, ``success_rate``, ``num_failed``.
+  ``adversarial``: name -> AdversarialSet of *test* images (paper §4.2); ``p1``, ``p2``, ``test``: (images,
+  labels). One dict per model: ``model``, ``error_p1``, ``error_p2``, ``error_test``, ``min_av_distortion``,
+  ``av_distortion_correct``, ``success_rate``, ``num_failed``.
   """
   _check_sets(models, adversarial, "table3")
   rows = []
@@ -244,7 +218,6 @@ def table4(models: Mapping[str, Model], adversarial: Mapping[str, AdversarialSet
   if noise_stddev is not None and not noise_stddev > 0:
     raise ValueError(f"noise_stddev must be positive or None, got {noise_stddev}")
   x, labels = adversarial[next(iter(models))].x, adversarial[next(iter(models))].labels
-  base = jax.random.PRNGKey(seed)
   upper, lower = [], []
   for src in models:
     a = adversarial[src]
@@ -260,7 +233,7 @@ def table4(models: Mapping[str, Model], adversarial: Mapping[str, AdversarialSet
   s_up = float(np.mean([r["av_distortion"] for r in upper])) if noise_stddev is None else float(noise_stddev)
   s_low = float(magnify_to)
   for rows, s, k, text in ((upper, s_up, 2000, f"{s_up:.3g}"), (lower, s_low, 2001, f"{magnify_to:g}")):
-    xn = _noise(jax.random.fold_in(base, k), x, s, clip)
+    xn = noisy(seed, k, x, s, clip)
     rows.append(_matrix_row(models, x, xn, labels, batch_size, row=f"Gaussian noise with stddev={text}",
                             kind="noise", block=rows[0]["block"], source=None, stddev=s))
   return upper + lower

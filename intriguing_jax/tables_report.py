@@ -5,11 +5,10 @@ Usage::
 
     from intriguing_jax import paper, tables, tables_report
     results = {"table1": rows1, "table2": rows2, "table3": rows3, "table4": rows4}   # from tables.table1..4
+    # (over several seeds: results["table1"] = tables_report.aggregate_rows([rows_seed0, ...], "model"))
     results["claims"] = tables_report.qualitative_claims(results, lambda_order=paper.LAMBDA_ORDER)
     figures = tables_report.save_figures("runs/mnist", adv, models, prefix="train")
     tables_report.build_report(results, figures=figures).write("runs/mnist", "report")
-
-Over several seeds, ``aggregate_rows`` turns per-seed rows into mean / s.d. rows first.
 """
 
 from __future__ import annotations
@@ -18,16 +17,16 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import jax
 import numpy as np
 
-from intriguing_jax import attack
 from intriguing_jax import metrics
 from intriguing_jax import plotting
 from intriguing_jax import report
+from intriguing_jax import tables
 from intriguing_jax.paper import LAMBDA_ORDER, READINGS
 from intriguing_jax.paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE4
 from intriguing_jax.tables import AdversarialSet, Model
+
 
 def _claim(claim: str, holds: Any, evidence: str) -> dict:
   return {"claim": claim, "holds": bool(holds), "evidence": evidence}
@@ -93,16 +92,10 @@ def _table4_claims(t4: Sequence[dict]) -> List[dict]:
 
 def qualitative_claims(results: Mapping[str, Any], *,
                        lambda_order: Sequence[str] = LAMBDA_ORDER) -> List[dict]:
-  """Checks the paper's qualitative claims on our numbers.
-
-  Args:
-    results: any of ``table1``, ``table2``, ``table4`` -> rows as returned by the table functions.
-    lambda_order: Table 1 model names of one architecture by increasing weight decay (the FC10s).
-
-  Returns:
-    One dict per claim that could be checked: ``claim`` (the paper's statement), ``holds`` (bool) and
-    ``evidence`` (a sentence with our numbers).
-  """
+  """The paper's qualitative claims checked on ``results`` (any of ``table1``, ``table2``, ``table4`` -> rows
+  of the table functions; ``lambda_order``: Table 1 names of one architecture by increasing weight decay).
+  One dict per claim that could be checked: ``claim`` (the paper's statement), ``holds`` (bool),
+  ``evidence`` (a sentence with our numbers)."""
   out = _table2_claims(results.get("table2") or [])
   d = {r["model"]: r["av_min_distortion"] for r in results.get("table1") or [] if r["model"] in lambda_order}
   order = [n for n in lambda_order if n in d]
@@ -134,10 +127,6 @@ def aggregate_rows(per_seed: Sequence[Sequence[dict]], key: str) -> List[dict]:
   return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Figures 5-7 analogues and the report
-# --------------------------------------------------------------------------------------------------
-
 def _fig7(out_dir, adversarial, models, names, pair_models, prefix, k, noise_stddev, seed, batch_size):
   """Figure 7 analogues: k (original, adversarial) pairs per pair model, then Gaussian noise."""
   figs = []
@@ -152,8 +141,7 @@ def _fig7(out_dir, adversarial, models, names, pair_models, prefix, k, noise_std
                       f"{a.distortion[:k].mean():.3f}; "
                       f"accuracy of {nm} on them: {acc(nm, a.x_adv[:k], a.labels[:k]):.0f}%."))
   a = adversarial[names[0]]
-  key = jax.random.fold_in(jax.random.PRNGKey(seed), 3000)
-  xn = np.asarray(attack.gaussian_noise(key, jax.numpy.asarray(a.x), float(noise_stddev)), np.float32)
+  xn = tables.noisy(seed, 3000, a.x, float(noise_stddev))
   accs = ", ".join(f"{nm} {acc(nm, xn, a.labels):.0f}%" for nm in pair_models)
   rel = os.path.join("figures", f"{prefix}_fig7c_noise.png")
   plotting.save_image_grid(plotting.pairs_grid(a.x[:k], np.clip(xn[:k], 0.0, 1.0), ncols_pairs=3),
@@ -168,17 +156,11 @@ def save_figures(out_dir: str, adversarial: Mapping[str, AdversarialSet], models
                  prefix: str, pair_models: Optional[Sequence[str]] = None, noise_stddev: float = 1.0,
                  seed: int = 0, num_pairs: int = 12, num_triplet_examples: int = 2, magnify: float = 10.0,
                  batch_size: int = 1000) -> List[Tuple[str, str]]:
-  """Writes the MNIST figures of one group of adversarial sets as PNGs under ``out_dir/figures``.
-
-  * Figure 7 analogue: for each of ``pair_models`` (default: the first two), a grid of ``num_pairs``
-    (original, adversarial) pairs, odd columns original; plus one grid of Gaussian noise of stddev
-    ``noise_stddev`` (paper: 1.0) with the accuracy of those models on the noisy examples.
-  * Figure 5 analogue: one row per model of (original | ``magnify``x difference on grey | adversarial)
-    triplets for the first ``num_triplet_examples`` examples.
-  * The distribution of the per-example distortion of every model (overlaid histograms).
-
-  Returns:
-    (path relative to ``out_dir``, caption) for each figure written.
+  """Writes the MNIST figures of one group of adversarial sets as PNGs under ``out_dir/figures``; returns
+  (path relative to ``out_dir``, caption) for each: the Figure 7 analogue (per pair model, default the
+  first two, ``num_pairs`` (original, adversarial) pairs; and Gaussian noise of ``noise_stddev``, paper
+  1.0, with those models' accuracy on it), the Figure 5 analogue (per model, (original | ``magnify``x
+  difference on grey | adversarial) for ``num_triplet_examples`` examples), and the distortion histograms.
   """
   if num_pairs < 3:
     raise ValueError(f"num_pairs must be >= 3, got {num_pairs}")
@@ -292,16 +274,10 @@ def _add_tables(rep: Any, results: Mapping[str, Any]) -> None:
 
 def build_report(results: Mapping[str, Any], *, figures: Sequence[Tuple[str, str]] = (),
                  title: str = "Intriguing properties of neural networks: Tables 1-4 on MNIST") -> Any:
-  """A :class:`intriguing_jax.report.Report` with every table present in ``results``, ours beside the paper's.
-
-  Args:
-    results: ``table1``..``table4`` (rows, possibly aggregated over seeds), optional ``claims`` (from
-      :func:`qualitative_claims`), ``config`` (dict shown as the run's settings), ``timings`` (name ->
-      seconds), ``notes`` (list of str).
-    figures: (relative PNG path, caption) pairs, e.g. from :func:`save_figures`.
-
-  Returns:
-    The Report; write it with ``report.write(out_dir, "report")``.
+  """A :class:`intriguing_jax.report.Report` (``.write(out_dir, "report")``) of every table in ``results``,
+  ours beside the paper's. ``results``: ``table1``..``table4`` rows (possibly aggregated over seeds),
+  optional ``claims`` (:func:`qualitative_claims`), ``config`` (settings dict), ``timings`` (name ->
+  seconds), ``notes`` (list of str); ``figures``: (relative PNG path, caption) pairs (:func:`save_figures`).
   """
   rep = report.Report(title)
   if results.get("config"):

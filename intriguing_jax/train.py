@@ -2,27 +2,14 @@
 
 Usage::
 
-    from intriguing_jax import data, models, train
-
-    images, labels = data.load_mnist("train")
-    # The paper's models with their default recipes (restored when already trained in the workdir):
-    model, variables = train.get_or_train("fc100-100-10", images, labels, workdir="runs/models")
-
-    # One run with explicit settings (resumes from workdir/ckpt when interrupted):
+    model, variables = train.get_or_train("fc100-100-10", images, labels, workdir="runs/models")  # recipe
     config = train.TrainConfig(epochs=30, weight_decay=(1e-5, 1e-5, 1e-6))
     result = train.train_model(models.get_model("fc100-100-10"), images, labels, config, workdir=w)
-    result.variables                                    # {"params": ...}, for model.apply
-
-    # Three FC10 models differing only in λ, as ONE compiled program (params stacked on axis 0):
-    sweep = train.train_sweep(models.get_model("fc10"), images, labels, config,
-                              weight_decays=[1e-4, 1e-2, 1.0], seeds=[0])
-    sweep.variables[2]                                  # ordinary variables of the λ=1 model
+    sweep = train.train_sweep(models.get_model("fc10"), images, labels, config,     # ONE compiled program
+                              weight_decays=[1e-4, 1e-2, 1.0], seeds=[0])           # sweep.variables[2]: λ=1
 
 Loss: ``mean_i CE(x_i, y_i) + Σ_l ½ λ_l Σ w_l²`` over the dense/conv kernels (``models.weight_layer_paths``,
-λ listed input -> output), biases not decayed. The epoch loop, resume, sweeps (members sharded over the
-devices of ``mesh``) and checkpoints are ``driver``'s; the order of the mini-batches is
-``permutation(fold_in(PRNGKey(data_seed), epoch))`` and the dropout key of a step ``fold_in(rng, step)``,
-so a resumed run repeats exactly what the uninterrupted run would have done.
+λ listed input -> output), biases not decayed. Epoch loop, resume, sweeps and checkpoints: ``driver``.
 """
 
 from __future__ import annotations
@@ -57,7 +44,7 @@ __all__ = [
     "TrainConfig", "TrainState", "TrainResult", "SweepResult", "train_model", "train_sweep", "get_or_train",
     "RECIPES", "recipe", "weight_decay_penalty", "decay_layer_paths", "make_optimizer", "evaluate",
     "make_evaluate", "data_fingerprint", "check_data", "load_run", "unstack", "default_run_name",
-    "sweep_members", "count_errors_fn", "run_experiment",
+    "sweep_members", "count_errors_fn", "run_experiment", "Program", "program_parts", "fit",
 ]
 
 _CHOICES = {"optimizer": ("adam", "sgd", "momentum"), "schedule": ("constant", "cosine"),
@@ -137,26 +124,17 @@ def _check_decays(name, values):
 
 
 class TrainResult(NamedTuple):
-  """Output of :func:`train_model` (and ``adversarial_training.train_with_pool``).
-
-  ``variables`` = {"params": ...} for ``model.apply``; ``history``: one record per epoch run in the call.
-  """
+  """Output of :func:`train_model` (and ``adversarial_training.train_with_pool``): ``variables`` =
+  {"params": ...} for ``model.apply``; ``history``: one record per epoch run in the call."""
   variables: Params
   state: TrainState
   history: List[Dict[str, Any]]
 
 
 class SweepResult(NamedTuple):
-  """Output of :func:`train_sweep` (and ``adversarial_training.train_with_pool_sweep``).
-
-  Attributes:
-    variables: list of k ordinary per-model variables ({"params": ...}), in sweep order.
-    stacked_variables: the same with a leading [k] axis on every leaf.
-    weight_decays: [k, num_layers] λ of each member.
-    seeds: [k] init seeds.
-    state: stacked state.
-    history: per-epoch metrics (lists of k values).
-  """
+  """Output of :func:`train_sweep` (and ``adversarial_training.train_with_pool_sweep``): the k members'
+  ``variables`` in sweep order, the same ``stacked_variables`` (leading [k] axis), ``weight_decays``
+  [k, num_layers], init ``seeds`` [k], the stacked ``state`` and ``history`` (lists of k values)."""
   variables: List[Params]
   stacked_variables: Params
   weight_decays: np.ndarray
@@ -165,8 +143,25 @@ class SweepResult(NamedTuple):
   history: List[Dict[str, Any]]
 
 
+class Program(NamedTuple):
+  """What a trainer compiles once per (model, static config, data shape); λ and seeds stay traced.
+
+  ``init(key) -> params`` is jitted (vmapped over [k] keys for a sweep); ``make_state(params, rng)`` gives
+  a fresh state; ``epoch_fn`` is ``driver.make_epoch_fn``'s; ``summarise(stats [steps, C]) -> dict``.
+  """
+  num_layers: int
+  init: Callable
+  make_state: Callable
+  epoch_fn: Callable
+  summarise: Callable
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loss pieces.
+
+
+def _template(model, input_shape=models_lib.MNIST_SHAPE):
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(input_shape)))
 
 
 def decay_layer_paths(model, input_shape: Sequence[int], task: str = "classify") -> List[Tuple[str, ...]]:
@@ -174,8 +169,7 @@ def decay_layer_paths(model, input_shape: Sequence[int], task: str = "classify")
   encoder and decoder (autoencode)."""
   if task == "autoencode":
     return [("encoder",), ("decoder",)]
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(input_shape)))
-  return models_lib.weight_layer_paths(model, variables, tuple(input_shape))
+  return models_lib.weight_layer_paths(model, _template(model, input_shape), tuple(input_shape))
 
 
 def weight_decay_penalty(params: Params, decays: Array, paths: Sequence[Tuple[str, ...]],
@@ -234,17 +228,20 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, params: Params) ->
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled(model, config: TrainConfig, input_shape: Tuple[int, ...], num_train: int, stacked: bool):
-  """(tx, decayed paths, jitted init(key), epoch_fn) for a (model, static config, data size).
-
-  Cached so that runs differing only in λ, seeds or data values reuse one compiled program: ``config`` must
-  have ``weight_decay=(0.0,)`` (λ is the traced ``hyper`` of the driver).
-  """
+def program_parts(model, config: TrainConfig, input_shape: Tuple[int, ...], num_train: int):
+  """(decayed paths, optimiser, ``init(key) -> params``) of ``model`` on [1, *input_shape] inputs."""
   x0 = jnp.zeros((1,) + input_shape, jnp.float32)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)["params"]
   paths = decay_layer_paths(model, input_shape, config.task)
   tx = make_optimizer(config, num_train // config.batch_size, params)
+  return paths, tx, lambda key: model.init(key, x0)["params"]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(model, config: TrainConfig, input_shape: Tuple[int, ...], num_train: int, stacked: bool):
+  """The :class:`Program` of ``config``, which must have ``weight_decay=(0.0,)`` (λ is the driver's traced
+  ``hyper``); cached, so runs differing only in λ, seeds or data values reuse one compiled program."""
+  paths, tx, init = program_parts(model, config, input_shape, num_train)
 
   def loss_fn(params, x, y, decays, key):
     data_loss, error = _data_loss(model, config, params, x, y, key)
@@ -257,11 +254,16 @@ def _compiled(model, config: TrainConfig, input_shape: Tuple[int, ...], num_trai
     (loss, (data_loss, err)), grads = grad_fn(state.params, x, y, decays, key)
     return driver.apply_gradients(state, grads, tx), jnp.stack([loss, data_loss, err])
 
-  def init(key):
-    return model.init(key, x0)["params"]
-
   epoch_fn = driver.make_epoch_fn(step_fn, num_train=num_train, batch_size=config.batch_size, stacked=stacked)
-  return tx, paths, jax.jit(jax.vmap(init) if stacked else init), epoch_fn
+  return Program(len(paths), jax.jit(jax.vmap(init) if stacked else init),
+                 lambda p, r: TrainState(**driver.state_fields(p, tx, r)), epoch_fn,
+                 functools.partial(_summarise, config.task))
+
+
+def _summarise(task: str, stats: np.ndarray) -> Dict[str, float]:
+  mean = np.mean(stats, axis=0)
+  error = "train_batch_error" if task == "classify" else "recon_mse"
+  return {"loss": float(mean[0]), "data_loss": float(mean[1]), error: float(mean[2])}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,19 +287,12 @@ def count_errors_fn(model, stacked: bool = False) -> Callable:
 
 def evaluate(count_fn, params: Params, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
              mesh: Optional[Mesh] = None, shard_examples: bool = True) -> np.ndarray:
-  """Error rate(s) with a jitted ``count_fn`` over fixed-size chunks (the ragged tail padded and masked).
+  """errors / N (numpy; [k] for stacked params) of ``count_fn(params, x [B, ...], y [B])`` (which ignores
+  rows with ``y = -1``) over chunks of ``batch_size`` rows, the ragged tail padded and masked.
 
-  Args:
-    count_fn: ``count_fn(params, x [B, ...], y [B]) -> errors`` (a scalar, or [k] for stacked params),
-      ignoring rows with ``y = -1`` (the padding).
-    params: passed to ``count_fn`` as is (with ``mesh`` and ``shard_examples``: replicated over ``mesh``).
-    images, labels: [N, ...] and [N].
-    batch_size: examples per chunk (with ``mesh`` and ``shard_examples``: rounded up to the mesh size).
-    mesh: None: every chunk on the default device. A 1-D mesh: with ``shard_examples`` each chunk's rows
-      are sharded and ``params`` replicated; without, the chunk is replicated and ``params`` used as placed.
-
-  Returns:
-    errors / N (numpy; [k] for stacked params).
+  ``mesh`` None: every chunk on the default device. A 1-D mesh: with ``shard_examples`` each chunk's rows
+  are sharded (``batch_size`` rounded up to the mesh size) and ``params`` replicated; without, the chunk is
+  replicated and ``params`` used as placed (e.g. sweep members sharded by the driver).
   """
   n = images.shape[0]
   bs = min(batch_size, n)
@@ -405,38 +400,49 @@ def sweep_members(num_layers: int, config: TrainConfig, weight_decays: Sequence[
   return np.stack(decays), seeds * k if len(seeds) == 1 else seeds
 
 
-def _summarise(task: str, stats: np.ndarray) -> Dict[str, float]:
-  mean = np.mean(stats, axis=0)
-  error = "train_batch_error" if task == "classify" else "recon_mse"
-  return {"loss": float(mean[0]), "data_loss": float(mean[1]), error: float(mean[2])}
+def unstack(tree: Any, k: int) -> List[Any]:
+  """Splits a pytree with a leading [k] axis into k pytrees."""
+  return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(k)]
 
 
-def _train(model, images, labels, config: TrainConfig, *, weight_decays, seeds, data_seed, stacked: bool,
-           workdir, eval_data, init_params, stop_after_epoch, mesh, who):
-  """train_model (stacked=False, one member) and train_sweep: (stacked state, decays, history)."""
-  images, labels = check_data(images, labels)
-  tx, paths, init_fn, epoch_fn = _compiled(model, dataclasses.replace(config, weight_decay=(0.0,)),
-                                           tuple(images.shape[1:]), images.shape[0], stacked)
-  decays, seeds = sweep_members(len(paths), config, weight_decays, seeds, who)
+def fit(model, images, labels, config: TrainConfig, program: Program, *, stacked: bool, weight_decays, seeds,
+        data_seed: int, workdir, eval_data, stop_after_epoch, mesh, who: str, prefix: str = "",
+        init_params: Optional[Params] = None, run_info: Optional[Dict[str, Any]] = None):
+  """Every trainer's run (this module's and ``adversarial_training``'s) on checked data: the members' λ
+  (:func:`sweep_members`) and keys ``split(PRNGKey(seed))`` (init, rng), fresh states, ``driver.run``.
+
+  Returns a :class:`TrainResult` (one model) or, ``stacked``, a :class:`SweepResult`; ``run_info`` adds
+  entries to the settings guarded in the workdir.
+  """
+  decays, seeds = sweep_members(program.num_layers, config, weight_decays, seeds, who)
   keys = jnp.stack([jax.random.split(jax.random.PRNGKey(s)) for s in seeds])  # [k, 2 (init, rng), 2]
   if stacked:
-    state = jax.vmap(lambda p, r: TrainState(**driver.state_fields(p, tx, r)))(init_fn(keys[:, 0]),
-                                                                              keys[:, 1])
+    state = jax.vmap(program.make_state)(program.init(keys[:, 0]), keys[:, 1])
   else:
-    params = init_fn(keys[0, 0]) if init_params is None else jax.tree.map(jnp.copy, init_params["params"])
-    state, decays = TrainState(**driver.state_fields(params, tx, keys[0, 1])), decays[0]
+    params = jax.tree.map(jnp.copy, init_params["params"]) if init_params else program.init(keys[0, 0])
+    state, decays = program.make_state(params, keys[0, 1]), decays[0]
   members = len(seeds) if stacked else None
   run_info = {"config": config.to_dict(), "seeds": seeds, "data_seed": int(data_seed),
               "weight_decays": decays.tolist(), "num_train": int(images.shape[0]),
-              "data_fingerprint": data_fingerprint(images, labels), "model": repr(model)}
+              "data_fingerprint": data_fingerprint(images, labels), "model": repr(model), **(run_info or {})}
   evaluate_fn = make_evaluate(model, eval_data, config.eval_batch_size, members, mesh) \
       if config.task == "classify" else None
-  state, history = driver.run(state, epoch_fn, images, labels, jnp.asarray(decays), epochs=config.epochs,
-                              data_seed=data_seed, summarise=functools.partial(_summarise, config.task),
-                              evaluate=evaluate_fn, checkpoint_every=config.checkpoint_every, workdir=workdir,
-                              run_info=run_info, stop_after_epoch=stop_after_epoch, members=members,
-                              mesh=mesh, prefix="[sweep] " if stacked else "")
-  return state, decays, seeds, history
+  state, history = driver.run(
+      state, program.epoch_fn, images, labels, jnp.asarray(decays), epochs=config.epochs, data_seed=data_seed,
+      summarise=program.summarise, evaluate=evaluate_fn, checkpoint_every=config.checkpoint_every,
+      workdir=workdir, run_info=run_info, stop_after_epoch=stop_after_epoch, members=members, mesh=mesh,
+      prefix=prefix)
+  variables = {"params": state.params}
+  if not stacked:
+    return TrainResult(variables, state, history)
+  return SweepResult(unstack(variables, len(seeds)), variables, decays, np.asarray(seeds), state, history)
+
+
+def _train(model, images, labels, config: TrainConfig, stacked: bool, **kw):
+  images, labels = check_data(images, labels)
+  program = _compiled(model, dataclasses.replace(config, weight_decay=(0.0,)), tuple(images.shape[1:]),
+                      images.shape[0], stacked)
+  return fit(model, images, labels, config, program, stacked=stacked, **kw)
 
 
 def train_model(model, images, labels, config: TrainConfig, *, seed: int = 0, data_seed: Optional[int] = None,
@@ -459,16 +465,10 @@ def train_model(model, images, labels, config: TrainConfig, *, seed: int = 0, da
     ValueError: bad data (shape, dtype, NaN), λ list of the wrong length, or a workdir holding a run with
       other settings.
   """
-  state, _, _, history = _train(model, images, labels, config, weight_decays=[None], seeds=[seed],
-                                data_seed=seed if data_seed is None else data_seed, stacked=False,
-                                workdir=workdir, eval_data=eval_data, init_params=init_params,
-                                stop_after_epoch=stop_after_epoch, mesh=mesh, who="TrainConfig.weight_decay")
-  return TrainResult({"params": state.params}, state, history)
-
-
-def unstack(tree: Any, k: int) -> List[Any]:
-  """Splits a pytree with a leading [k] axis into k pytrees."""
-  return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(k)]
+  return _train(model, images, labels, config, False, weight_decays=[None], seeds=[seed],
+                data_seed=seed if data_seed is None else data_seed, workdir=workdir, eval_data=eval_data,
+                init_params=init_params, stop_after_epoch=stop_after_epoch, mesh=mesh,
+                who="TrainConfig.weight_decay")
 
 
 def train_sweep(model, images, labels, config: TrainConfig, *, weight_decays: Sequence[Any] = (None,),
@@ -479,23 +479,14 @@ def train_sweep(model, images, labels, config: TrainConfig, *, weight_decays: Se
 
   The train step under ``jax.vmap`` over states stacked on a leading [k] axis; every member sees the same
   mini-batches (order from ``data_seed``): member i ends where ``train_model(..., weight_decay=λ_i,
-  seed=seeds[i], data_seed=data_seed)`` ends, up to float rounding. The members are sharded over the devices
-  of ``mesh`` (default all; k padded to a multiple of the device count with copies of member 0, dropped from
-  everything returned or saved; the data replicated).
-
-  Args:
-    weight_decays: k entries, each a scalar or per-layer list (None: ``config.weight_decay``); a length-1
-      list is broadcast to the length of ``seeds``.
-    seeds: k init seeds (or one, broadcast to the length of ``weight_decays``).
-    mesh: a 1-D mesh (``distributed.data_mesh(devices)``) whose devices share the members.
-    (other arguments as in :func:`train_model`.)
+  seed=seeds[i], data_seed=data_seed)`` ends, up to float rounding. ``weight_decays`` and ``seeds``: as
+  :func:`sweep_members`. The members are sharded over the devices of the 1-D ``mesh`` (default all; k padded
+  with copies of member 0, dropped from everything returned or saved; the data replicated). Other arguments
+  as in :func:`train_model`.
   """
-  state, decays, seeds, history = _train(model, images, labels, config, weight_decays=weight_decays,
-                                         seeds=seeds, data_seed=data_seed, stacked=True, workdir=workdir,
-                                         eval_data=eval_data, init_params=None,
-                                         stop_after_epoch=stop_after_epoch, mesh=mesh, who="train_sweep")
-  stacked = {"params": state.params}
-  return SweepResult(unstack(stacked, len(seeds)), stacked, decays, np.asarray(seeds), state, history)
+  return _train(model, images, labels, config, True, weight_decays=weight_decays, seeds=seeds,
+                data_seed=data_seed, workdir=workdir, eval_data=eval_data, stop_after_epoch=stop_after_epoch,
+                mesh=mesh, who="train_sweep", prefix="[sweep] ")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -539,10 +530,6 @@ def recipe(name: str) -> Dict[str, Any]:
                    "'fc<w1>-<w2>-10'")
 
 
-def _template(model, input_shape=models_lib.MNIST_SHAPE):
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(input_shape)))
-
-
 def load_run(run_dir: str, model, input_shape: Sequence[int] = models_lib.MNIST_SHAPE) -> Tuple[Params, Dict]:
   """(variables, result.json contents) of a finished run; the variables' shapes are checked against
   ``model`` on ``input_shape`` (a file of another architecture names the differing shapes)."""
@@ -561,7 +548,19 @@ def default_run_name(name: str, *, seed: int = 0, epochs: Optional[int] = None,
   return run_name
 
 
-def _train_recipe(name, rec, model, config, pre_cfg, images, labels, *, seed, run_dir, eval_data):
+def _resolve(name: str, epochs: Optional[int], overrides: Dict[str, Any], model_kwargs: Dict[str, Any]):
+  """(recipe, TrainConfig, pre-training TrainConfig or None, run-name extras) of a request; validated."""
+  rec = recipe(name)
+  bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+  if bad:
+    raise ValueError(f"get_or_train: unknown TrainConfig overrides {bad}")
+  epochs_kw = {} if epochs is None else {"epochs": epochs}
+  config = TrainConfig(**{**rec["config"], **overrides, **epochs_kw})
+  pre_cfg = TrainConfig(**{**rec["pretrain"], **epochs_kw}) if "pretrain" in rec else None
+  return rec, config, pre_cfg, dict(overrides, **({"model_kwargs": model_kwargs} if model_kwargs else {}))
+
+
+def _train_recipe(name, model, config, pre_cfg, images, labels, *, seed, run_dir, eval_data):
   """Trains a recipe (with its autoencoder pre-training stage, if any); returns (variables, result)."""
   timer = time.perf_counter()
   if pre_cfg is None:
@@ -583,7 +582,9 @@ def _train_recipe(name, rec, model, config, pre_cfg, images, labels, *, seed, ru
             "train_error": metrics.error_rate(model.apply, variables, images, labels)}
   if eval_data is not None:
     result["eval_error"] = metrics.error_rate(model.apply, variables, *eval_data)
-  logging.info("get_or_train: %s trained: %s", name, result)
+  logging.info("get_or_train: %s trained in %.0f s, train error %.2f%%", name, result["train_seconds"],
+               100 * result["train_error"])
+  logging.vlog(1, "get_or_train: %s: %s", name, result)
   return variables, result
 
 
@@ -596,36 +597,19 @@ def get_or_train(name: str, images, labels, *, workdir: str, seed: int = 0, epoc
   overrides=...)``). A finished run (``final.msgpack`` + ``result.json``) with the same settings and data
   is restored (``driver.restore_or_run``); an interrupted one resumes from its checkpoint.
 
-  Args:
-    name: a key of ``RECIPES`` or any "fc<w1>-<w2>-10".
-    images, labels: training set ([N, 28, 28, 1] float32 in [0, 1], [N] int).
-    workdir: parent directory of the runs.
-    seed: init seed (also the shuffling seed).
-    epochs: overrides the recipe's epochs (of both stages, for a recipe with pre-training).
-    run_name: directory name under ``workdir`` (e.g. to keep P1 and full-data runs apart).
-    eval_data: optional (images, labels) evaluated each epoch and at the end (e.g. the test set).
-    model_kwargs: module attributes overriding the recipe's (e.g. ``{"dropout_rate": 0.5}``).
-    **overrides: ``TrainConfig`` fields replacing the recipe's (e.g. ``weight_decay=(1e-3,)``).
-
-  Returns:
-    (model, variables) with ``model.apply(variables, x)`` the logits.
+  ``name``: a key of ``RECIPES`` or any "fc<w1>-<w2>-10"; ``seed``: init and shuffling seed; ``epochs``:
+  the recipe's epochs (of both stages, with pre-training) overridden; ``eval_data``: (images, labels)
+  evaluated each epoch and at the end; ``model_kwargs``: module attributes (e.g. ``{"dropout_rate": 0.5}``);
+  ``overrides``: ``TrainConfig`` fields replacing the recipe's. Returns (model, variables).
 
   Raises:
     ValueError: unknown name or override, or ``workdir/<run_name>`` holding a run with other settings or
       data (the differing settings named).
   """
-  rec = recipe(name)
-  model_kwargs = dict(rec.get("model_kwargs", {}), **(model_kwargs or {}))
+  model_kwargs = dict(model_kwargs or {})
+  rec, config, pre_cfg, extra = _resolve(name, epochs, overrides, model_kwargs)
   model = models_lib.get_model(rec["model"], **model_kwargs)
-  bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
-  if bad:
-    raise ValueError(f"get_or_train: unknown TrainConfig overrides {bad}")
-  epochs_kw = {} if epochs is None else {"epochs": epochs}
-  config = TrainConfig(**{**rec["config"], **overrides, **epochs_kw})
-  pre_cfg = TrainConfig(**{**rec["pretrain"], **epochs_kw}) if "pretrain" in rec else None
-  if run_name is None:
-    extra = dict(overrides, **({"model_kwargs": model_kwargs} if model_kwargs else {}))
-    run_name = default_run_name(name, seed=seed, epochs=epochs, overrides=extra)
+  run_name = run_name or default_run_name(name, seed=seed, epochs=epochs, overrides=extra)
   images, labels = check_data(images, labels)
   eval_data = None if eval_data is None else check_data(*eval_data, name="eval_data")
   settings = {"model": rec["model"], "model_kwargs": model_kwargs, "seed": seed, "config": config.to_dict(),
@@ -633,7 +617,7 @@ def get_or_train(name: str, images, labels, *, workdir: str, seed: int = 0, epoc
               "data_fingerprint": data_fingerprint(images, labels)}
   run_dir = os.path.join(workdir, run_name)
   variables, _ = driver.restore_or_run(
-      run_dir, settings, lambda: _train_recipe(name, rec, model, config, pre_cfg, images, labels, seed=seed,
+      run_dir, settings, lambda: _train_recipe(name, model, config, pre_cfg, images, labels, seed=seed,
                                                run_dir=run_dir, eval_data=eval_data),
       target=_template(model, images.shape[1:]), who=f"get_or_train({name})")
   return model, variables
@@ -649,13 +633,11 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
   ``config``: ``configs/train.py``'s ConfigDict (model, split, seed, epochs, model_kwargs, overrides,
   sweep_weight_decays). Validated (recipe, ``TrainConfig``) before any data is loaded. With
   ``sweep_weight_decays`` the λ values are trained as one vmapped ``train_sweep`` in
-  ``workdir/<run name>_sweep``. Writes ``result.json`` in the run directory.
+  ``workdir/<run name>_sweep``. Writes ``errors.json`` in the run directory.
   """
-  rec = recipe(config.model)
   overrides = {k: v for k, v in config.overrides.items() if v is not None}
   model_kwargs = {k: v for k, v in config.model_kwargs.items() if v is not None}
-  epochs_kw = {} if config.epochs is None else {"epochs": config.epochs}
-  train_config = TrainConfig(**{**rec["config"], **overrides, **epochs_kw})
+  rec, train_config, _, extra = _resolve(config.model, config.epochs, overrides, model_kwargs)
   sweep = list(config.sweep_weight_decays)
   if sweep and "pretrain" in rec:
     raise ValueError("sweep_weight_decays does not support a recipe with pre-training (ae400-10)")
@@ -665,7 +647,6 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
   p1, p2 = data_lib.split_p1_p2(x, y)
   train_set = {"full": (x, y), "p1": p1, "p2": p2}[config.split]
   tag = "" if config.split == "full" else config.split
-  extra = dict(overrides, **({"model_kwargs": model_kwargs} if model_kwargs else {}))
   run_name = default_run_name(config.model, seed=config.seed, epochs=config.epochs,
                               overrides=dict(extra, sweep=sweep) if sweep else extra, data_tag=tag)
   sets = {"train": train_set, "test": test, **({"p1": p1, "p2": p2} if tag else {})}
@@ -674,15 +655,15 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
     run_dir = os.path.join(workdir, run_name + "_sweep")
     res = train_sweep(model, *train_set, train_config, weight_decays=sweep, seeds=[config.seed],
                       data_seed=config.seed, workdir=run_dir, eval_data=test)
-    rows = [{"weight_decay": lam.tolist(), **{f"{k}_error": metrics.error_rate(model.apply, v, *s)
-                                              for k, s in sets.items()}}
-            for lam, v in zip(res.weight_decays, res.variables)]
+    members = [(v, {"weight_decay": lam.tolist()}) for lam, v in zip(res.weight_decays, res.variables)]
   else:
     run_dir = os.path.join(workdir, run_name)
     model, variables = get_or_train(config.model, *train_set, workdir=workdir, seed=config.seed,
                                     epochs=config.epochs, run_name=run_name, eval_data=test,
                                     model_kwargs=model_kwargs or None, **overrides)
-    rows = [{f"{k}_error": metrics.error_rate(model.apply, variables, *s) for k, s in sets.items()}]
+    members = [(variables, {})]
+  rows = [{**row, **{f"{k}_error": metrics.error_rate(model.apply, v, *s) for k, s in sets.items()}}
+          for v, row in members]
   out = {"model": config.model, "split": config.split, "run_dir": run_dir, "rows": rows}
   checkpoint.atomic_write_json(os.path.join(run_dir, "errors.json"), out)
   for row in rows:

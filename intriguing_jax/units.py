@@ -4,32 +4,19 @@ Usage::
 
     phi = models.feature_fn(model)                         # phi(variables, x) -> {"fc1": [B, 128], ...}
     dims = units.feature_dims(phi, variables, images[:1])           # {"conv1": 9216, ..., "fc1": 128}
-    unit_ids = units.sample_units(0, dims["fc1"], 100)              # which e_i to inspect
-    dirs = {"fc1": units.natural_directions(dims["fc1"], unit_ids)}  # [100, 128] rows e_i
+    dirs = {"fc1": units.natural_directions(dims["fc1"], units.sample_units(0, dims["fc1"], 100))}
     # or: dirs = {"fc1": units.random_directions(1, 100, dims["fc1"])}  # unit-norm Gaussian
     top = units.top_k_images(phi, variables, images, dirs, k=10)    # {"fc1": TopK(scores, indices [100, 10])}
     coh = units.coherence(labels[top["fc1"].indices], images=images[top["fc1"].indices])
-
-    # Or the whole measured claim, natural vs random, for every layer:
-    result = units.analyse(phi, variables, images, labels, key=0, num_directions=200, k=10)
+    result = units.analyse(phi, variables, images, labels, key=0, num_directions=200, k=10)  # all layers
     result["fc1"].comparisons["majority_share"].verdict            # e.g. "not distinguishable"
 
-A feature function is any ``phi(params, x [B, ...]) -> [B, ...]`` or ``{layer: [B, ...]}`` (activations
-are flattened per example); it is a static argument of the compiled step (reuse one object, or a
-hashable one such as ``models.feature_fn(model)``, to reuse the compiled program).
-
-The paper (Section 3; paper.md §2, §8, A17) ranks a held-out image set I by ``<φ(x), v>`` and shows the
-top images for natural-basis directions ``v = e_i`` (Figure 1) and random directions (Figure 2); it claims
-both rows are "semantically" coherent, so "the natural basis is not better than a random basis". Here the
-claim is measured: for each direction, the coherence of its top-k images (share of the majority label,
-label entropy, and a label-free mean pairwise pixel cosine similarity) is computed for natural and random
-directions, plus a chance baseline of random k-subsets of I; the two distributions are compared with a
-Mann-Whitney U test, a seeded permutation test on the difference of means and the Vargha-Delaney effect
-size A.
-
-Top-k search streams over I in fixed-size batches: one jitted step maps a batch to scores ``φ(x) V^T``
-([B, D], all directions at once) and merges them into a running per-direction top-k with ``lax.top_k``.
-Memory is O(B * (n + D) + D * k), independent of |I|; the ragged last batch is padded and masked.
+The paper (Section 3; paper.md §2, §8, A17) ranks a held-out set I by ``<φ(x), v>`` for natural-basis
+directions ``v = e_i`` (Figure 1) and random directions (Figure 2) and claims both are "semantically"
+coherent. Here the coherence of each direction's top-k images is measured and compared, natural vs random
+and against chance (notes/units.md). A feature function ``phi(params, x [B, ...]) -> [B, ...]`` or
+``{layer: [B, ...]}`` is a static argument of the compiled step: reuse one hashable object, such as
+``models.feature_fn(model)``, to reuse the compiled program.
 """
 
 from __future__ import annotations
@@ -60,21 +47,16 @@ _SINGLE = "features"  # layer name used when a feature function returns a bare a
 
 
 class TopK(NamedTuple):
-  """The k images of I with the largest projections, per direction: scores [D, k] float32 ``<φ(x), v>``
-  (descending), indices [D, k] int32 into I (ties keep the earlier image)."""
+  """Per direction, the k images of I with the largest ``<φ(x), v>``: scores [D, k] float32 (descending),
+  indices [D, k] int32 into I (ties keep the earlier image)."""
   scores: Array
   indices: Array
 
 
 class Coherence(NamedTuple):
-  """Per-direction coherence of a set of top-k images; every field is [D] (numpy).
-
-  Attributes:
-    majority_share: fraction of the k images carrying the most frequent label.
-    majority_label: that label (the smallest one on ties).
-    label_entropy: entropy of the label histogram of the k images, in bits.
-    pixel_similarity: mean pairwise cosine similarity of the k flattened images (NaN if images not given).
-  """
+  """Per-direction coherence of top-k images, fields [D] numpy: share of the most frequent label, that label
+  (the smallest on ties), label entropy in bits, mean pairwise cosine similarity of the flattened images
+  (NaN without images)."""
   majority_share: np.ndarray
   majority_label: np.ndarray
   label_entropy: np.ndarray
@@ -82,22 +64,11 @@ class Coherence(NamedTuple):
 
 
 class Comparison(NamedTuple):
-  """Two-sample comparison of a coherence measure, sample ``a`` (natural) vs sample ``b`` (random).
-
-  Attributes:
-    mean_a, mean_b, n_a, n_b: sample means and sizes.
-    u_statistic: Mann-Whitney U of ``a``.
-    p_mannwhitney: two-sided Mann-Whitney U p-value (scipy, tie-corrected).
-    p_permutation: two-sided permutation p-value of |mean_a - mean_b|, ``(hits + 1) / (P + 1)``.
-    p_value: max(p_mannwhitney, p_permutation): both tests must reject.
-    p_adjusted: ``p_value`` after Holm's correction over a family of tests (``analyse``: the measures of
-      one layer); equal to ``p_value`` for a single comparison.
-    effect_a: Vargha-Delaney A = P(a > b) + P(a = b) / 2 = U / (n_a n_b); 0.5 means no difference.
-    magnitude: "negligible" | "small" | "medium" | "large" (|A - 0.5| < .06, < .14, < .21, else;
-      Vargha & Delaney 2000).
-    significant: p_adjusted < alpha.
-    verdict: "not distinguishable" or "distinguishable (<magnitude> effect, <which> more coherent)".
-  """
+  """Two-sample comparison of a coherence measure, sample ``a`` (natural) vs ``b`` (random): means, sizes,
+  Mann-Whitney U of ``a`` and its two-sided p-value (scipy), the two-sided permutation p-value of
+  |mean_a - mean_b|; ``p_value`` = the larger; ``p_adjusted`` after Holm's correction over a family;
+  ``effect_a``: Vargha-Delaney A = U / (n_a n_b) (0.5: none) and its ``magnitude`` (|A - 0.5| < .06
+  negligible, < .14 small, < .21 medium, else large); ``significant``: p_adjusted < alpha; ``verdict``."""
   mean_a: float
   mean_b: float
   n_a: int
@@ -114,20 +85,11 @@ class Comparison(NamedTuple):
 
 
 class LayerAnalysis(NamedTuple):
-  """Everything ``analyse`` measured for one layer.
-
-  Attributes:
-    layer: features key; dim: number of units n of the layer (flattened).
-    units: [D_nat] natural-basis unit indices analysed.
-    natural, random: TopK for the natural and random directions ([D_nat, k], [D_rand, k]).
-    random_dirs: [D_rand, n] the random unit-norm directions.
-    natural_coherence, random_coherence, chance_coherence: Coherence of the top-k images of each natural
-      direction, each random direction, and of random k-subsets of I (the chance baseline).
-    natural_valid, random_valid: [D] bool, False for degenerate directions (all k top scores equal, e.g.
-      a dead ReLU unit: the ranking is then arbitrary); excluded from the comparisons when asked.
-    comparisons: measure -> Comparison natural vs random.
-    vs_chance: measure -> {"natural": Comparison natural vs chance, "random": Comparison random vs chance}.
-  """
+  """Everything ``analyse`` measured for one layer: its name and width n; the natural units [D_nat];
+  TopK of the natural and random directions; the random directions [D_rand, n]; Coherence of the natural,
+  random and chance (random k-subsets of I) top-k sets; ``*_valid`` [D] bool, False for degenerate
+  directions (all k top scores equal, e.g. a dead ReLU unit); ``comparisons``: measure -> Comparison
+  natural vs random; ``vs_chance``: measure -> {"natural": ..., "random": ...} Comparisons vs chance."""
   layer: str
   dim: int
   units: np.ndarray
@@ -144,12 +106,12 @@ class LayerAnalysis(NamedTuple):
 
 
 def _as_dict(tree: Any) -> Tuple[Dict[str, Any], bool]:
-  if isinstance(tree, Mapping):
-    return dict(tree), True
-  return {_SINGLE: tree}, False
+  return (dict(tree), True) if isinstance(tree, Mapping) else ({_SINGLE: tree}, False)
 
 
-def _feature_dims(feature_fn: FeatureFn, params: Any, example: Array) -> Tuple[Dict[str, int], bool]:
+def feature_dims(feature_fn: FeatureFn, params: Any, example: Array) -> Dict[str, int]:
+  """Per-layer feature sizes n of ``feature_fn(params, ·)`` on ``example`` [B, ...] (``jax.eval_shape``):
+  {layer: n} in φ's layer order; a bare-array feature function gives {"features": n}."""
   order = []
 
   def traced(x):  # records φ's own layer order: eval_shape returns dicts with sorted keys
@@ -158,74 +120,40 @@ def _feature_dims(feature_fn: FeatureFn, params: Any, example: Array) -> Tuple[D
     return out
 
   b = np.shape(example)[0]
-  out, is_dict = _as_dict(jax.eval_shape(traced, jnp.asarray(example)))
+  out = _as_dict(jax.eval_shape(traced, jnp.asarray(example)))[0]
   for name, s in out.items():
     if len(s.shape) < 2 or s.shape[0] != b:
       raise ValueError(f"feature_fn: layer {name!r} output shape {s.shape} is not [B, ...] for B={b}")
-  return {name: int(math.prod(out[name].shape[1:])) for name in order}, is_dict
-
-
-def feature_dims(feature_fn: FeatureFn, params: Any, example: Array) -> Dict[str, int]:
-  """Per-layer feature sizes n of ``feature_fn(params, ·)`` on ``example`` [B, ...] (``jax.eval_shape``).
-
-  Returns:
-    {layer: n} in φ's layer order; a bare-array feature function gives {"features": n}.
-  """
-  return _feature_dims(feature_fn, params, example)[0]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Directions.
+  return {name: int(math.prod(out[name].shape[1:])) for name in order}
 
 
 def natural_directions(dim: int, units: Optional[Sequence[int]] = None) -> np.ndarray:
-  """Natural-basis directions e_i as rows.
-
-  Args:
-    dim: number of units n.
-    units: unit indices i (default: all n units).
-
-  Returns:
-    [len(units), dim] float32 numpy one-hot rows.
-  """
+  """Natural-basis directions e_i as rows, [len(units), dim] float32 one-hot (default: all ``dim`` units)."""
   if dim < 1:
     raise ValueError(f"natural_directions: dim must be >= 1, got {dim}")
   units = np.arange(dim) if units is None else np.asarray(units)
-  if units.ndim != 1 or units.size == 0:
-    raise ValueError(f"natural_directions: units must be a non-empty 1-D list, got shape {units.shape}")
-  if units.min() < 0 or units.max() >= dim:
-    raise ValueError(f"natural_directions: units must lie in [0, {dim}), got [{units.min()}, {units.max()}]")
+  if units.ndim != 1 or units.size == 0 or units.min() < 0 or units.max() >= dim:
+    raise ValueError(f"natural_directions: units must lie in [0, {dim}), a non-empty 1-D list; got {units}")
   out = np.zeros((units.size, dim), np.float32)
   out[np.arange(units.size), units] = 1.0
   return out
 
 
-def _key(key_or_seed: Union[PRNGKey, int]) -> PRNGKey:
-  if isinstance(key_or_seed, (int, np.integer)):
-    return jax.random.PRNGKey(int(key_or_seed))
-  return key_or_seed
+def _key(key: Union[PRNGKey, int]) -> PRNGKey:
+  return jax.random.PRNGKey(int(key)) if isinstance(key, (int, np.integer)) else key
 
 
 def sample_units(key: Union[PRNGKey, int], dim: int, num: int) -> np.ndarray:
-  """A seeded subset of ``num`` distinct unit indices out of ``dim`` (all of them, sorted, if num >= dim).
-
-  Returns:
-    [min(num, dim)] int32 sorted indices.
-  """
+  """A seeded subset of ``num`` distinct unit indices out of ``dim``, [min(num, dim)] int32 sorted."""
   if dim < 1 or num < 1:
     raise ValueError(f"sample_units: dim and num must be >= 1, got dim={dim}, num={num}")
   if num >= dim:
     return np.arange(dim, dtype=np.int32)
-  idx = jax.random.choice(_key(key), dim, (num,), replace=False)
-  return np.sort(np.asarray(idx, np.int32))
+  return np.sort(np.asarray(jax.random.choice(_key(key), dim, (num,), replace=False), np.int32))
 
 
 def random_directions(key: Union[PRNGKey, int], num: int, dim: int) -> Array:
-  """Random directions v ~ N(0, I_n) normalised to unit length (paper.md A17), reproducible by key/seed.
-
-  Returns:
-    [num, dim] float32, every row of L2 norm 1.
-  """
+  """[num, dim] float32 random directions v ~ N(0, I_n), normalised to unit length (paper.md A17)."""
   if dim < 1 or num < 1:
     raise ValueError(f"random_directions: num and dim must be >= 1, got num={num}, dim={dim}")
   v = jax.random.normal(_key(key), (num, dim), jnp.float32)
@@ -233,20 +161,11 @@ def random_directions(key: Union[PRNGKey, int], num: int, dim: int) -> Array:
 
 
 def random_subsets(key: Union[PRNGKey, int], num_images: int, num: int, k: int) -> np.ndarray:
-  """``num`` random k-subsets of range(num_images), each without replacement: the chance baseline.
-
-  Returns:
-    [num, k] int32 indices.
-  """
+  """[num, k] int32: ``num`` random k-subsets of range(num_images) (the chance baseline)."""
   if k > num_images:
     raise ValueError(f"random_subsets: k={k} exceeds num_images={num_images}")
-  keys = jax.random.split(_key(key), num)
   pick = jax.vmap(lambda kk: jax.random.choice(kk, num_images, (k,), replace=False))
-  return np.asarray(pick(keys), np.int32)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Streaming top-k.
+  return np.asarray(pick(jax.random.split(_key(key), num)), np.int32)
 
 
 def _merge_one(best_s: Array, best_i: Array, new_s: Array, new_i: Array, k: int) -> Tuple[Array, Array]:
@@ -273,15 +192,27 @@ def _stream_step(feature_fn: FeatureFn, k: int, params, state, x, num_valid, off
   return new_state
 
 
-def _check_images(images: Any, name: str = "images") -> np.ndarray:
+def _check_images(images: Any) -> np.ndarray:
   images = np.asarray(images)
   if images.ndim < 2:
-    raise ValueError(f"{name} must be batched [N, ...], got shape {images.shape}")
-  if not np.issubdtype(images.dtype, np.floating):
-    images = images.astype(np.float32)
+    raise ValueError(f"images must be batched [N, ...], got shape {images.shape}")
+  images = images if np.issubdtype(images.dtype, np.floating) else images.astype(np.float32)
   if not np.all(np.isfinite(images)):
-    raise ValueError(f"{name} contains NaN or inf")
+    raise ValueError("images contains NaN or inf")
   return images
+
+
+def _check_directions(directions: Mapping[str, Array], dims: Mapping[str, int]) -> Dict[str, np.ndarray]:
+  for name, v in directions.items():
+    if name not in dims:
+      raise ValueError(f"top_k_images: directions for layer {name!r}, but feature_fn returns {list(dims)}")
+    if np.ndim(v) != 2 or np.shape(v)[1] != dims[name] or np.shape(v)[0] < 1:
+      raise ValueError(f"top_k_images: directions[{name!r}] must be [D, {dims[name]}] with D >= 1, got "
+                       f"{np.shape(v)}")
+  dirs = {name: np.asarray(v, np.float32) for name, v in directions.items()}
+  if not all(np.all(np.isfinite(v)) for v in dirs.values()):
+    raise ValueError("top_k_images: directions contain NaN or inf")
+  return dirs
 
 
 def top_k_images(feature_fn: FeatureFn, params: Any, images: Any,
@@ -289,38 +220,20 @@ def top_k_images(feature_fn: FeatureFn, params: Any, images: Any,
                  batch_size: int = 1000) -> Union[TopK, Dict[str, TopK]]:
   """For every direction v, the k images of I maximising ``<φ(params, x), v>`` (paper Section 3), streamed.
 
-  Args:
-    feature_fn: φ(params, x [B, ...]) -> [B, n] or {layer: [B, n_layer]} (any [B, ...], flattened).
-    params: its parameters (traced).
-    images: I, [N, ...] (numpy or jax; streamed from host in batches). N >= k.
-    directions: [D, n] (one row per direction), or {layer: [D_layer, n_layer]} for a dict-valued φ
-      (a subset of its layers).
-    k: images kept per direction.
-    batch_size: images per streamed batch (the compiled batch shape; the last batch is padded).
-
-  Returns:
-    TopK(scores [D, k], indices [D, k]) as numpy, or {layer: TopK} when ``directions`` is a dict.
-
-  Raises:
-    ValueError: bad shapes, k, batch size, non-finite images, or a non-finite score.
+  ``feature_fn``: φ(params, x [B, ...]) -> [B, n] or {layer: [B, n_layer]} (flattened), params traced;
+  ``images``: I, [N, ...], N >= k, streamed from the host in batches of ``batch_size`` (the last padded)
+  and merged into a running top-k with ``lax.top_k`` (memory O(B * (n + D) + D * k), independent of N);
+  ``directions``: [D, n] rows, or {layer: [D_layer, n_layer]} for some layers of a dict-valued φ.
+  Returns numpy TopK(scores [D, k], indices [D, k]), or {layer: TopK} for dict ``directions``. Raises
+  ValueError for bad shapes, k, batch size, non-finite images, or a non-finite score.
   """
   images = _check_images(images)
   n = images.shape[0]
-  if k < 1 or k > n:
-    raise ValueError(f"top_k_images: k must be in [1, {n}] (the number of images), got {k}")
-  if batch_size < 1:
-    raise ValueError(f"top_k_images: batch_size must be >= 1, got {batch_size}")
+  if not 1 <= k <= n or batch_size < 1:
+    raise ValueError(f"top_k_images: k must be in [1, {n}] (the number of images) and batch_size >= 1, got "
+                     f"{k}, {batch_size}")
   dirs, is_dict = _as_dict(directions)
-  dims = feature_dims(feature_fn, params, images[:1])
-  for name, v in dirs.items():
-    if name not in dims:
-      raise ValueError(f"top_k_images: directions for layer {name!r}, but feature_fn returns {list(dims)}")
-    if np.ndim(v) != 2 or np.shape(v)[1] != dims[name] or np.shape(v)[0] < 1:
-      raise ValueError(f"top_k_images: directions[{name!r}] must be [D, {dims[name]}] with D >= 1, got "
-                       f"{np.shape(v)}")
-  dirs = {name: np.asarray(v, np.float32) for name, v in dirs.items()}
-  if not all(np.all(np.isfinite(v)) for v in dirs.values()):
-    raise ValueError("top_k_images: directions contain NaN or inf")
+  dirs = _check_directions(dirs, feature_dims(feature_fn, params, images[:1]))
   bs = min(batch_size, n)
   state = {name: (jnp.full((v.shape[0], k), -jnp.inf, jnp.float32), jnp.full((v.shape[0], k), -1, jnp.int32),
                   jnp.zeros((), jnp.int32)) for name, v in dirs.items()}
@@ -340,73 +253,51 @@ def top_k_images(feature_fn: FeatureFn, params: Any, images: Any,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Coherence and statistics.
-
-
-# Coherence is computed with numpy: D x k values (plus D x k images) are too small to be worth a compile.
-
-
-def _label_stats(topk_labels: np.ndarray, num_classes: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  counts = np.stack([np.bincount(row, minlength=num_classes) for row in topk_labels]).astype(np.float64)
-  p = counts / topk_labels.shape[1]  # [D, C]
-  share = p.max(axis=1)
-  label = np.argmax(counts, axis=1).astype(np.int32)  # first maximum: the smallest label on ties
-  entropy = -np.sum(p * np.log2(np.where(p > 0, p, 1.0)), axis=1)
-  return share, label, entropy
-
-
-def _pixel_similarity(topk_images: np.ndarray) -> np.ndarray:
-  x = topk_images.reshape(topk_images.shape[0], topk_images.shape[1], -1).astype(np.float64)  # [D, k, P]
-  x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-  gram = np.einsum("dkp,dlp->dkl", x, x)
-  k = x.shape[1]
-  off_diag = gram.sum(axis=(1, 2)) - np.trace(gram, axis1=1, axis2=2)
-  return off_diag / (k * (k - 1))
+# Coherence (numpy: D x k values are too small to be worth a compile) and statistics.
 
 
 def coherence(topk_labels: Array, *, images: Optional[Array] = None, num_classes: int = 10) -> Coherence:
-  """Coherence of each direction's top-k images: majority-label share, label entropy, pixel similarity.
-
-  Args:
-    topk_labels: [D, k] int labels of the top-k images of each direction (e.g. ``labels[top.indices]``).
-    images: optional [D, k, ...] the top-k images themselves, for the label-free pixel similarity
-      (mean cosine similarity over the k(k-1) ordered pairs of distinct images); needs k >= 2.
-    num_classes: number of labels C.
-
-  Returns:
-    Coherence with [D] numpy fields (pixel_similarity NaN when ``images`` is None).
-  """
+  """Coherence of each direction's top-k images from their labels ``topk_labels`` [D, k] in [0, num_classes)
+  (e.g. ``labels[top.indices]``) and optionally the images [D, k, ...] (pixel similarity: mean cosine
+  over the k(k-1) ordered pairs of distinct images, k >= 2; NaN without them). Fields [D] numpy."""
   topk_labels = np.asarray(topk_labels)
-  if topk_labels.ndim != 2 or topk_labels.shape[1] < 1:
-    raise ValueError(f"coherence: topk_labels must be [D, k], got shape {topk_labels.shape}")
-  if not np.issubdtype(topk_labels.dtype, np.integer):
-    raise ValueError(f"coherence: topk_labels must be integers, got {topk_labels.dtype}")
+  if topk_labels.ndim != 2 or topk_labels.shape[1] < 1 or not np.issubdtype(topk_labels.dtype, np.integer):
+    raise ValueError(f"coherence: topk_labels must be integers [D, k], got {topk_labels.dtype} "
+                     f"{topk_labels.shape}")
   if topk_labels.size and (topk_labels.min() < 0 or topk_labels.max() >= num_classes):
     raise ValueError(f"coherence: labels must lie in [0, {num_classes}), got "
                      f"[{topk_labels.min()}, {topk_labels.max()}]")
-  share, label, entropy = _label_stats(topk_labels, num_classes)
-  if images is None:
-    sim = np.full(topk_labels.shape[0], np.nan)
-  else:
+  counts = np.stack([np.bincount(row, minlength=num_classes) for row in topk_labels]).astype(np.float64)
+  p = counts / topk_labels.shape[1]  # [D, C]
+  label = np.argmax(counts, axis=1).astype(np.int32)  # first maximum: the smallest label on ties
+  entropy = -np.sum(p * np.log2(np.where(p > 0, p, 1.0)), axis=1)
+  sim = np.full(topk_labels.shape[0], np.nan)
+  if images is not None:
     images = np.asarray(images)
-    if images.shape[:2] != topk_labels.shape:
-      raise ValueError(f"coherence: images must be [D, k, ...] = {topk_labels.shape} + ..., "
-                       f"got {images.shape}")
-    if topk_labels.shape[1] < 2:
-      raise ValueError("coherence: pixel similarity needs k >= 2")
-    sim = _pixel_similarity(images)
-  return Coherence(share, label, entropy, sim)
+    if images.shape[:2] != topk_labels.shape or topk_labels.shape[1] < 2:
+      raise ValueError(f"coherence: images must be [D, k, ...] = {topk_labels.shape} + ... with k >= 2 "
+                       f"(pixel similarity), got {images.shape}")
+    x = images.reshape(images.shape[0], images.shape[1], -1).astype(np.float64)  # [D, k, P]
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    gram = np.einsum("dkp,dlp->dkl", x, x)
+    k = x.shape[1]
+    sim = (gram.sum(axis=(1, 2)) - np.trace(gram, axis1=1, axis2=2)) / (k * (k - 1))
+  return Coherence(p.max(axis=1), label, entropy, sim)
 
 
-def _magnitude(a: float) -> str:
-  d = abs(a - 0.5)
-  if d < 0.06:
-    return "negligible"
-  if d < 0.14:
-    return "small"
-  if d < 0.21:
-    return "medium"
-  return "large"
+def _permutation_p(a: np.ndarray, b: np.ndarray, num_permutations: int, seed: int) -> float:
+  """(hits + 1) / (P + 1): seeded random relabelings of the pooled sample whose |mean difference| is at
+  least the observed one."""
+  pooled, observed = np.concatenate([a, b]), abs(a.mean() - b.mean())
+  rng = np.random.default_rng(seed)
+  hits, done, chunk = 0, 0, max(1, min(num_permutations, 2_000_000 // pooled.size))
+  while done < num_permutations:
+    m = min(chunk, num_permutations - done)
+    perm = rng.permuted(np.broadcast_to(pooled, (m, pooled.size)), axis=1)
+    diff = np.abs(perm[:, :a.size].mean(axis=1) - perm[:, a.size:].mean(axis=1))
+    hits += int(np.sum(diff >= observed - 1e-12 * max(1.0, abs(observed))))
+    done += m
+  return (hits + 1) / (num_permutations + 1)
 
 
 def compare_distributions(a: Array, b: Array, *, higher_is_better: bool = True, num_permutations: int = 10000,
@@ -414,19 +305,9 @@ def compare_distributions(a: Array, b: Array, *, higher_is_better: bool = True, 
                           ) -> Comparison:
   """Are two samples of a coherence measure distinguishable? Mann-Whitney U + permutation test + effect size.
 
-  The permutation test draws ``num_permutations`` seeded random relabelings of the pooled sample and counts
-  those whose |mean difference| is at least the observed one; p = (hits + 1) / (num_permutations + 1).
-
-  Args:
-    a, b: 1-D samples (e.g. majority share of natural and of random directions); NaNs are dropped.
-    higher_is_better: orientation of the measure, only used to word the verdict.
-    num_permutations: random permutations (>= 1).
-    seed: numpy RNG seed of the permutations.
-    alpha: significance level; "distinguishable" needs both p-values below it.
-    names: names of ``a`` and ``b`` used in the verdict.
-
-  Returns:
-    Comparison.
+  ``a``, ``b``: 1-D samples (NaNs dropped); ``higher_is_better`` and ``names`` (of a and b) only word the
+  verdict; ``num_permutations`` (>= 1) seeded by ``seed``; "distinguishable" needs both p-values below
+  ``alpha``.
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
   a = np.asarray(a, np.float64).ravel()
@@ -434,33 +315,23 @@ def compare_distributions(a: Array, b: Array, *, higher_is_better: bool = True, 
   a, b = a[np.isfinite(a)], b[np.isfinite(b)]
   if a.size < 1 or b.size < 1:
     raise ValueError(f"compare_distributions: both samples need a finite value, got sizes {a.size}, {b.size}")
-  if num_permutations < 1:
-    raise ValueError(f"compare_distributions: num_permutations must be >= 1, got {num_permutations}")
-  if not 0 < alpha < 1:
-    raise ValueError(f"compare_distributions: alpha must be in (0, 1), got {alpha}")
-  n_a, n_b = a.size, b.size
+  if num_permutations < 1 or not 0 < alpha < 1:
+    raise ValueError(f"compare_distributions: need num_permutations >= 1 and alpha in (0, 1), got "
+                     f"{num_permutations}, {alpha}")
   pooled = np.concatenate([a, b])
   if np.all(pooled == pooled[0]):  # identical constants: no evidence of any difference
-    u, p_mw = 0.5 * n_a * n_b, 1.0
+    u, p_mw = 0.5 * a.size * b.size, 1.0
   else:
     res = stats.mannwhitneyu(a, b, alternative="two-sided")
     u, p_mw = float(res.statistic), float(res.pvalue)
-  observed = abs(a.mean() - b.mean())
-  rng = np.random.default_rng(seed)
-  hits, done, chunk = 0, 0, max(1, min(num_permutations, 2_000_000 // pooled.size))
-  while done < num_permutations:
-    m = min(chunk, num_permutations - done)
-    perm = rng.permuted(np.broadcast_to(pooled, (m, pooled.size)), axis=1)
-    diff = np.abs(perm[:, :n_a].mean(axis=1) - perm[:, n_a:].mean(axis=1))
-    hits += int(np.sum(diff >= observed - 1e-12 * max(1.0, abs(observed))))
-    done += m
-  p_perm = (hits + 1) / (num_permutations + 1)
+  p_perm = _permutation_p(a, b, num_permutations, seed)
   p_value = max(p_mw, p_perm)
-  effect = u / (n_a * n_b)
-  magnitude = _magnitude(effect)
+  effect = u / (a.size * b.size)
+  sizes = ("negligible", "small", "medium", "large")  # Vargha & Delaney 2000
+  magnitude = sizes[int(np.searchsorted([0.06, 0.14, 0.21], abs(effect - 0.5), side="right"))]
   significant = bool(p_value < alpha)
-  return Comparison(float(a.mean()), float(b.mean()), int(n_a), int(n_b), u, p_mw, float(p_perm), p_value,
-                    p_value, float(effect), magnitude, significant,
+  return Comparison(float(a.mean()), float(b.mean()), int(a.size), int(b.size), u, p_mw, float(p_perm),
+                    p_value, p_value, float(effect), magnitude, significant,
                     _verdict(significant, effect, magnitude, higher_is_better, names))
 
 
@@ -473,42 +344,25 @@ def _verdict(significant: bool, effect: float, magnitude: str, higher_is_better:
 
 
 def holm_adjust(comparisons: Mapping[str, Comparison], *, alpha: float = 0.05,
-                higher_is_better: Optional[Mapping[str, bool]] = None,
                 names: Tuple[str, str] = ("natural", "random")) -> Dict[str, Comparison]:
-  """Holm's step-down correction of a family of comparisons (e.g. the measures of one layer).
+  """Holm's step-down correction of a family of comparisons (measure name -> Comparison; Holm 1979).
 
-  Holm-adjusted p of the i-th smallest of m p-values: max_{j <= i} min(1, (m - j + 1) p_(j)); the
-  family-wise error rate is then at most ``alpha`` (Holm 1979).
-
-  Args:
-    comparisons: name -> Comparison (their ``p_value``s form the family).
-    alpha: significance level.
-    higher_is_better: name -> orientation for the verdict wording (default: ``MEASURES``, else True).
-    names: names of the two samples.
-
-  Returns:
-    The comparisons with ``p_adjusted``, ``significant`` and ``verdict`` updated.
+  The i-th smallest of m p-values gets max_{j <= i} min(1, (m - j + 1) p_(j)); ``p_adjusted``,
+  ``significant`` and ``verdict`` (orientation from ``MEASURES``, ``names`` of the two samples) updated.
   """
-  orient = dict(MEASURES) if higher_is_better is None else dict(higher_is_better)
   keys = sorted(comparisons, key=lambda n: comparisons[n].p_value)
-  m = len(keys)
   out, running = {}, 0.0
   for rank, key in enumerate(keys):
     c = comparisons[key]
-    running = max(running, min(1.0, (m - rank) * c.p_value))
+    running = max(running, min(1.0, (len(keys) - rank) * c.p_value))
     significant = bool(running < alpha)
-    verdict = _verdict(significant, c.effect_a, c.magnitude, orient.get(key, True), names)
+    verdict = _verdict(significant, c.effect_a, c.magnitude, MEASURES.get(key, True), names)
     out[key] = c._replace(p_adjusted=running, significant=significant, verdict=verdict)
   return {key: out[key] for key in comparisons}
 
 
 # ----------------------------------------------------------------------------------------------------
 # The whole analysis.
-
-
-def _degenerate(top: TopK) -> np.ndarray:
-  """[D] True when all k top scores are equal: the ranking of the top-k is then arbitrary (tie order)."""
-  return np.asarray(top.scores[:, 0] == top.scores[:, -1])
 
 
 def _compare_layer(name: str, coh_nat: Coherence, coh_rand: Coherence, chance: Coherence,
@@ -542,36 +396,27 @@ def _check_analyse_args(images, labels, num_classes, num_directions, k) -> np.nd
     raise ValueError(f"analyse: labels must be int [{images.shape[0]}], got {labels.dtype} {labels.shape}")
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(f"analyse: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
-  if num_directions < 2:
-    raise ValueError(f"analyse: num_directions must be >= 2, got {num_directions}")
-  if not 2 <= k <= images.shape[0]:
-    raise ValueError(f"analyse: k must be in [2, {images.shape[0]}], got {k}")
+  if num_directions < 2 or not 2 <= k <= images.shape[0]:
+    raise ValueError(f"analyse: need num_directions >= 2 and k in [2, {images.shape[0]}], got "
+                     f"{num_directions}, {k}")
   return labels
 
 
 def analyse(feature_fn: FeatureFn, params: Any, images: Any, labels: Any, *, key: Union[PRNGKey, int],
             layers: Optional[Sequence[str]] = None, num_directions: int = 200, k: int = 10,
-            num_classes: int = 10, batch_size: int = 1000, num_permutations: int = 10000, alpha: float = 0.05,
-            exclude_degenerate: bool = True) -> Dict[str, LayerAnalysis]:
+            num_classes: int = 10, batch_size: int = 1000, num_permutations: int = 10000, alpha: float = 0.05
+            ) -> Dict[str, LayerAnalysis]:
   """Natural basis vs random directions for every layer of φ: top-k images, coherence, comparison.
 
-  Per layer: ``num_directions`` natural units (a seeded subset when the layer is wider, else all units)
-  and ``num_directions`` random unit-norm Gaussian directions; their top-k images over ``images`` (one
-  streamed pass over I for all layers); per-direction coherence; and for each measure the natural vs
-  random comparison plus both vs a chance baseline (``num_directions`` random k-subsets of I). Each
-  layer's measures form one Holm-corrected family (and so do its natural- and random-vs-chance tests).
+  Per layer of ``layers`` (default: all, in φ's order): ``num_directions`` (>= 2) natural units (a subset
+  seeded by ``key`` when the layer is wider) and as many random unit-norm Gaussian directions; their
+  top-k images (k >= 2) over ``images`` I [N, ...] (one streamed pass for all layers); per-direction
+  coherence with ``labels`` [N] in [0, num_classes); for each measure the natural vs random comparison,
+  and both vs a chance baseline (``num_directions`` random k-subsets of I). Each layer's measures form one
+  Holm-corrected family (and so do its natural- and random-vs-chance tests). Degenerate directions (all k
+  top scores equal, e.g. dead units: their top-k is arbitrary tie order) are left out of the statistics.
 
-  Args:
-    feature_fn, params: φ(params, x) -> [B, n] or {layer: [B, n_layer]}.
-    images: I, [N, ...] held-out images; labels: [N] int labels of I in [0, num_classes).
-    key: PRNG key or int seed for units, directions and the chance baseline.
-    layers: layers of φ to analyse (default: all).
-    num_directions: directions of each kind per layer (>= 2); k: images per direction (>= 2).
-    batch_size: streamed batch size; num_permutations: permutations per test; alpha: significance level.
-    exclude_degenerate: drop directions whose k top scores are all equal (dead units) from the statistics.
-
-  Returns:
-    {layer: LayerAnalysis}, in the order of φ's layers.
+  Returns {layer: LayerAnalysis}.
   """
   images = _check_images(images)
   labels = _check_analyse_args(images, labels, num_classes, num_directions, k)
@@ -597,7 +442,7 @@ def analyse(feature_fn: FeatureFn, params: Any, images: Any, labels: Any, *, key
     d_nat, t = len(units[name]), top_all[name]
     tops = TopK(t.scores[:d_nat], t.indices[:d_nat]), TopK(t.scores[d_nat:], t.indices[d_nat:])
     cohs = [coherence(labels[tp.indices], images=images[tp.indices], num_classes=num_classes) for tp in tops]
-    valid = [~_degenerate(tp) if exclude_degenerate else np.ones(len(tp.scores), bool) for tp in tops]
+    valid = [np.asarray(tp.scores[:, 0] != tp.scores[:, -1]) for tp in tops]  # not degenerate
     comps, vs_chance = _compare_layer(name, *cohs, chance, *valid, perm_seeds, num_permutations, alpha)
     results[name] = LayerAnalysis(name, dims[name], units[name], *tops, rand_dirs[name], *cohs, chance,
                                   *valid, comps, vs_chance)
@@ -631,29 +476,20 @@ def _above_chance(r: LayerAnalysis, side: str) -> bool:
 
 def verdict_rows(results: Mapping[str, LayerAnalysis], *, prefix: Optional[Mapping[str, Any]] = None
                  ) -> List[Dict[str, Any]]:
-  """One row per layer: the paper's claim measured.
-
-  Columns: majority share natural / random / chance; "above chance" (which of natural and random
-  directions are more coherent than chance on every measure, Holm-corrected); "natural vs random" (the
-  measures on which they differ, and which side wins, or "not distinguishable"); "claim" --
-  "supported" when both beat chance and natural and random are not distinguishable (paper: "the natural
-  basis is not better than a random basis"), "natural basis (or random directions) more coherent on m/3
-  measures" or "mixed" when they differ, "not coherent" when neither beats chance. "degenerate units":
-  sampled natural units whose k top scores are all equal (dead ReLU, saturated sigmoid), excluded.
-  """
+  """One row per layer, the paper's claim measured: majority share natural / random / chance; "above
+  chance" (which kinds of direction beat chance on every measure, Holm-corrected); "natural vs random"
+  (the measures on which they differ and the winner, or "not distinguishable"); "claim": "supported" when
+  both beat chance and are not distinguishable (paper: "the natural basis is not better than a random
+  basis"), "<side> more coherent on m/3 measures" or "mixed" when they differ, "not coherent" when neither
+  beats chance; "degenerate units": sampled natural units with all k top scores equal (excluded)."""
   rows = []
   for name, r in results.items():
     nat_ok, rand_ok = _above_chance(r, "natural"), _above_chance(r, "random")
     above = {(True, True): "both", (True, False): "natural only", (False, True): "random only",
              (False, False): "neither"}[(nat_ok, rand_ok)]
-    winners = {}
-    for measure, c in r.comparisons.items():
-      if c.significant:
-        winners[measure] = "natural" if (c.effect_a > 0.5) == MEASURES[measure] else "random"
-    if not winners:
-      differ = "not distinguishable"
-    else:
-      differ = "; ".join(f"{m}: {w}" for m, w in winners.items())
+    winners = {m: "natural" if (c.effect_a > 0.5) == MEASURES[m] else "random"
+               for m, c in r.comparisons.items() if c.significant}
+    differ = "; ".join(f"{m}: {w}" for m, w in winners.items()) or "not distinguishable"
     if not winners:
       claim = "supported" if nat_ok and rand_ok else ("not coherent" if not (nat_ok or rand_ok) else
                                                       f"not distinguishable, but only {above} above chance")
@@ -677,17 +513,16 @@ def verdict_rows(results: Mapping[str, LayerAnalysis], *, prefix: Optional[Mappi
 # The experiment of scripts/unit_analysis.py.
 
 _METHOD_TEXT = (
-    "Held-out set I: the first {n} MNIST test images. Per layer: {d} natural-basis units (a seeded random "
-    "subset when the layer is wider; all units otherwise) and {d} random unit-norm Gaussian directions; "
-    "top-{k} images by <phi(x), v>. Coherence of each direction's top-{k}: majority-label share (higher = "
-    "more coherent), label entropy in bits (lower = more coherent), mean pairwise pixel cosine similarity "
-    "(label-free, higher = more coherent). Chance: random {k}-subsets of I. Tests: two-sided Mann-Whitney U "
-    "and a permutation test on the difference of means ({p} permutations); 'distinguishable' needs both "
-    "p-values, Holm-corrected over the 3 measures of the layer, below {alpha}. Effect size: Vargha-Delaney "
-    "A = P(natural > random) (0.5 = none; |A-0.5| < .06 negligible, < .14 small, < .21 medium, else large). "
-    "Degenerate directions (all top-k scores equal, e.g. dead ReLU units) are excluded. Claim per layer: "
-    "'supported' when both kinds beat chance on every measure and are not distinguishable (the paper: 'the "
-    "natural basis is not better than a random basis').")
+    "Held-out set I: the first {n} MNIST test images. Per layer: {d} natural-basis units (a seeded subset "
+    "when the layer is wider) and {d} random unit-norm Gaussian directions; top-{k} images by <phi(x), v>. "
+    "Coherence of each top-{k}: majority-label share (higher = more coherent), label entropy in bits "
+    "(lower), mean pairwise pixel cosine similarity (label-free, higher). Chance: random {k}-subsets of I. "
+    "'Distinguishable': two-sided Mann-Whitney U and permutation ({p} permutations) p-values both below "
+    "{alpha}, Holm-corrected over the layer's 3 measures. Effect size: Vargha-Delaney A = P(natural > "
+    "random) (0.5 = none; |A-0.5| < .06 negligible, < .14 small, < .21 medium, else large). Degenerate "
+    "directions (all top-k scores equal, e.g. dead ReLU units) are excluded. 'Supported': both kinds beat "
+    "chance on every measure and are not distinguishable (the paper: 'the natural basis is not better than "
+    "a random basis').")
 
 
 def _check_config(config) -> None:
@@ -700,11 +535,13 @@ def _check_config(config) -> None:
     if run_dir and not os.path.isfile(os.path.join(run_dir, "result.json")):
       raise ValueError(f"unit_analysis: config.run_dirs.{name}={run_dir!r} is not a finished run "
                        "(no result.json)")
-  if config.num_directions < 2 or config.k < 2 or not 1 <= config.num_show <= config.num_directions:
-    raise ValueError(f"unit_analysis: need num_directions >= 2, k >= 2, 1 <= num_show <= num_directions; got "
-                     f"{config.num_directions}, {config.k}, {config.num_show}")
-  if config.num_images < 0 or config.num_train < 0 or config.num_permutations < 1 or not 0 < config.alpha < 1:
-    raise ValueError("unit_analysis: num_images, num_train >= 0, num_permutations >= 1, 0 < alpha < 1")
+  c = config
+  if (c.num_directions < 2 or c.k < 2 or not 1 <= c.num_show <= c.num_directions or c.num_images < 0
+      or c.num_train < 0 or c.num_permutations < 1 or not 0 < c.alpha < 1):
+    raise ValueError(f"unit_analysis: need num_directions >= 2, k >= 2, 1 <= num_show <= num_directions, "
+                     f"num_images, num_train >= 0, num_permutations >= 1, 0 < alpha < 1; got "
+                     f"{c.num_directions}, {c.k}, {c.num_show}, {c.num_images}, {c.num_train}, "
+                     f"{c.num_permutations}, {c.alpha}")
 
 
 def _figure(title: str, r: LayerAnalysis, images: np.ndarray, labels: np.ndarray, num_show: int,
@@ -775,20 +612,16 @@ def _analyse_model(name: str, model, variables, test: Tuple[np.ndarray, np.ndarr
 
 
 def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
-  """Figures 1-2 and the measured claim for each of ``config.models`` (trained by ``train.get_or_train``).
+  """Figures 1-2 and the measured claim for each of ``config.models`` (``configs/unit_analysis.py``).
 
   Writes ``<workdir>/report.md`` + ``report.html`` (claim per layer, coherence table, figures),
-  ``results.json`` (returned), ``fig_<model>_<layer>.png`` and ``hist_<model>_<layer>.png``. Config
-  fields: see ``intriguing_jax/configs/unit_analysis.py``.
+  ``results.json`` (returned), ``fig_<model>_<layer>.png`` and ``hist_<model>_<layer>.png``.
   """
   from intriguing_jax import checkpoint, data, models, report, train  # pylint: disable=g-import-not-at-top
   _check_config(config)
   start = time.perf_counter()
-  test_x, test_y = data.load_mnist("test", data_dir)
-  train_x, train_y = data.load_mnist("train", data_dir)
-  test = test_x[:config.num_images or None], test_y[:config.num_images or None]
-  if config.num_train:
-    train_x, train_y = train_x[:config.num_train], train_y[:config.num_train]
+  test = tuple(a[:config.num_images or None] for a in data.load_mnist("test", data_dir))
+  train_x, train_y = (a[:config.num_train or None] for a in data.load_mnist("train", data_dir))
   rep = report.Report("Unit analysis (paper Section 3): natural basis vs random directions")
   rep.paragraph(_METHOD_TEXT.format(n=test[0].shape[0], d=config.num_directions, k=config.k,
                                     p=config.num_permutations, alpha=config.alpha))
@@ -808,10 +641,10 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
     results["models"][name] = _analyse_model(name, model, variables, test, config, key, workdir, rep, rng)
   claim = [row for m in results["models"].values() for row in m["claim"]]
   summary = [row for m in results["models"].values() for row in m["summary"]]
-  rep.heading("The claim, measured: one row per layer")
-  rep.table(claim, floatfmt=".3g")
-  rep.heading("Coherence: natural vs random vs chance")
-  rep.table(summary, floatfmt=".3g")
+  for heading, table in (("The claim, measured: one row per layer", claim),
+                         ("Coherence: natural vs random vs chance", summary)):
+    rep.heading(heading)
+    rep.table(table, floatfmt=".3g")
   results.update(claim=claim, summary=summary, total_seconds=time.perf_counter() - start)
   checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
   md_path, _ = rep.write(workdir, "report")

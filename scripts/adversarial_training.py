@@ -22,36 +22,20 @@ errors ~22-24 %, every claim but the distortion one False at this size)::
 MNIST is read from ``--data_dir``, else ``$INTRIGUING_JAX_MNIST_DIR``, else tfds.
 """
 
-import os
-
-from absl import app
-from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from intriguing_jax import adversarial_training
-from intriguing_jax import configs
-from intriguing_jax import progress
+from intriguing_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "adversarial_training.py"),
-    "Experiment config (intriguing_jax/configs/adversarial_training.py[:smoke|:paper]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output and resume directory.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default $INTRIGUING_JAX_MNIST_DIR, "
-                                "else tfds).")
-flags.mark_flag_as_required("workdir")
+FLAGS = cli.define_flags("adversarial_training")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  adversarial_training.validate(_CONFIG.value)
-  logging.vlog(1, "config:\n%s", _CONFIG.value)
-  progress.log_run_start(_WORKDIR.value)
-  out = adversarial_training.run_experiment(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+  cli.start(argv, FLAGS, adversarial_training.validate)
+  out = adversarial_training.run_experiment(FLAGS.config.value, FLAGS.workdir.value, FLAGS.data_dir.value)
   for claim, holds in out["claims"].items():
     logging.info("claim %s: %s", claim, holds)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=progress.parse_flags)
+  cli.run(main)

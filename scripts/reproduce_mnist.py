@@ -19,46 +19,20 @@ from ``--data_dir``, else ``$INTRIGUING_JAX_MNIST_DIR``, else tfds. Outputs in `
 interruption restores finished models and attack chunks. Details of the run (the config) at ``--v=1``.
 """
 
-import os
-import sys
-
-from absl import app
-from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-from intriguing_jax import configs
-from intriguing_jax import progress
+from intriguing_jax import cli
 from intriguing_jax import reproduce
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "reproduce_mnist.py"),
-    "Experiment config (intriguing_jax/configs/reproduce_mnist.py[:quick|:smoke]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output and resume directory.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default $INTRIGUING_JAX_MNIST_DIR, "
-                                "else tfds).")
-flags.mark_flag_as_required("workdir")
+FLAGS = cli.define_flags("reproduce_mnist")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  reproduce.validate(config)
-  logging.vlog(1, "config:\n%s", config)
-  progress.log_run_start(_WORKDIR.value)
-  results = reproduce.run_experiment(config, _WORKDIR.value, _DATA_DIR.value)
+  cli.start(argv, FLAGS, reproduce.validate)
+  results = reproduce.run_experiment(FLAGS.config.value, FLAGS.workdir.value, FLAGS.data_dir.value)
   for c in results["claims"]:
     logging.info("claim %s: %s %s", "HOLDS" if c["holds"] else "DOES NOT HOLD", c["claim"], c["evidence"])
 
 
-def _parse_flags(argv):
-  """absl's parser, except that --help/-h exits 0 (absl's own help flag exits 1)."""
-  if {"--help", "-h", "-?", "--helpshort"} & set(argv[1:]):
-    app.usage(shorthelp=True, writeto_stdout=True)
-    sys.exit(0)
-  return app.parse_flags_with_usage(argv)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main)

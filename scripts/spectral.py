@@ -20,32 +20,19 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # batched LAPACK SVDs: see scripts/bench/spectral.py
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from intriguing_jax import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from intriguing_jax import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
+from intriguing_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from intriguing_jax import spectral  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "spectral.py"),
-    "Experiment config (intriguing_jax/configs/spectral.py[:alexnet|:mnist|:smoke]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (<model>.md, <model>.json).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default $INTRIGUING_JAX_MNIST_DIR, "
-                                "else tfds).")
-flags.mark_flag_as_required("workdir")
+FLAGS = cli.define_flags("spectral")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  progress.log_run_start(_WORKDIR.value)
-  out = spectral.run_experiment(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+  cli.start(argv, FLAGS)
+  out = spectral.run_experiment(FLAGS.config.value, FLAGS.workdir.value, FLAGS.data_dir.value)
   for name in out:
-    with open(os.path.join(_WORKDIR.value, f"{name}.md")) as f:
+    with open(os.path.join(FLAGS.workdir.value, f"{name}.md")) as f:
       print(f.read(), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=progress.parse_flags)
+  cli.run(main)

@@ -19,34 +19,19 @@ A finished run in the workdir is restored instead of retrained; an interrupted o
 else tfds.
 """
 
-import os
-
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from intriguing_jax import configs
-from intriguing_jax import progress
+from intriguing_jax import cli
 from intriguing_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "train.py"),
-    "Experiment config (intriguing_jax/configs/train.py[:quick|:<recipe name>]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the runs.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default $INTRIGUING_JAX_MNIST_DIR, "
-                                "else tfds).")
-flags.mark_flag_as_required("workdir")
+FLAGS = cli.define_flags("train")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  progress.log_run_start(_WORKDIR.value)
-  out = train.run_experiment(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+  cli.start(argv, FLAGS)
+  out = train.run_experiment(FLAGS.config.value, FLAGS.workdir.value, FLAGS.data_dir.value)
   for row in out["rows"]:
     print(f"{out['model']} [{out['split']}]: " + "  ".join(
         f"{k} {v:.2%}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=progress.parse_flags)
+  cli.run(main)

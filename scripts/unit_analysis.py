@@ -28,32 +28,19 @@ Writes ``<workdir>/report.md`` + ``report.html``, ``results.json`` and the figur
 
 import os
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from intriguing_jax import configs
+from intriguing_jax import cli
 from intriguing_jax import plotting
-from intriguing_jax import progress
 from intriguing_jax import units
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "unit_analysis.py"),
-    "Experiment config (intriguing_jax/configs/unit_analysis.py[:quick|:smoke]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (report, figures, results.json).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default $INTRIGUING_JAX_MNIST_DIR, "
-                                "else tfds).")
-flags.mark_flag_as_required("workdir")
+FLAGS = cli.define_flags("unit_analysis")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  progress.log_run_start(_WORKDIR.value)
-  out = units.run_experiment(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+  cli.start(argv, FLAGS)
+  out = units.run_experiment(FLAGS.config.value, FLAGS.workdir.value, FLAGS.data_dir.value)
   print(plotting.markdown_table(out["claim"], floatfmt=".3g"))
-  print(f"report: {os.path.join(_WORKDIR.value, 'report.md')}  ({out['total_seconds']:.1f} s)")
+  print(f"report: {os.path.join(FLAGS.workdir.value, 'report.md')}  ({out['total_seconds']:.1f} s)")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=progress.parse_flags)
+  cli.run(main)

@@ -20,6 +20,7 @@ from intriguing_jax import metrics
 from intriguing_jax import models
 from intriguing_jax import train
 
+_xent = optax.softmax_cross_entropy_with_integer_labels
 EPOCHS = 4
 BATCH = 32
 NUM_TRAIN = 256
@@ -46,6 +47,14 @@ def full_run(tiny, tmp_path_factory):
   x, y, xt, yt = tiny
   workdir = str(tmp_path_factory.mktemp("adv_full"))
   return at.train_with_pool(_model(), x, y, CONFIG, POOL, seed=0, workdir=workdir, eval_data=(xt, yt)), workdir
+
+
+def pool_schedule(step, config):
+  """What happens to the pools before step ``step`` (0-based): "fill", "refresh" or "none"."""
+  if step == config.warmup_steps:
+    return "fill"
+  due = step >= config.warmup_steps and (step - config.warmup_steps) % config.refresh_every == 0
+  return "refresh" if due else "none"
 
 
 def _trees_equal(a, b):
@@ -105,7 +114,7 @@ def test_pool_layers_are_the_network_above_the_layer(tiny):
     np.testing.assert_allclose(layer.head_fn(variables["params"], h), logits, rtol=1e-5, atol=1e-5)
   # Pool examples of hidden_1 train only the output layer.
   h1 = layers["hidden_1"].feature_fn(variables["params"], x[:4])
-  grads = jax.grad(lambda p: jnp.sum(at.softmax_cross_entropy(layers["hidden_1"].head_fn(p, h1), y[:4])))(
+  grads = jax.grad(lambda p: jnp.sum(_xent(layers["hidden_1"].head_fn(p, h1), y[:4])))(
       variables["params"])
   assert not np.any(np.asarray(grads["hidden_0"]["kernel"])) and not np.any(np.asarray(grads["hidden_1"]["kernel"]))
   assert np.any(np.asarray(grads["output"]["kernel"]))
@@ -115,7 +124,7 @@ def test_pool_layers_are_the_network_above_the_layer(tiny):
 
 def test_pool_schedule():
   cfg = at.PoolConfig(warmup_steps=2, refresh_every=3)
-  assert [at.pool_schedule(s, cfg) for s in range(9)] == [
+  assert [pool_schedule(s, cfg) for s in range(9)] == [
       "none", "none", "fill", "none", "none", "refresh", "none", "none", "refresh"]
 
 
@@ -156,7 +165,7 @@ def test_train_with_pool_rejects_bad_input_before_compiling(tiny):
 @pytest.mark.slow
 def test_pools_are_refreshed_as_configured(full_run):
   res, _ = full_run
-  events = [s for s in range(EPOCHS * STEPS) if at.pool_schedule(s, POOL) != "none"]
+  events = [s for s in range(EPOCHS * STEPS) if pool_schedule(s, POOL) != "none"]
   assert int(res.state.num_refreshes) == len(events) and bool(res.state.filled)
   assert [h["num_refreshes"] for h in res.history] == [
       sum(1 for s in events if e * STEPS <= s < (e + 1) * STEPS) for e in range(EPOCHS)]
@@ -214,7 +223,7 @@ def test_resume_mid_run_matches_the_uninterrupted_run(full_run, tiny, tmp_path):
   _trees_equal(rest.state, res.state)
   assert at._compiled.cache_info().hits >= hits + 2  # pylint: disable=protected-access
   # Other settings in the same workdir are refused.
-  with pytest.raises(ValueError, match="different settings"):
+  with pytest.raises(ValueError, match="other settings"):
     at.train_with_pool(_model(), x, y, CONFIG, at.PoolConfig(layers=("input",), pool_size=16), workdir=workdir)
 
 
@@ -333,14 +342,14 @@ def test_pool_loss_weight_weights_the_pool_examples_in_the_loss():
   w = 3.0
   cfg = at.PoolConfig(layers=("input",), pool_size=16, refresh_every=2, refresh_fraction=0.5, mix_ratio=0.5,
                       pool_loss_weight=w, attack=dataclasses.replace(at.POOL_ATTACK, maxiter=3, c_grid=(1.0,)))
-  # Training-time logits (train_head_fn / train_apply_fn, e.g. dropout) scaled by 0.5: the logged losses must
+  # Training-time logits (train_head_fn / make_epoch_fn's apply_fn, e.g. dropout) scaled by 0.5: the logged losses must
   # come from them, not from the attack's deterministic head.
   layer = at.PoolLayer("input", lambda p, v: v, _lin_apply, (0.0, 1.0),
                        train_head_fn=lambda p, v, k: 0.5 * _lin_apply(p, v))
   tx = optax.sgd(0.0)
   batch = 32
-  epoch_fn = at.make_epoch_fn(_lin_apply, [layer], tx, cfg, batch_size=batch, num_train=256,
-                              num_classes=LIN_CLASSES, train_apply_fn=lambda p, v, k: 0.5 * _lin_apply(p, v))
+  epoch_fn = at.make_epoch_fn(lambda p, v, k: 0.5 * _lin_apply(p, v), [layer], tx, cfg, batch_size=batch,
+                              num_train=256, num_classes=LIN_CLASSES)
   state = at.init_state([layer], jax.tree.map(jnp.copy, params), tx, x[:1], cfg, jax.random.PRNGKey(0))  # donated
   state, stats = epoch_fn(state, x, y, jax.random.PRNGKey(1), jnp.int32(0), None)
   stats = np.asarray(stats)
@@ -352,11 +361,11 @@ def test_pool_loss_weight_weights_the_pool_examples_in_the_loss():
   assert not np.allclose(data_loss, (batch * clean + m * pool) / (batch + m), rtol=1e-4)  # the weight matters
   # Step 0 (lr 0: params fixed): the clean loss is that of the halved logits of the step's batch.
   perm = jax.random.permutation(jax.random.PRNGKey(1), 256)[:batch]
-  want0 = float(jnp.mean(at.softmax_cross_entropy(0.5 * _lin_apply(params, x[perm]), y[perm])))
+  want0 = float(jnp.mean(_xent(0.5 * _lin_apply(params, x[perm]), y[perm])))
   np.testing.assert_allclose(clean[0], want0, rtol=1e-5)
   pools = state.pools["input"]
-  full = float(jnp.mean(at.softmax_cross_entropy(_lin_apply(params, pools), state.pool_labels["input"])))
-  half = float(jnp.mean(at.softmax_cross_entropy(0.5 * _lin_apply(params, pools), state.pool_labels["input"])))
+  full = float(jnp.mean(_xent(_lin_apply(params, pools), state.pool_labels["input"])))
+  half = float(jnp.mean(_xent(0.5 * _lin_apply(params, pools), state.pool_labels["input"])))
   assert abs(np.mean(pool[-4:]) - half) < abs(np.mean(pool[-4:]) - full)  # pool examples: train_head_fn
 
 
@@ -447,13 +456,11 @@ def test_sweep_refresh_stays_a_branch_taken_on_refresh_steps_only(tiny):
   # vmap turns a cond on a per-member predicate into a select that evaluates both branches, i.e. the attack
   # on every step. The stacked epoch keeps one cond (on the shared step) and every L-BFGS loop inside it.
   x, y, _, _ = tiny
-  _, _, layers, init_fn, epoch_fn = at._compiled(  # pylint: disable=protected-access
+  program = at._compiled(  # pylint: disable=protected-access
       _model(), dataclasses.replace(CONFIG, weight_decay=(0.0,)), POOL, x.shape[1:], NUM_TRAIN, 10, True)
-  params = init_fn(jax.random.split(jax.random.PRNGKey(0), 2))
-  tx = train.make_optimizer(CONFIG, STEPS, jax.tree.map(lambda a: a[0], params))
-  rngs = jax.random.split(jax.random.PRNGKey(1), 2)
-  state = jax.vmap(lambda p, r: at.init_state(layers, p, tx, jnp.asarray(x[:1]), POOL, r))(params, rngs)
-  jaxpr = jax.make_jaxpr(epoch_fn)(state, x, y, jax.random.PRNGKey(0), jnp.int32(0), jnp.ones((2, 3)) * 1e-4).jaxpr
+  params = program.init(jax.random.split(jax.random.PRNGKey(0), 2))
+  state = jax.vmap(program.make_state)(params, jax.random.split(jax.random.PRNGKey(1), 2))
+  jaxpr = jax.make_jaxpr(program.epoch_fn)(state, x, y, jax.random.PRNGKey(0), jnp.int32(0), jnp.ones((2, 3)) * 1e-4).jaxpr
   body = _scan_body(jaxpr)
   assert body is not None, "no scan in the epoch"
   top = [e.primitive.name for e in body.eqns]
@@ -472,7 +479,7 @@ def test_sweep_resumes_mid_run_and_checks_its_inputs(sweep_run, tiny, tmp_path):
   rest = at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, **kw)
   assert [h["epoch"] for h in rest.history] == [3, 4]
   _trees_equal(rest.state, res.state)
-  with pytest.raises(ValueError, match="different settings"):  # other seeds, same workdir
+  with pytest.raises(ValueError, match="other settings"):  # other seeds, same workdir
     at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, **{**kw, "seeds": (0, 1, 2)})
 
 
@@ -546,12 +553,14 @@ def test_run_experiment_trains_attacks_restores_and_sweeps(full_run, sweep_run, 
   config.pool.refresh_every = 2
   with pytest.raises(ValueError, match=r"adversarial holds a finished run with other settings \(pool_config\)"):
     at.run_experiment(config, str(tmp_path / "one"), synthetic_idx_dir)
-  # Three seeds of the adversarial run as one sweep; seed 0 (batch order of config.seed = 0) is the run above.
+  # Three seeds of the adversarial run as one sweep; seed 0 (batch order of config.seed = 0) is the single
+  # run. Without dropout, so that both reuse the compiled programs of full_run and sweep_run.
   config = _experiment_config()
-  config.runs, config.sweep_seeds, config.num_attack = ("adversarial",), (0, 1, 2), 0
+  config.runs, config.num_attack, config.adversarial_dropout = ("adversarial",), 0, False
+  single = at.run_experiment(config, str(tmp_path / "single"), synthetic_idx_dir)["per_seed"]["adversarial"]
+  config.sweep_seeds = (0, 1, 2)
   sweep = at.run_experiment(config, str(tmp_path / "sweep"), synthetic_idx_dir)
   assert list(sweep["per_seed"]) == ["adversarial"] and len(sweep["per_seed"]["adversarial"]) == 3
-  assert abs(sweep["per_seed"]["adversarial"][0]["eval_error"] - out["per_seed"]["adversarial"][0]["eval_error"]) \
-      <= 1 / 128 + 1e-9
+  assert abs(sweep["per_seed"]["adversarial"][0]["eval_error"] - single[0]["eval_error"]) <= 1 / 128 + 1e-9
   assert sweep["mean"]["adversarial"]["eval_error"] == pytest.approx(
       np.mean([r["eval_error"] for r in sweep["per_seed"]["adversarial"]]))

@@ -45,13 +45,12 @@ def test_checkpoint_dir_keeps_latest_and_last_pointer(tmp_path):
   d = tmp_path / "ckpt"
   assert checkpoint.restore_checkpoint(d, target=None) == (None, None)
   for step in (1, 2, 3):
-    checkpoint.save_checkpoint(d, {"x": jnp.full((2,), step)}, step, keep=2)
+    checkpoint.save_checkpoint(d, {"x": jnp.full((2,), step)}, step)
   assert checkpoint.all_steps(d) == [2, 3]
   assert (d / "LAST").read_text().strip() == "ckpt_00000003.msgpack"
   tree, step = checkpoint.restore_checkpoint(d)
   assert step == 3 and np.all(tree["x"] == 3)
-  tree, step = checkpoint.restore_checkpoint(d, step=2)
-  assert step == 2 and np.all(tree["x"] == 2)
+  assert np.all(checkpoint.load_pytree(d / "ckpt_00000002.msgpack")["x"] == 2)
 
 
 def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
@@ -76,7 +75,7 @@ def test_json_accepts_arrays(tmp_path):
 def test_guard_run_config_records_then_refuses_other_settings(tmp_path):
   checkpoint.guard_run_config(tmp_path, {"lr": 0.1, "seeds": [0]})
   checkpoint.guard_run_config(tmp_path, {"lr": 0.1, "seeds": [0]})  # same settings: fine
-  with pytest.raises(ValueError, match=r"different settings \(lr\)"):
+  with pytest.raises(ValueError, match=r"other settings \(lr\)"):
     checkpoint.guard_run_config(tmp_path, {"lr": 0.2, "seeds": [0]})
 
 
@@ -107,8 +106,6 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
   (d / "ckpt_00000001.msgpack").write_bytes(b"garbage")             # nothing intact left: a way out is named
   with pytest.raises(checkpoint.CheckpointError, match="delete that directory"):
     checkpoint.restore_checkpoint(d)
-  with pytest.raises(checkpoint.CheckpointError, match="checksum"):  # an explicit step never falls back
-    checkpoint.restore_checkpoint(d, step=2)
 
 
 def test_restore_into_another_architecture_names_the_shapes(tmp_path):

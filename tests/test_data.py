@@ -219,7 +219,7 @@ def test_tfds_builder_offline_roundtrip(idx_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(mnist_tfds, "network_reachable", lambda *a, **k: pytest.fail("network used"))
   tfds_dir = str(tmp_path / "tfds")
   mnist_tfds.build(tfds_dir, manual_dir=idx_dir)
-  assert mnist_tfds.is_built(tfds_dir)
+  assert mnist_tfds.IntriguingJaxMnist(data_dir=tfds_dir, file_format=mnist_tfds.FILE_FORMAT).is_prepared()
   assert any(f.endswith(".array_record-00000-of-00001") for _, _, fs in os.walk(tfds_dir) for f in fs)
   for split in ("train", "test"):
     x, y = mnist_tfds.load(split, tfds_dir)
@@ -278,16 +278,17 @@ def test_network_reachable_returns_false_for_unresolvable_host():
 
 
 def test_p1_p2_disjoint_covering_deterministic():
-  a1, a2 = data.p1_p2_indices(60000)
+  idx = lambda **kw: [y for _, y in data.split_p1_p2(np.zeros((60000, 1)), np.arange(60000), **kw)]
+  a1, a2 = idx()
   np.testing.assert_array_equal(a1, np.arange(30000))
   np.testing.assert_array_equal(a2, np.arange(30000, 60000))
-  s1, s2 = data.p1_p2_indices(60000, seed=3)
+  s1, s2 = idx(seed=3)
   assert s1.shape == s2.shape == (30000,)
   assert np.intersect1d(s1, s2).size == 0
   np.testing.assert_array_equal(np.sort(np.concatenate([s1, s2])), np.arange(60000))
-  r1, _ = data.p1_p2_indices(60000, seed=3)
+  r1, _ = idx(seed=3)
   np.testing.assert_array_equal(s1, r1)
-  o1, _ = data.p1_p2_indices(60000, seed=4)
+  o1, _ = idx(seed=4)
   assert not np.array_equal(s1, o1)
 
 

@@ -191,7 +191,7 @@ def test_alexnet_matches_table5():
 
 def test_local_response_norm_matches_direct_sum():
   xn = np.random.default_rng(5).standard_normal((2, 3, 3, 7)).astype(np.float32)
-  y = models.local_response_norm(jnp.asarray(xn), depth_radius=2, bias=2.0, alpha=1e-1, beta=0.75)
+  y = models.LocalResponseNorm(depth_radius=2, bias=2.0, alpha=1e-1, beta=0.75).apply({}, jnp.asarray(xn))
   expect = np.empty_like(xn)
   for c in range(7):
     lo, hi = max(0, c - 2), min(7, c + 3)

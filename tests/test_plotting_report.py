@@ -34,7 +34,7 @@ def test_triplets_and_pairs_layout():
   assert g.shape == (2, 6, 2, 2, 1)
   np.testing.assert_allclose(g[0, 1], xa[0])
   np.testing.assert_allclose(g[1, 2], x[4])
-  assert plotting.safe_name("FC100-100-10'") != plotting.safe_name("FC100-100-10")  # distinct names stay distinct
+  assert plotting.safe_name("FC100-100-10'") != plotting.safe_name("FC100-100-10")  # distinct stay distinct
   assert plotting.safe_name("a/b c").startswith("a_b_c_")
 
 

@@ -23,6 +23,7 @@ from intriguing_jax import attack
 from intriguing_jax import models
 from intriguing_jax import reproduce
 from intriguing_jax import train
+from intriguing_jax import types
 from intriguing_jax.configs import reproduce_mnist
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -65,12 +66,12 @@ def test_run_experiment_on_synthetic_data_and_resume(tmp_path, monkeypatch):
 
   def cheap(apply_fn, params, x, target, options=attack.AttackOptions()):
     calls.append(options)
-    return _cheap_attack(apply_fn, params, jnp.asarray(x), jnp.asarray(target))
+    return _cheap_attack(types.static_fn(apply_fn), params, jnp.asarray(x), jnp.asarray(target))
 
   def fake_get_or_train(name, images, labels, *, workdir, seed, epochs, run_name):
     """Random parameters of the recipe's model, recorded (get_or_train is tested in test_train.py)."""
     runs.append((name, run_name, seed, epochs, images.shape[0], workdir))
-    if run_name not in trained:  # a rerun restores the same module object (compiled programs are reused)
+    if run_name not in trained:
       rec = train.recipe(name)
       model = models.get_model(rec["model"], **rec.get("model_kwargs", {}))
       shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), jnp.asarray(images[:1]))
@@ -104,13 +105,16 @@ def test_run_experiment_on_synthetic_data_and_resume(tmp_path, monkeypatch):
   assert len(calls) == 18 and json.dumps(again["table4"]) == json.dumps(res["table4"])
 
 
-def test_train_models_share_one_apply_fn_per_architecture(monkeypatch, tmp_path):
+def test_equal_modules_of_train_models_share_one_compiled_attack(monkeypatch, tmp_path):
+  """Each restore builds its own module; the attack's compile key (``types.static_fn``) still equates the
+  ``apply`` of equal modules, so the three FC10s compile one attack."""
   fake = lambda name, *unused, **kw: (models.get_model(train.recipe(name)["model"]), {"run": kw["run_name"]})
   monkeypatch.setattr(train, "get_or_train", fake)
   ms = reproduce.train_models(reproduce.TABLE1_MODELS[:4], {"train": (np.zeros((4, 28, 28, 1)), np.zeros(4))},
                               workdir=str(tmp_path))
-  fns = [m.apply_fn for m in ms.values()]
-  assert fns[0] == fns[1] == fns[2] and fns[0] != fns[3]  # the FC10s: one compiled attack
+  keys = [types.static_fn(m.apply_fn) for m in ms.values()]
+  assert keys[0] == keys[1] == keys[2] and keys[0] != keys[3]  # the FC10s: one compiled attack
+  assert len({hash(k) for k in keys[:3]}) == 1
   assert [m.params["run"] for m in ms.values()] == ["fc10-1e-4", "fc10-1e-2", "fc10-1", "fc100-100-10"]
 
 

@@ -1,13 +1,10 @@
 """Benchmark of the attack (``scripts/bench/attack.py``): quality vs the exact optimum, speed vs scipy.
 
-Parts (``config.parts``):
-
-* ``convex``: FC10(1e-4) on the first ``num_convex`` test images with seeded random targets; the attack
-  with ``config.attack`` and with ``refine=False`` (the paper's method alone) vs the exact optimum of the
-  box-constrained problem (``exact.linear_min_norm``).
-* ``compare``: FC100-100-10 on the first ``num_compare`` test images: the attack (median of ``repeats``
-  warm calls) vs ``scipy_attack`` on the first ``num_baseline`` of them (0: none), and the ratios.
-  Throughput against the rows in flight: rerun with ``--config.attack.num_slots=...``.
+Parts (``config.parts``): ``convex``, FC10(1e-4) on the first ``num_convex`` test images toward seeded
+random targets, the attack with ``config.attack`` and with ``refine=False`` (the paper's method alone) vs
+the exact optimum (``exact.linear_min_norm``); ``compare``, FC100-100-10 on the first ``num_compare`` test
+images, the attack (median of ``repeats`` warm calls) vs ``scipy_attack`` on the first ``num_baseline``
+(0: none). Throughput against the rows in flight: rerun with ``--config.attack.num_slots=...``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""The attack program: options, objective, c search, refinement, input checks, ``lbfgs_attack``.
-
-See the package docstring (``intriguing_jax.attack``) for the method.
-"""
+"""The attack program: options, objective, c search, refinement, input checks, ``lbfgs_attack``
+(the method: the package docstring, ``intriguing_jax.attack``)."""
 
 from __future__ import annotations
 
@@ -28,34 +26,21 @@ _PROBE = 128  # examples whose logits are checked on the host before compiling
 
 
 class AttackResult(NamedTuple):
-  """Result of the attack (a pytree), every field sized B.
-
-  Attributes:
-    x_adv: [B, *input_shape] adversarial images, in the box. For a failed example, the attempt with
-      the smallest c (the most aggressive one).
-    success: [B] bool, the model's prediction on ``x_adv`` is the target (untargeted: differs from the
-      label) with at least ``success_margin`` logits to spare. Checked on ``x_adv``, never assumed.
-    c: [B] the penalty weight of the returned solution (nan when no c succeeded).
-    distortion: [B] RMS distortion sqrt(mean((x_adv - x)^2)) (paper.md §4.2).
-    pred: [B] int32 argmax of the logits on ``x_adv``.
-    t: [B] refinement scale, x_adv = x + t (x_c - x) with x_c the c search's minimiser (1: no change).
-    num_iter: [B] int32 L-BFGS steps spent on the example (all c values).
-  """
-  x_adv: Array
-  success: Array
-  c: Array
-  distortion: Array
-  pred: Array
-  t: Array
-  num_iter: Array
+  """Result of the attack (a pytree), every field sized B. ``success`` is checked on ``x_adv``: the
+  prediction is the target (untargeted: not the label) with at least ``success_margin`` logits to spare."""
+  x_adv: Array       # [B, *input_shape] in the box; failed example: the attempt with the smallest c
+  success: Array     # [B] bool
+  c: Array           # [B] penalty weight of the returned solution (nan when no c succeeded)
+  distortion: Array  # [B] RMS distortion sqrt(mean((x_adv - x)^2)) (paper.md §4.2)
+  pred: Array        # [B] int32 argmax of the logits on x_adv
+  t: Array           # [B] refinement scale: x_adv = x + t (x_c - x), x_c the c search's minimiser
+  num_iter: Array    # [B] int32 L-BFGS steps spent on the example (all c values)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackOptions:
-  """Every option of the attack and its default; hashable (part of the compilation key).
-
-  Validated when built (``ValueError`` naming the field). Derive variants with
-  ``dataclasses.replace(options, maxiter=10)``.
+  """Every option of the attack and its default; hashable (part of the compilation key), validated when
+  built (``ValueError`` naming the field). Variants: ``dataclasses.replace(options, maxiter=10)``.
 
   Attributes:
     untargeted: success = prediction differs from the given label (loss -log(1 - p_label)).
@@ -63,8 +48,7 @@ class AttackOptions:
     loss: "cross_entropy" (A3) or "margin": max(max_{j!=l} z_j - z_l, -kappa), kappa = margin_kappa +
       2 success_margin.
     box: (lower, upper) pixel bounds.
-    maxiter: L-BFGS step cap per solve (one solve per c value).
-    history_size: L-BFGS memory.
+    maxiter, history_size: L-BFGS step cap per solve (one solve per c value) and memory.
     tol: stop when the projected-gradient step's inf-norm is <= tol.
     c_grid: penalty weights scanned from the largest down to the first success.
     num_bisection: log-space bisection solves on c after the grid scan.
@@ -72,14 +56,12 @@ class AttackOptions:
       instead of x.
     refine: refine the c search's point toward the decision boundary (package docstring, step 3);
       False is the paper's method alone.
-    refine_steps: bisection steps of the refinement's segment searches.
-    refine_rounds: linearised-boundary projections (step 3a; 0 turns them off).
-    projection_steps: FISTA steps of each projection's dual.
+    refine_steps, refine_rounds, projection_steps: bisection steps of the refinement's segment searches;
+      linearised-boundary projections (step 3a; 0 turns them off); FISTA steps of each projection's dual.
     ftol: stop when the relative decrease (f_prev - f) / max(|f_prev|, |f|, 1) is <= ftol.
     solver: "projected" (our two-metric projected L-BFGS) or "jaxopt" (``jaxopt.LBFGSB``); see
       ``attack.solver``.
-    success_margin: logits by which the target must win for a success.
-    margin_kappa: confidence of the "margin" loss.
+    success_margin, margin_kappa: logits by which the target must win; confidence of the "margin" loss.
     num_slots: examples in flight (rows of the batched solver); 0 = all examples on accelerators or
       several devices, at most ``DEFAULT_CPU_SLOTS`` on one CPU device (fed from a queue).
     precision: ``jax.default_matmul_precision`` under which the attack is traced ("highest": float32
@@ -134,7 +116,6 @@ class AttackOptions:
     precision_lib.validate(self.precision)
 
 
-# ----------------------------------------------------------------------------------------------------
 # Objective pieces, for one example (logits [k]).
 
 
@@ -193,7 +174,6 @@ def _rms(z: Array, x0: Array) -> Array:
   return jnp.sqrt(jnp.mean(d * d, axis=1))
 
 
-# ----------------------------------------------------------------------------------------------------
 # The c search: every example scans the grid from the largest c down to its first success, then bisects.
 
 
@@ -348,7 +328,6 @@ def _c_search(apply_fn, opts: AttackOptions, params, x: Array, label: Array, c_g
   return out._replace(z=out.z.reshape(x.shape))
 
 
-# ----------------------------------------------------------------------------------------------------
 # Refinement toward the decision boundary, and the program.
 
 
@@ -425,7 +404,6 @@ def _attack_impl(apply_fn, opts: AttackOptions, params, x: Array, label: Array, 
 _program = jax.jit(_attack_impl, static_argnums=(0, 1))
 
 
-# ----------------------------------------------------------------------------------------------------
 # Input checks (on the host, before anything is compiled) and the public API.
 
 
@@ -480,23 +458,20 @@ def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array,
   """Box-constrained L-BFGS adversarial search with a c search (paper.md §3, A1-A4), checked on the host.
 
   Args:
-    apply_fn: ``apply_fn(params, x) -> logits`` mapping [B, *input_shape] to [B, num_classes]; hashable
-      (e.g. a Flax ``model.apply``); one compiled program per (apply_fn, input shape, options).
+    apply_fn: ``apply_fn(params, x) -> logits`` [B, *input_shape] -> [B, num_classes]; hashable (a Flax
+      ``model.apply``: equal modules count as one, ``types.static_fn``); one compiled program per
+      (apply_fn, input shape, options).
     params: its parameters, any pytree (traced: new parameters reuse the compiled program).
     x: [B, *input_shape] float32 (or float64) images inside ``options.box``.
     target: [B] int labels to reach; with ``options.untargeted`` the TRUE labels to move away from.
     options: ``AttackOptions``.
-    shard: shard the batch over all devices (``intriguing_jax.distributed``: 1-D data mesh, ragged
-      batches padded, multi-host outputs gathered on every process); None = when several devices exist.
+    shard: shard the batch over all devices (1-D data mesh, ragged batches padded, multi-host outputs
+      gathered on every process); None = when several devices exist.
 
   Returns:
     An AttackResult sized B: jax arrays (sharded when ``shard``); numpy arrays in a multi-process run.
-
-  Raises:
-    TypeError: params is None, or apply_fn is not hashable.
-    ValueError: x not float32/float64 (e.g. bfloat16), NaN/inf or outside the box; target shape, dtype or
-      range; an input shape the model does not take; logits not [B, K] or not finite on the first
-      examples -- all before compiling anything.
+    Bad inputs (params None, dtype, NaN, box, target shape/range, an input shape the model does not take,
+    logits not [B, K] or not finite) raise TypeError/ValueError before anything is compiled.
   """
   if not isinstance(options, AttackOptions):
     raise TypeError(f"options must be an AttackOptions, got {type(options).__name__}")

@@ -11,22 +11,18 @@ Usage::
 
 ``fun(z [n], *args_row) -> (f, aux)`` is ONE row's objective (aux: e.g. logits), minimised over the box
 [lower, upper]^n; a driving loop can end one row's solve and start its next while the others go on.
-Two solvers behind ``row_solver``:
 
-* ``"projected"`` (default): a two-metric projected L-BFGS (Bertsekas 1982). Variables at a bound whose
-  gradient points outward are fixed for the step; the L-BFGS two-loop recursion (Nocedal & Wright,
-  Alg. 7.4) gives the step on the others; the step is projected onto the box and must satisfy Armijo's
-  condition along the projection arc, f(z') <= f(z) + 1e-4 g . (z' - z). One step is ONE objective
-  evaluation per row: a rejected trial leaves the row in place and halves its step for the next call
-  (backtracking spread over calls). The memory is a ring buffer shared by the rows (one slot written per
-  call, rho = 0 where a row keeps nothing, which the recursion skips). A failed line search clears the
-  row's memory (the next step is steepest descent, as scipy restarts); a failure without memory ends it.
-* ``"jaxopt"``: ``jaxopt.LBFGSB`` (Byrd, Lu, Nocedal & Zhu 1995: Cauchy point, subspace minimisation,
-  zoom line search), one ``update`` per row and call, vmapped over the rows.
+* ``"projected"`` (default): two-metric projected L-BFGS (Bertsekas 1982). Variables at a bound whose
+  gradient points outward are fixed for the step; the two-loop recursion (Nocedal & Wright, Alg. 7.4) gives
+  the step on the others; the projected step must satisfy Armijo's condition along the projection arc,
+  f(z') <= f(z) + 1e-4 g . (z' - z). One step is ONE objective evaluation per row: a rejected trial halves
+  the row's step for the next call. The memory is a ring buffer shared by the rows (one slot per call,
+  rho = 0 where a row keeps nothing). A failed line search clears the row's memory (steepest descent next,
+  as scipy restarts); a failure without memory ends the solve.
+* ``"jaxopt"``: ``jaxopt.LBFGSB`` (Byrd, Lu, Nocedal & Zhu 1995), one ``update`` per row and call, vmapped.
 
-Both end a row's solve when the projected-gradient step inf-norm ||clip(z - g) - z||_inf <= tol, the
-relative decrease (f_prev - f) <= ftol * max(|f_prev|, |f|, 1) (scipy's ``factr`` stop), ``maxiter`` steps
-were taken, or the objective is not finite.
+Both end a row's solve when ||clip(z - g) - z||_inf <= tol, (f_prev - f) <= ftol * max(|f_prev|, |f|, 1)
+(scipy's ``factr``), after ``maxiter`` steps, or when the objective is not finite.
 """
 
 from __future__ import annotations

@@ -1,22 +1,16 @@
 r"""Scale-out benchmark (``scripts/bench/scale.py``, ``scale.run``).
 
-Presets, chosen with ``--config=intriguing_jax/configs/scale.py:<preset>``:
+Presets (``--config=intriguing_jax/configs/scale.py:<preset>``): none, the throughput table at batch sizes
+16, 64, 256 on the devices present; ``forced_cpu``, re-launched on 1, 2 and 4 forced CPU devices; ``gpu``,
+batch sizes 1024, 4096, 16384; ``full``, every MNIST training image attacked once toward a seeded random
+wrong label in resumable memory-sized chunks; ``smoke``, 4 examples and a 5-iteration attack (the test).
 
-* (none): the throughput table (examples/s of ``attack.lbfgs_attack``) at batch sizes 16, 64, 256 on the
-  devices present.
-* ``forced_cpu``: the same table re-launched on 1, 2 and 4 forced CPU devices.
-* ``gpu``: the table at batch sizes 1024, 4096, 16384 (an accelerator).
-* ``full``: the paper-scale attack: every MNIST training image attacked once toward a seeded random wrong
-  label, streamed in resumable chunks sized to device memory.
-* ``smoke``: a 4-example table with a 5-iteration attack (the end-to-end test of the script).
-
-Fields: ``mode`` ("throughput" | "full"), ``model`` (``models.get_model`` / train recipe name),
-``run_dir`` (a finished training run to attack; None: trained or restored in ``<workdir>/models``, or its
-random initial weights in throughput mode without a workdir), ``devices`` (forced CPU device counts to
-re-launch with; () = the devices present), ``batch_sizes``, ``repeats`` (timed calls per batch after the
-compile call), ``num_examples`` (full mode: the first N training images; None = all), ``chunk_size`` (full
-mode; None = from device memory), ``max_chunk_size``, ``seed`` (targets), ``attack`` (every
-``attack.AttackOptions`` field, its defaults), e.g. ``--config.attack.maxiter=30``.
+Fields: ``mode`` ("throughput" | "full"), ``model`` (a train recipe name), ``run_dir`` (a finished run to
+attack; None: trained or restored in ``<workdir>/models``, or random weights in throughput mode without a
+workdir), ``devices`` (forced CPU device counts; () = the devices present), ``batch_sizes``, ``repeats``
+(timed calls after the compile call), ``num_examples`` (full: the first N; None = all), ``chunk_size``
+(full; None = from device memory), ``max_chunk_size``, ``seed`` (targets), ``attack`` (every
+``attack.AttackOptions`` field), e.g. ``--config.attack.maxiter=30``.
 """
 
 import dataclasses

@@ -16,32 +16,18 @@ whose default path this one reproduces bit for bit (notes/attack.md, "Redesign")
 Parts and fields: intriguing_jax/configs/bench_attack.py.
 """
 
-import os
-
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from intriguing_jax import checkpoint
-from intriguing_jax import configs
-from intriguing_jax import progress
+from intriguing_jax import cli
 from intriguing_jax.attack import bench
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "bench_attack.py"),
-    "Benchmark config (intriguing_jax/configs/bench_attack.py[:tiny]).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/models",
-                               "Trained models are kept here; figures go to <workdir>/bench_attack.json.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default: $INTRIGUING_JAX_MNIST_DIR, "
-                                "then tfds).")
+FLAGS = cli.define_flags(
+    "bench_attack", workdir_help="Trained models are kept here; figures go to <workdir>/bench_attack.json.")
 
 
 def main(argv):
-  del argv
-  figures = bench.run(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
-  checkpoint.atomic_write_json(os.path.join(_WORKDIR.value, "bench_attack.json"),
-                               dict(figures, config=_CONFIG.value.to_dict()))
+  cli.check_no_args(argv)
+  figures = bench.run(FLAGS.config.value, FLAGS.workdir.value, FLAGS.data_dir.value)
+  cli.write_figures(FLAGS.workdir.value, "bench_attack", figures, FLAGS.config.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=progress.parse_flags)
+  cli.run(main)

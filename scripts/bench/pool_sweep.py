@@ -12,35 +12,26 @@ Command::
 
 Expected (2 CPU cores, idle, session 6, ~2 min; notes/adversarial_training.md): 1.50 s per model-epoch alone,
 1.41 s at k = 4, 1.45 s at k = 8 (1.07x, 1.03x): no real speed-up on the CPU; the sweep is meant for
-accelerators.
+accelerators. With ``--workdir`` the rows also go to ``<workdir>/bench_pool_sweep.json``.
 """
 
-import os
-import time
-
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
 from intriguing_jax import adversarial_training as at
 from intriguing_jax import attack
-from intriguing_jax import configs
+from intriguing_jax import cli
 from intriguing_jax import data
 from intriguing_jax import models
-from intriguing_jax import progress
 from intriguing_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "bench_train.py"), "Benchmark config.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default $INTRIGUING_JAX_MNIST_DIR, "
-                                "else tfds).")
+FLAGS = cli.define_flags("bench_train", workdir_required=False,
+                         workdir_help="If set, the figures also go to <workdir>/bench_pool_sweep.json.")
 
 
 def main(argv):
-  del argv
-  c = _CONFIG.value
-  x, y = data.load_mnist("train", _DATA_DIR.value)
+  cli.check_no_args(argv)
+  c = FLAGS.config.value
+  x, y = data.load_mnist("train", FLAGS.data_dir.value)
   x, y = (x[:c.num_train], y[:c.num_train]) if c.num_train else (x, y)
   recipe = train.RECIPES["fc100-100-10"]["config"]
   config = train.TrainConfig(**{**recipe, "epochs": c.epochs, "learning_rate": 1e-2})
@@ -52,13 +43,16 @@ def main(argv):
     res = (at.train_with_pool(model, x, y, config, pool) if k == 0
            else at.train_with_pool_sweep(model, x, y, config, pool, seeds=list(range(k))))
     secs = [h["seconds"] for h in res.history]
-    rows.append((k, float(np.mean(secs[1:])) / max(k, 1)))
-    print(f"k={k:3d}  epochs {[round(s, 2) for s in secs]} s  ->  {rows[-1][1]:.3f} s per model-epoch",
+    per_model = float(np.mean(secs[1:])) / max(k, 1)
+    rows.append(dict(k=k, epoch_seconds=secs, seconds_per_model_epoch=per_model))
+    print(f"k={k:3d}  epochs {[round(s, 2) for s in secs]} s  ->  {per_model:.3f} s per model-epoch",
           flush=True)
-  base = dict(rows).get(0)
-  for k, per_model in rows if base else ():
-    print(f"k={k:3d}  speed-up vs one run: {base / per_model:.2f}x")
+  base = {row["k"]: row["seconds_per_model_epoch"] for row in rows}.get(0)
+  for row in rows if base else ():
+    row["speed_up"] = base / row["seconds_per_model_epoch"]
+    print(f"k={row['k']:3d}  speed-up vs one run: {row['speed_up']:.2f}x")
+  cli.write_figures(FLAGS.workdir.value, "bench_pool_sweep", {"num_train": int(x.shape[0]), "rows": rows}, c)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=progress.parse_flags)
+  cli.run(main)

@@ -24,49 +24,33 @@ the summary as JSON; with ``--workdir`` writes ``results.json`` there. MNIST com
 """
 
 import json
-import os
-import sys
 
 from absl import app
-from absl import flags
-from ml_collections import config_flags
 
-from intriguing_jax import configs
+from intriguing_jax import cli
 from intriguing_jax import plotting
 from intriguing_jax import scale
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "scale.py"),
-    "Benchmark config (intriguing_jax/configs/scale.py[:forced_cpu|:gpu|:full|:smoke]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Models, the resumable attack stream and results.json.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default $INTRIGUING_JAX_MNIST_DIR, "
-                                "else tfds).")
+FLAGS = cli.define_flags(
+    "scale", workdir_required=False,
+    workdir_help="Models, the resumable attack stream and results.json (required in full mode).")
 _COLUMNS = ["backend", "data", "devices", "batch", "examples_per_s", "seconds_per_batch",
             "examples_per_cpu_s", "first_call_s", "load_avg_1m", "success", "mean_distortion"]
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  cli.check_no_args(argv)
+  config = FLAGS.config.value
   try:
     scale.validate(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  results = scale.run(config, _WORKDIR.value, _DATA_DIR.value)
+  results = scale.run(config, FLAGS.workdir.value, FLAGS.data_dir.value)
   if config.mode == "full":
     print(json.dumps(results, indent=2))
   else:
     print(plotting.markdown_table(results["rows"], _COLUMNS, floatfmt=".3g"))
 
 
-def _parse_flags(argv):
-  """absl's parser, except that --help/-h exits 0 (absl's own help flag exits 1)."""
-  if {"--help", "-h", "-?", "--helpshort"} & set(argv[1:]):
-    app.usage(shorthelp=True, writeto_stdout=True)
-    sys.exit(0)
-  return app.parse_flags_with_usage(argv)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main)

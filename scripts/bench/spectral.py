@@ -11,6 +11,7 @@ Random He-scaled kernels N(0, 1/(k·k·C_in)) with the Table 5 shapes; conv inpu
 ``repeats`` times; prints per layer the minimum wall and process CPU time (CPU < wall means waiting for a
 shared CPU) and the total. OpenBLAS is limited to 1 thread before JAX loads: the batched per-frequency
 SVDs are 30-50x slower when OpenBLAS threads spin against other processes on a shared 2-core machine.
+With ``--workdir`` the rows also go to ``<workdir>/bench_spectral.json``.
 """
 
 import os
@@ -19,18 +20,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from intriguing_jax import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from intriguing_jax import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
+from intriguing_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from intriguing_jax import spectral  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "bench_spectral.py"),
-    "Benchmark config (intriguing_jax/configs/bench_spectral.py[:lanczos]).")
+FLAGS = cli.define_flags("bench_spectral", workdir_required=False,
+                         workdir_help="If set, the figures also go to <workdir>/bench_spectral.json.")
 
 
 def _layer_fn(spec, c, rng):
@@ -47,34 +44,39 @@ def _layer_fn(spec, c, rng):
                                              num_steps=c.num_steps)
 
 
+def _time(fn, repeats):
+  """(first call s, min wall s, min process CPU s, last result) of ``repeats`` timed calls after the first."""
+  t0 = time.perf_counter()
+  fn()
+  first, runs = time.perf_counter() - t0, []
+  for _ in range(repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    r = fn()
+    runs.append((time.perf_counter() - t0, time.process_time() - c0))
+  return first, min(w for w, _ in runs), min(p for _, p in runs), r
+
+
 def main(argv):
-  del argv
-  c = _CONFIG.value
+  cli.check_no_args(argv)
+  c = FLAGS.config.value
   jax.config.update("jax_enable_x64", c.dtype == "float64")
   rng = np.random.default_rng(c.seed)
   print(f"devices: {jax.devices()}  method: {c.method}  padding: {c.padding}  "
         f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}")
-  totals = np.zeros(3)  # wall, cpu, first call
+  rows = []
   for spec in spectral.TABLE5:
-    fn = _layer_fn(spec, c, rng)
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    runs = []
-    for _ in range(c.repeats):
-      t0, c0 = time.perf_counter(), time.process_time()
-      r = fn()
-      runs.append((time.perf_counter() - t0, time.process_time() - c0))
-    wall, cpu = min(w for w, _ in runs), min(p for _, p in runs)
-    totals += (wall, cpu, first)
+    first, wall, cpu, r = _time(_layer_fn(spec, c, rng), c.repeats)
+    norm = r._asdict() if isinstance(r, spectral.OperatorNorm) else {"sigma_max": float(r)}
+    rows.append(dict(layer=spec["layer"], wall_s=wall, cpu_s=cpu, first_call_s=first, **norm))
     detail = (f"value {r.value:.5f}  interval [{r.lower:.5f}, {r.upper:.5f}]  "
-              f"paper-formula(Δ⁻²) {r.paper_formula:.5f}" if isinstance(r, spectral.OperatorNorm)
-              else f"sigma_max {r:.5f}")
+              f"paper-formula(Δ⁻²) {r.paper_formula:.5f}" if "value" in norm else f"sigma_max {r:.5f}")
     print(f"{spec['layer']:8s} {detail:70s} wall {wall:7.3f} s  cpu {cpu:7.3f} s  "
           f"(first call {first:7.3f} s)", flush=True)
-  print(f"TOTAL wall {totals[0]:.3f} s, process CPU {totals[1]:.3f} s for 8 layers (first calls incl. "
-        f"compile: {totals[2]:.3f} s wall); load average {os.getloadavg()[0]:.1f}")
+  total = {k: sum(row[k] for row in rows) for k in ("wall_s", "cpu_s", "first_call_s")}
+  print(f"TOTAL wall {total['wall_s']:.3f} s, process CPU {total['cpu_s']:.3f} s for 8 layers (first calls "
+        f"incl. compile: {total['first_call_s']:.3f} s wall); load average {os.getloadavg()[0]:.1f}")
+  cli.write_figures(FLAGS.workdir.value, "bench_spectral", dict(rows=rows, total=total), c)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=progress.parse_flags)
+  cli.run(main)

@@ -8,26 +8,19 @@ Commands (CPU, 2 shared cores, ~1-2 min; figures in notes/models.md)::
 Both modes train the same models (λ = 1e-4, 1e-2, 1, seed 0, same batches) on MNIST (``--config.synthetic``:
 random data of the same size). Prints per mode the total wall time (compilation included), the first
 epoch(s) and the steady-state throughput (model-examples per second after the first epoch), and the speed-up.
+With ``--workdir`` the figures also go to ``<workdir>/bench_train.json``.
 """
 
 import dataclasses
-import os
 import time
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from intriguing_jax import configs
+from intriguing_jax import cli
 from intriguing_jax import data
 from intriguing_jax import models
-from intriguing_jax import progress
 from intriguing_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "bench_train.py"), "Benchmark config.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MNIST IDX directory (default $INTRIGUING_JAX_MNIST_DIR, "
-                                "else tfds).")
+FLAGS = cli.define_flags("bench_train", workdir_required=False,
+                         workdir_help="If set, the figures also go to <workdir>/bench_train.json.")
 
 
 def _summary(histories, total, members, examples):
@@ -38,9 +31,10 @@ def _summary(histories, total, members, examples):
 
 
 def main(argv):
-  del argv
-  c = _CONFIG.value
-  x, y = data.synthetic_mnist(60000, seed=0) if c.synthetic else data.load_mnist("train", _DATA_DIR.value)
+  cli.check_no_args(argv)
+  c = FLAGS.config.value
+  x, y = (data.synthetic_mnist(60000, seed=0) if c.synthetic
+          else data.load_mnist("train", FLAGS.data_dir.value))
   x, y = (x[:c.num_train], y[:c.num_train]) if c.num_train else (x, y)
   model = models.get_model(c.model)
   config = train.TrainConfig(epochs=c.epochs, learning_rate=3e-3)
@@ -59,7 +53,9 @@ def main(argv):
     print(f"{name:<18}{total:>10.2f}{first:>16.2f}{thr:>20.0f}")
   (ts, _, rs), (tq, _, rq) = rows.values()
   print(f"speed-up of the sweep: total {tq / ts:.2f}x, steady-state throughput {rs / rq:.2f}x")
+  cli.write_figures(FLAGS.workdir.value, "bench_train",
+                    dict(columns=["total_s", "first_epochs_s", "steady_model_examples_per_s"], rows=rows), c)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=progress.parse_flags)
+  cli.run(main)
