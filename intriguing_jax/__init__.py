@@ -4,7 +4,7 @@ Usage::
 
     import intriguing_jax as ij
 
-    images, labels = ij.data.load_mnist("test")          # data_dir=..., else $INTRIGUING_JAX_MNIST_DIR, else tfds
+    images, labels = ij.data.load_mnist("test")   # data_dir=..., else $INTRIGUING_JAX_MNIST_DIR, else tfds
     model = ij.models.get_model("fc100-100-10")
     ...
     result = ij.attack.lbfgs_attack(model.apply, variables, x, target)   # every function: fn(params, x)

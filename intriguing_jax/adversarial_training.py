@@ -9,24 +9,14 @@ Usage::
     sweep = at.train_with_pool_sweep(model, images, labels, config, pool_config, seeds=range(8))  # vmapped
     # Any model and loss, from pure functions of the params: make_epoch_fn + driver.run.
 
-The method (sizes, rates and schedules are not in the paper, A21: each is a ``PoolConfig`` field; the
-paper's wording and the settings tried: notes/adversarial_training.md):
-
-* One pool per entry of ``PoolConfig.layers``: ``pool_size`` stored layer values (pixels for "input",
-  post-activation features for a hidden layer) with the TRUE label of the clean example.
-* Generation: random training examples mapped to the layer (``model.features``), attacked through the head
-  above it (``model.apply(..., layer, method="head")``) by ``attack.make_attack`` with ``PoolConfig.attack``,
-  toward random wrong targets (or untargeted); the stored point is the attack's, optionally moved along its
-  direction (``perturbation_scale``, ``perturbation_rms``).
-* Schedule: ``warmup_steps`` of clean training, then the pools are filled (in chunks of ``refresh_size``),
-  then every ``refresh_every`` steps a random ``refresh_fraction`` of each pool is replaced.
-* Mixing: every step uses ``batch_size`` clean examples plus uniform samples of each pool making up
-  ``mix_ratio`` of the mixed batch; the loss is the weighted mean per-example loss (pool-k examples through
-  the head of layer k, with dropout when the model has it) plus the weight decay.
-
-Each epoch is the driver's one jitted ``lax.scan``; the refresh is a ``lax.cond`` on the global step, taken
-only on refresh steps (also in a sweep). Every key derives from ``fold_in(fold_in(rng, salt), step)``, so a
-resumed run repeats the uninterrupted one.
+The method (every size, rate and schedule a ``PoolConfig`` field, unspecified in the paper, A21; the
+paper's wording and the settings tried: notes/adversarial_training.md): one pool per layer of
+``pool_size`` values with TRUE clean labels, made by attacking random training examples' layer values
+through the head above the layer toward random wrong targets; filled after ``warmup_steps`` clean steps,
+``refresh_size`` entries replaced every ``refresh_every`` steps (a ``lax.cond`` on the global step). Pool
+samples make up ``mix_ratio`` of each batch; the loss is the weighted mean per-example loss (pool-k
+examples through layer k's head) plus weight decay. Every key is ``fold_in(fold_in(rng, salt), step)``, so
+a resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -74,21 +64,12 @@ POOL_ATTACK = attack_lib.AttackOptions(maxiter=10, history_size=5, tol=1e-3, c_g
 class PoolConfig:
   """Static settings of the adversarial pools (paper.md A21: all unspecified in the paper).
 
-  Attributes:
-    layers: which pools: "input" (pixels) and/or feature names of the model (e.g. "hidden_0").
-    pool_size: stored examples per pool.
-    refresh_every: steps between two refreshes.
-    refresh_fraction: fraction of each pool replaced at each refresh (``refresh_size`` examples).
-    mix_ratio: fraction of each mixed training batch drawn from the pools (all pools together), in (0, 1).
-    warmup_steps: clean training steps before the pools are filled and mixed in.
-    perturbation_scale: the stored example is ``clip(h + s (h_adv - h), box)``: 1 keeps the attack's point,
-      s < 1 stops short of it, s > 1 goes past it.
-    pool_loss_weight: weight of one pool example relative to one clean example in the batch's mean loss.
-    perturbation_rms: if set, the stored example is the attack's direction at this RMS distortion
-      (:func:`place_at_rms`); excludes ``perturbation_scale != 1``; the attack's refinement is then skipped
-      (it only slides the point along the direction that the rescaling keeps).
-    attack: the pool attack's options (``attack.AttackOptions``; ``box`` is replaced by each layer's box).
-  """
+  ``layers``: "input" (pixels) and/or feature names (e.g. "hidden_0"). ``mix_ratio`` in (0, 1): fraction
+  of each mixed batch drawn from all pools together. ``perturbation_scale`` s: the stored example is
+  ``clip(h + s (h_adv - h), box)``. ``pool_loss_weight``: a pool example's weight relative to a clean one
+  in the batch's mean loss. ``perturbation_rms``: if set, the stored example is the attack's direction at
+  this RMS distortion (:func:`place_at_rms`; excludes ``perturbation_scale != 1``; skips the attack's
+  refinement). ``attack``: the pool attack's options (``box`` replaced by each layer's)."""
   layers: Tuple[str, ...] = (INPUT,)
   pool_size: int = 5000
   refresh_every: int = 50
@@ -114,10 +95,9 @@ class PoolConfig:
       raise ValueError(f"PoolConfig.refresh_fraction must be in (0, 1], got {self.refresh_fraction}")
     if not 0.0 < self.mix_ratio < 1.0:
       raise ValueError(f"PoolConfig.mix_ratio must be in (0, 1), got {self.mix_ratio}")
-    for name in ("perturbation_scale", "pool_loss_weight", "perturbation_rms"):
+    optional = () if self.perturbation_rms is None else ("perturbation_rms",)
+    for name in ("perturbation_scale", "pool_loss_weight") + optional:
       v = getattr(self, name)
-      if v is None and name == "perturbation_rms":
-        continue
       number = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
       if not (number and math.isfinite(v) and v > 0):
         raise ValueError(f"PoolConfig.{name} must be a finite number > 0, got {v!r}")
@@ -141,16 +121,10 @@ class PoolConfig:
 
 
 class PoolLayer(NamedTuple):
-  """One pool's layer, as pure functions of the trained parameters.
-
-  Attributes:
-    name: pool name ("input" or a feature name).
-    feature_fn: ``feature_fn(params, x) -> h``: inputs [B, ...] to the layer's values [B, *layer_shape].
-    head_fn: ``head_fn(params, h) -> logits`` [B, num_classes], the network above the layer (attacked).
-    box: (lower, upper) bounds of the layer's values (pixels and sigmoid activations: (0, 1)).
-    train_head_fn: optional ``train_head_fn(params, h, key) -> logits``, the head as trained (e.g. dropout
-      from ``key``) for the pool examples' loss; None = ``head_fn``.
-  """
+  """One pool's layer, as pure functions of the trained parameters: ``feature_fn(params, x [B, ...]) -> h``
+  [B, *layer_shape]; ``head_fn(params, h) -> logits`` [B, num_classes], the network above the layer
+  (attacked); ``box``: bounds of the layer's values; ``train_head_fn(params, h, key) -> logits``: the head
+  as trained (e.g. dropout from ``key``) for the pool examples' loss, None = ``head_fn``."""
   name: str
   feature_fn: Callable[[Params, Array], Array]
   head_fn: Callable[[Params, Array], Array]
@@ -159,15 +133,10 @@ class PoolLayer(NamedTuple):
 
 
 class PoolTrainState(driver.TrainState):
-  """``driver.TrainState`` plus the pools (checkpointed each epoch).
-
-  Attributes:
-    pools: name -> [pool_size, *layer_shape] stored adversarial layer values.
-    pool_labels: name -> [pool_size] int32 true labels.
-    pool_born: name -> [pool_size] int32 step at which each entry was generated (-1: never filled).
-    filled: bool [] whether the pools have been filled (pool examples count in the loss from then on).
-    num_refreshes: int32 [] refresh events so far (the initial fill counts as one).
-  """
+  """``driver.TrainState`` plus the pools (checkpointed each epoch): per name ``pools`` [pool_size,
+  *layer_shape], ``pool_labels`` [pool_size] int32 true labels, ``pool_born`` [pool_size] int32 step each
+  entry was generated (-1: never); ``filled`` bool [] (pool examples count in the loss from then on);
+  ``num_refreshes`` int32 [] (the initial fill counts as one)."""
   pools: Dict[str, Array]
   pool_labels: Dict[str, Array]
   pool_born: Dict[str, Array]
@@ -193,9 +162,8 @@ def _train_head(model, layer, params, h, key):
 
 def model_pool_layers(model, names: Sequence[str], *,
                       box: Tuple[float, float] = (0.0, 1.0)) -> List[PoolLayer]:
-  """PoolLayers of a Flax model with ``features`` and ``head`` methods (ValueError without), its params the
-  "params" collection: layer values ``model.features``, attacked through ``model.head`` (the deterministic
-  network above the layer), trained through ``model.head(..., train=True)`` (dropout from the step's key)."""
+  """PoolLayers of a Flax model with ``features`` and ``head`` methods (ValueError without): values
+  ``model.features``, attacked through ``model.head``, trained through ``model.head(..., train=True)``."""
   if not (hasattr(model, "head") and hasattr(model, "features")):
     raise ValueError(f"{type(model).__name__} has no head/features methods; build PoolLayers of your own")
   return [PoolLayer(n, functools.partial(_features, model, n), functools.partial(_head, model, n), box,
@@ -209,14 +177,12 @@ def model_pool_layers(model, names: Sequence[str], *,
 def generate_adversarial(layer: PoolLayer, params: Params, x: Array, labels: Array, key: PRNGKey,
                          config: PoolConfig, num_classes: int) -> Tuple[Array, attack_lib.AttackResult]:
   """(h_adv [R, *layer_shape], the attack's AttackResult on the layer's values) of clean inputs x [R, ...]
-  with true labels [R] (pure, jittable; ``params`` not differentiated; ``key`` draws the random wrong
-  targets). ``h_adv`` is the attack's ``x_adv`` moved along ``x_adv - h`` by ``perturbation_scale``, or to
-  RMS ``perturbation_rms`` along it (clipped to the box); an example the attack did not move stays at h.
-  """
+  with true labels [R] (pure, jittable; ``params`` not differentiated; ``key``: random wrong targets).
+  ``h_adv``: the attack's ``x_adv`` moved along ``x_adv - h`` by ``perturbation_scale``, or to RMS
+  ``perturbation_rms`` along it (clipped to the box); an example the attack did not move stays at h."""
   params = jax.lax.stop_gradient(params)
   h = jax.lax.stop_gradient(layer.feature_fn(params, x))
-  untargeted = config.attack.untargeted
-  target = labels if untargeted else attack_lib.random_targets(key, labels, num_classes)
+  target = labels if config.attack.untargeted else attack_lib.random_targets(key, labels, num_classes)
   attack_fn = attack_lib.make_attack(layer.head_fn, config.attack_options(layer.box))
   res = attack_fn(params, h, target.astype(jnp.int32))
   h_adv = res.x_adv
@@ -246,20 +212,14 @@ def _draw_and_attack(layer, params, images, labels, key, config, num_classes, i)
 def make_generate_fn(layers: Sequence[PoolLayer], config: PoolConfig, num_classes: int):
   """``generate(params, images, labels, key) -> {name: (h_adv, AttackResult)}``, jitted: one refresh's
   generation outside training (for timing it, and for inspecting the pools)."""
-  def generate(params, images, labels, key):
-    return {l.name: _draw_and_attack(l, params, images, labels, key, config, num_classes, i)[1:]
-            for i, l in enumerate(layers)}
-
-  return jax.jit(generate)
+  return jax.jit(lambda params, images, labels, key: {
+      l.name: _draw_and_attack(l, params, images, labels, key, config, num_classes, i)[1:]
+      for i, l in enumerate(layers)})
 
 
 def mixed_batch_sizes(batch_size: int, config: PoolConfig) -> Dict[str, int]:
   """Examples drawn from each pool per step: ``round(batch_size r / (1 - r))`` (r = ``mix_ratio``) in all,
-  split evenly over the pools (the remainder to the first ones).
-
-  Raises:
-    ValueError: when that leaves a pool with no example.
-  """
+  split evenly over the pools (the remainder to the first ones); ValueError if a pool gets none."""
   r, k = config.mix_ratio, len(config.layers)
   total = int(round(batch_size * r / (1.0 - r)))
   if total < k:
@@ -279,17 +239,11 @@ def sample_mixed_batch(state: PoolTrainState, key: PRNGKey,
   return out
 
 
-def _is_due(step, config: PoolConfig):
-  return (step >= config.warmup_steps) & ((step - config.warmup_steps) % config.refresh_every == 0)
-
-
 def init_state(layers: Sequence[PoolLayer], params: Params, tx: optax.GradientTransformation,
                x_example: Array, config: PoolConfig, rng: PRNGKey) -> PoolTrainState:
   """A fresh state: empty pools shaped like each layer's values for ``x_example`` ([1, ...] input)."""
-  pools = {}
-  for layer in layers:
-    spec = jax.eval_shape(layer.feature_fn, params, x_example)
-    pools[layer.name] = jnp.zeros((config.pool_size,) + tuple(spec.shape[1:]), spec.dtype)
+  specs = {l.name: jax.eval_shape(l.feature_fn, params, x_example) for l in layers}
+  pools = {n: jnp.zeros((config.pool_size,) + tuple(s.shape[1:]), s.dtype) for n, s in specs.items()}
   return PoolTrainState(**driver.state_fields(params, tx, rng), pools=pools,
                         pool_labels={n: jnp.zeros((config.pool_size,), jnp.int32) for n in pools},
                         pool_born={n: jnp.full((config.pool_size,), -1, jnp.int32) for n in pools},
@@ -310,9 +264,8 @@ def _refresh_slots(layers, config, num_classes, state, images, labels, key, slot
   stats = []
   for i, layer in enumerate(layers):
     y, h_adv, res = _draw_and_attack(layer, state.params, images, labels, key, config, num_classes, i)
-    pools[layer.name] = pools[layer.name].at[slots[i]].set(h_adv)
-    plabels[layer.name] = plabels[layer.name].at[slots[i]].set(y)
-    pborn[layer.name] = pborn[layer.name].at[slots[i]].set(state.step)
+    for d, v in ((pools, h_adv), (plabels, y), (pborn, state.step)):
+      d[layer.name] = d[layer.name].at[slots[i]].set(v)
     ok = res.success.astype(jnp.float32)
     stats += [jnp.mean(ok), jnp.sum(ok * res.distortion) / jnp.maximum(jnp.sum(ok), 1.0)]
   return state.replace(pools=pools, pool_labels=plabels, pool_born=pborn), jnp.stack(stats)
@@ -341,11 +294,6 @@ def _regenerate(layers, config, num_classes, state, images, labels, key):
   return state, acc / trips.astype(jnp.float32), jnp.ones((), jnp.float32)
 
 
-def _no_refresh(num_pools, state, images, labels, key):
-  del images, labels, key
-  return state, jnp.zeros((num_pools * len(POOL_STATS),), jnp.float32), jnp.zeros((), jnp.float32)
-
-
 def _mixed_loss(layers, config, loss_fn, apply_fn, penalty_fn, params, x, y, pool_batch, pool_weight, key,
                 hyper):
   """(loss, [data_loss, clean_loss, pool_loss, clean_error, pool_error]) of a mixed batch."""
@@ -354,10 +302,8 @@ def _mixed_loss(layers, config, loss_fn, apply_fn, penalty_fn, params, x, y, poo
   pool_sum, pool_count, pool_err = 0.0, 0, 0.0
   for i, layer in enumerate(layers):
     h, yp = pool_batch[layer.name]
-    if layer.train_head_fn is None:
-      logits = layer.head_fn(params, h)
-    else:
-      logits = layer.train_head_fn(params, h, jax.random.fold_in(key, i + 1))
+    logits = (layer.head_fn(params, h) if layer.train_head_fn is None
+              else layer.train_head_fn(params, h, jax.random.fold_in(key, i + 1)))
     pool_sum = pool_sum + jnp.sum(loss_fn(logits, yp))
     pool_err = pool_err + jnp.sum((jnp.argmax(logits, -1) != yp).astype(jnp.float32))
     pool_count += yp.shape[0]
@@ -379,34 +325,29 @@ def make_epoch_fn(apply_fn: Callable[[Params, Array, PRNGKey], Array], layers: S
                   penalty_fn: Optional[Callable[[Params, Any], Array]] = None, stacked: bool = False):
   """The jitted epoch of pool training for any model and loss given as pure functions (``driver``'s).
 
-  Args:
-    apply_fn: ``apply_fn(params, x, key) -> logits`` [B, num_classes] of clean inputs as trained (e.g.
-      dropout drawn from ``key``).
-    layers: one PoolLayer per pool, in ``config.layers`` order.
-    tx: the optimiser; config: pool settings.
-    batch_size: clean examples per step (the pools add ``mixed_batch_sizes(batch_size, config)``).
-    num_train: training set size; num_classes: number of classes (random attack targets).
-    loss_fn: ``loss_fn(logits, labels) -> [B]`` per-example loss (default: cross-entropy).
-    penalty_fn: ``penalty_fn(params, hyper) -> scalar`` added to the loss (e.g. weight decay with λ = hyper).
-    stacked: k models at once (state and ``hyper`` with a leading [k] axis, ``jax.vmap``).
+  ``apply_fn(params, x, key) -> logits`` [B, num_classes]: clean inputs as trained (dropout from ``key``);
+  ``layers``: one PoolLayer per pool, in ``config.layers`` order; ``batch_size`` clean examples per step
+  (the pools add ``mixed_batch_sizes``); ``loss_fn(logits, labels) -> [B]`` per-example loss;
+  ``penalty_fn(params, hyper) -> scalar`` added to the loss (e.g. weight decay, λ = hyper); ``stacked``: k
+  models at once (state and ``hyper`` with a leading [k] axis, ``jax.vmap``).
 
-  Returns:
-    ``epoch_fn(state, images, labels, perm_key, epoch, hyper) -> (state, stats)`` (see
-    ``driver.make_epoch_fn``); ``stats`` [steps, len(STEP_STATS) + len(POOL_STATS) * num_pools] (the pool
-    ones: means over the latest generated examples, 0 on steps without a refresh), [k, steps, ...] stacked.
+  Returns ``epoch_fn(state, images, labels, perm_key, epoch, hyper) -> (state, stats)`` (as
+  ``driver.make_epoch_fn``); ``stats`` [steps, len(STEP_STATS) + len(POOL_STATS) * num_pools] (pool ones:
+  means over the latest generated examples, 0 on steps without a refresh), [k, steps, ...] stacked.
   """
   if tuple(l.name for l in layers) != tuple(config.layers):
     raise ValueError(f"make_epoch_fn: layers {[l.name for l in layers]} differ from config.layers "
                      f"{config.layers}")
   sizes = mixed_batch_sizes(batch_size, config)
   regenerate = functools.partial(_regenerate, tuple(layers), config, num_classes)
-  no_refresh = functools.partial(_no_refresh, len(layers))
+  no_refresh = lambda state, *_: (state, jnp.zeros((len(layers) * len(POOL_STATS),), jnp.float32),
+                                  jnp.zeros((), jnp.float32))
   loss = functools.partial(_mixed_loss, tuple(layers), config, loss_fn, apply_fn, penalty_fn)
 
   def step_fn(state, t, x, y, images, labels, hyper):
     key = _salted(state.rng, _SALT_REFRESH, state.step)
-    state, pool_stats, refreshed = jax.lax.cond(_is_due(t, config), regenerate, no_refresh, state, images,
-                                                labels, key)
+    due = (t >= config.warmup_steps) & ((t - config.warmup_steps) % config.refresh_every == 0)
+    state, pool_stats, refreshed = jax.lax.cond(due, regenerate, no_refresh, state, images, labels, key)
     pool_batch = sample_mixed_batch(state, _salted(state.rng, _SALT_SAMPLE, state.step), sizes)
     key = _salted(state.rng, _SALT_DROPOUT, state.step)
     (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
@@ -483,15 +424,10 @@ def train_with_pool(model, images, labels, config: train_lib.TrainConfig, pool_c
                     seed: int = 0, data_seed: Optional[int] = None, workdir: Optional[str] = None,
                     eval_data: Optional[Tuple[Any, Any]] = None,
                     stop_after_epoch: Optional[int] = None) -> train_lib.TrainResult:
-  """Trains a model of ``models`` with ``features`` and ``head`` (the fully connected ones) with adversarial
-  pools mixed into every batch; resumes from ``workdir/ckpt``.
-
-  Arguments, loss, optimiser and mini-batch order (for the same ``data_seed``) are ``train.train_model``'s;
-  ``config.task`` must be "classify"; ``seed`` also seeds the pools. Evaluated and attacked without dropout.
-
-  Raises:
-    ValueError: bad data, settings, or a workdir holding a run with other settings -- before compiling.
-  """
+  """Trains a model of ``models`` with ``features`` and ``head`` with adversarial pools mixed into every
+  batch; resumes from ``workdir/ckpt``. Arguments, loss, optimiser and batch order are
+  ``train.train_model``'s (``config.task`` "classify"; ``seed`` also seeds the pools). ValueError on bad
+  data or settings, or a workdir of other settings, before compiling."""
   return _train_pool(model, images, labels, config, pool_config, False, weight_decays=[None], seeds=[seed],
                      data_seed=seed if data_seed is None else data_seed, workdir=workdir, eval_data=eval_data,
                      stop_after_epoch=stop_after_epoch, who="train_with_pool")
@@ -502,13 +438,9 @@ def train_with_pool_sweep(model, images, labels, config: train_lib.TrainConfig, 
                           data_seed: int = 0, workdir: Optional[str] = None,
                           eval_data: Optional[Tuple[Any, Any]] = None,
                           stop_after_epoch: Optional[int] = None) -> train_lib.SweepResult:
-  """Trains k models with adversarial pools, differing in init/pool seed and/or λ, as ONE compiled program.
-
-  What ``train.train_sweep`` (same arguments) is to ``train_model``: the pool step under ``jax.vmap`` (k x
-  refresh_size examples per pool in one attack program, the refresh a branch on the shared step). Member i
-  is ``train_with_pool(..., weight_decay=weight_decays[i], seed=seeds[i], data_seed=data_seed)`` up to
-  vmap's float rounding (notes/adversarial_training.md). Members are sharded over all devices.
-  """
+  """``train.train_sweep`` (same arguments) of :func:`train_with_pool`: k models differing in init/pool
+  seed and/or λ as ONE vmapped program; member i is ``train_with_pool(..., weight_decay=weight_decays[i],
+  seed=seeds[i], data_seed=data_seed)`` up to float rounding (notes/adversarial_training.md)."""
   return _train_pool(model, images, labels, config, pool_config, True, weight_decays=weight_decays,
                      seeds=seeds, data_seed=data_seed, workdir=workdir, eval_data=eval_data,
                      stop_after_epoch=stop_after_epoch, who="train_with_pool_sweep")
@@ -531,8 +463,7 @@ class Experiment(NamedTuple):
 
 
 def validate(config) -> Experiment:
-  """Builds every setting of ``config`` (TrainConfig, PoolConfig, AttackOptions), raising ValueError on a bad
-  one -- before any data is loaded."""
+  """Every setting of ``config`` built (ValueError on a bad one) before any data is loaded."""
   unknown = sorted(set(config.runs) - set(RUNS))
   if unknown or not config.runs:
     raise ValueError(f"runs must be a non-empty subset of {RUNS}, got {tuple(config.runs)}")
@@ -568,8 +499,7 @@ def _load(config, data_dir):
 def _train_run(name, exp, pool, config, train_set, eval_set, run_dir):
   """Trains run ``name`` for every seed (one program for several); returns (stacked variables, result)."""
   model = models_lib.get_model(config.model, **exp.model_kwargs[name])
-  kw = dict(workdir=os.path.join(run_dir, "train"), eval_data=eval_set)
-  cfg = exp.train[name]
+  kw, cfg = dict(workdir=os.path.join(run_dir, "train"), eval_data=eval_set), exp.train[name]
   if len(exp.seeds) > 1:
     kw.update(seeds=exp.seeds, data_seed=config.seed)
     res = (train_with_pool_sweep(model, *train_set, cfg, pool, **kw) if name == "adversarial"
@@ -586,31 +516,28 @@ def _train_run(name, exp, pool, config, train_set, eval_set, run_dir):
                    "history": checkpoint.jsonable(res.history)}
 
 
-def _distortions(name, stacked, exp, config, attacked, workdir):
-  """Per seed: success rate and mean RMS distortion of the evaluation attack on ``attacked`` (x, targets)."""
+def _add_distortions(rows, name, stacked, exp, config, attacked, workdir):
+  """Adds to each seed's row the evaluation attack's success rate and mean RMS distortion on ``attacked``."""
   apply_fn = models_lib.get_model(config.model).apply
-  out = []
-  for i, seed in enumerate(exp.seeds):
-    variables = jax.tree.map(lambda a, i=i: a[i], stacked)
+  for row, seed, variables in zip(rows, exp.seeds, train_lib.unstack(stacked, len(exp.seeds))):
     rec = reproduce.attack_cached(tables.Model(apply_fn, variables), *attacked, options=exp.eval_attack,
                                   cache_dir=os.path.join(workdir, name, "attack"),
                                   chunk_size=config.chunk_size, name=f"{name} seed {seed}")
     ok = rec.success
-    out.append({"attack_success": float(ok.mean()),
-                "av_min_distortion": float(np.mean(rec.distortion[ok])) if ok.any() else float("nan")})
-  return out
+    row.update(attack_success=float(ok.mean()),
+               av_min_distortion=float(np.mean(rec.distortion[ok])) if ok.any() else float("nan"))
 
 
 def _claims(summary: Dict[str, Dict[str, float]], tag: str) -> Dict[str, bool]:
   """The paper's three claims on per-run figures (``eval_error``, ``av_min_distortion``)."""
   wd, do, adv = (summary.get(k) for k in RUNS)
-  claims = {}
-  if adv:
-    claims[f"adversarial_error_at_most_1.2%{tag}"] = adv["eval_error"] <= 0.012
-  if adv and wd and do:
+  if not adv:
+    return {}
+  claims = {f"adversarial_error_at_most_1.2%{tag}": adv["eval_error"] <= 0.012}
+  if wd and do:
     best = min(wd["eval_error"], do["eval_error"])
     claims[f"adversarial_error_below_both_baselines{tag}"] = adv["eval_error"] < best
-  if adv and wd and "av_min_distortion" in adv and "av_min_distortion" in wd:
+  if wd and "av_min_distortion" in adv and "av_min_distortion" in wd:
     claims["adversarial_distortion_above_weight_decay"] = adv["av_min_distortion"] > wd["av_min_distortion"]
   return claims
 
@@ -649,18 +576,12 @@ def _write_report(workdir, out):
 
 
 def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
-  """Weight decay vs dropout vs adversarial pools on MNIST; writes ``results.json``, ``report.md``/``.html``.
-
-  ``config``: ``configs/adversarial_training.py``'s ConfigDict, validated (:func:`validate`) before the data
-  are loaded. Each run of ``config.runs`` is trained (or restored, ``driver.restore_or_run``) in
-  ``workdir/<run>`` for every seed (several seeds: one vmapped sweep per run, batch order of ``config.seed``);
-  runs not asked for but finished there (by another process) are reported too. Each model's error on the
-  evaluation set (test, or the held-out ``num_val`` images) and, with ``num_attack``, the evaluation
-  attack's success and mean distortion on the same ``num_attack`` images and random targets.
-
-  Returns:
-    The ``results.json`` contents: per_seed, mean (over seeds), claims, config.
-  """
+  """Weight decay vs dropout vs adversarial pools on MNIST (``configs/adversarial_training.py``'s config,
+  validated before loading data). Each run of ``config.runs`` is trained or restored in ``workdir/<run>``
+  for every seed (one vmapped sweep per run); finished runs not asked for are reported too. Per model: the
+  evaluation-set error (test, or ``num_val`` held out) and, with ``num_attack``, the evaluation attack's
+  success and mean distortion on shared images and targets. Writes ``report.md``/``.html`` and
+  ``results.json`` (per_seed, mean, claims, config), which it returns."""
   exp = validate(config)
   train_set, eval_set = _load(config, data_dir)
   steps = train_set[0].shape[0] // exp.train["adversarial"].batch_size
@@ -680,10 +601,8 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
   attacked = (eval_set[0][idx], tables.draw_targets(eval_set[1][idx], seed=config.seed))
   per_seed = {name: [{"eval_error": r[1]["eval_error"][i], "train_error": r[1]["train_error"][i]}
                      for i in range(len(exp.seeds))] for name, r in results.items()}
-  for name, (stacked, _) in results.items():
-    if config.num_attack:
-      for row, dist in zip(per_seed[name], _distortions(name, stacked, exp, config, attacked, workdir)):
-        row.update(dist)
+  for name, (stacked, _) in results.items() if config.num_attack else ():
+    _add_distortions(per_seed[name], name, stacked, exp, config, attacked, workdir)
   tag = "_on_validation" if config.num_val else ""
   mean, claims = _summarise_runs(per_seed, results, exp, tag)
   out = {"model": config.model, "seeds": exp.seeds,

@@ -41,22 +41,16 @@ _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 # Processes and meshes.
-
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None) -> bool:
-  """Starts multi-host JAX (``jax.distributed.initialize``) when a multi-process setting is configured.
-
-  Each setting comes from its argument, else ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
-  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; with none of them this is a no-op (single process). Idempotent;
-  call it before any other JAX call that touches devices. Returns whether the run has more than one process.
-
-  Raises:
-    ValueError: an incomplete or inconsistent setting, naming the missing variable.
-  """
+  """``jax.distributed.initialize`` from the arguments, else ``JAX_COORDINATOR_ADDRESS`` (host:port of
+  process 0), ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; a no-op with none of them. Idempotent; call it
+  before any JAX call that touches devices. Returns whether the run has more than one process; an
+  incomplete or inconsistent setting raises ValueError naming the missing variable."""
   if jax.distributed.is_initialized():
     return jax.process_count() > 1
-  given = [coordinator_address, num_processes, process_id]
-  values = [os.environ.get(var) or None if v is None else v for v, var in zip(given, _ENV)]
+  values = [os.environ.get(var) or None if v is None else v
+            for v, var in zip((coordinator_address, num_processes, process_id), _ENV)]
   try:
     address, count, pid = values[0], *(None if v is None else int(v) for v in values[1:])
   except ValueError:
@@ -83,12 +77,7 @@ def data_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
   return Mesh(np.asarray(devices), ("batch",))
 
 
-def _rows(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-
-
 # Padding, placement and gathering.
-
 def _leading(tree: PyTree, where: str) -> int:
   """The common leading size of every leaf of ``tree`` (ValueError naming ``where`` otherwise)."""
   leaves = jax.tree_util.tree_leaves(tree)
@@ -133,7 +122,7 @@ def _put(tree: PyTree, sharding: NamedSharding) -> PyTree:
 
 def put_batch(tree: PyTree, mesh: Mesh) -> PyTree:
   """Host arrays (the same on every process), axis 0 a multiple of ``mesh.size`` -> rows sharded over mesh."""
-  return _put(tree, _rows(mesh))
+  return _put(tree, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
 
 
 def put_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -143,29 +132,20 @@ def put_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
 
 def gather(tree: PyTree) -> PyTree:
   """Global (possibly multi-host) arrays -> full numpy arrays on every process."""
-  def get(a):
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
-      return multihost_utils.process_allgather(a, tiled=True)
-    return np.asarray(a)
-  return jax.tree_util.tree_map(get, tree)
+  multi = lambda a: isinstance(a, jax.Array) and not a.is_fully_addressable
+  return jax.tree_util.tree_map(
+      lambda a: multihost_utils.process_allgather(a, tiled=True) if multi(a) else np.asarray(a), tree)
 
 
 @functools.lru_cache(maxsize=128)
 def _sharded_jit(fn: Callable, mesh: Mesh, num_broadcast: int, num_batched: int) -> Callable:
-  rows, rep = _rows(mesh), NamedSharding(mesh, PartitionSpec())
+  rows, rep = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])), NamedSharding(mesh, PartitionSpec())
   logging.vlog(1, "distributed: compiling %s over %d devices", getattr(fn, "__name__", fn), mesh.size)
   return jax.jit(lambda *args: fn(*args), in_shardings=(rep,) * num_broadcast + (rows,) * num_batched,
                  out_shardings=rows)
 
 
-def _dispatch(fn: Callable, batched: Tuple[Any, ...], broadcast: Tuple[Any, ...], mesh: Mesh, size: int):
-  """Pads ``batched`` to ``size`` rows, places it and calls the compiled program (asynchronously)."""
-  compiled = _sharded_jit(fn, mesh, len(broadcast), len(batched))
-  return compiled(*put_replicated(broadcast, mesh), *put_batch(pad_batch(batched, size), mesh))
-
-
 # Memory-sized chunks.
-
 def device_memory_bytes(device: Optional[Any] = None) -> Optional[int]:
   """``memory_stats()["bytes_limit"]`` of one device, or None when not reported (CPU)."""
   device = jax.local_devices()[0] if device is None else device
@@ -177,12 +157,10 @@ def device_memory_bytes(device: Optional[Any] = None) -> Optional[int]:
 
 
 def estimate_bytes_per_example(fn: Callable, *example_batched: Any, broadcast: Sequence[Any] = ()) -> int:
-  """Device bytes per example of ``fn(*broadcast, *batched)``, from XLA's compiled memory analysis.
-
-  Compiles (without running) at batch sizes b1 = 8 and b2 = 16 and returns ``ceil((M(b2) - M(b1)) / 8)``
-  with M = argument + output + temporary - aliased bytes, so the parameters, which do not grow with the
-  batch, cancel out. Only the shapes and dtypes of ``example_batched`` (>= 1 row each) are used.
-  """
+  """Device bytes per example of ``fn(*broadcast, *batched)``, from XLA's compiled memory analysis: compiles
+  (without running) at batch sizes b1 = 8 and b2 = 16 and returns ``ceil((M(b2) - M(b1)) / 8)`` with M =
+  argument + output + temporary - aliased bytes, so the parameters, which do not grow with the batch,
+  cancel out. Only the shapes and dtypes of ``example_batched`` (>= 1 row each) are used."""
   b1, b2 = 8, 16
   _leading(example_batched, "estimate_bytes_per_example")
   spec = lambda a, rows=None: jax.ShapeDtypeStruct(
@@ -203,12 +181,10 @@ def estimate_bytes_per_example(fn: Callable, *example_batched: Any, broadcast: S
 def pick_chunk_size(bytes_per_example: Optional[int] = None, *, num_devices: Optional[int] = None,
                     memory_bytes: Optional[int] = None, memory_fraction: float = 0.5,
                     max_chunk_size: Optional[int] = None) -> int:
-  """Examples per chunk: ``num_devices * floor(memory_fraction * memory_bytes / bytes_per_example)``.
-
-  ``num_devices`` defaults to every global device and ``memory_bytes`` to :func:`device_memory_bytes`; when
-  either figure is missing (CPU, no estimate) a device takes ``DEFAULT_EXAMPLES_PER_DEVICE``. The result is
-  capped near ``max_chunk_size`` and is a multiple of ``num_devices``, at least ``num_devices``.
-  """
+  """Examples per chunk: ``num_devices * floor(memory_fraction * memory_bytes / bytes_per_example)``, with
+  ``num_devices`` every global device and ``memory_bytes`` :func:`device_memory_bytes` by default; when
+  either figure is missing (CPU, no estimate) a device takes ``DEFAULT_EXAMPLES_PER_DEVICE``. Capped near
+  ``max_chunk_size``; a multiple of ``num_devices``, at least ``num_devices``."""
   nd = jax.device_count() if num_devices is None else int(num_devices)
   if nd < 1:
     raise ValueError(f"pick_chunk_size: num_devices must be >= 1, got {nd}")
@@ -217,9 +193,8 @@ def pick_chunk_size(bytes_per_example: Optional[int] = None, *, num_devices: Opt
   if bytes_per_example is not None and bytes_per_example < 1:
     raise ValueError(f"pick_chunk_size: bytes_per_example must be >= 1, got {bytes_per_example}")
   memory_bytes = device_memory_bytes() if memory_bytes is None else int(memory_bytes)
-  per_device = DEFAULT_EXAMPLES_PER_DEVICE
-  if bytes_per_example is not None and memory_bytes is not None:
-    per_device = max(1, int(memory_fraction * memory_bytes) // int(bytes_per_example))
+  per_device = (DEFAULT_EXAMPLES_PER_DEVICE if bytes_per_example is None or memory_bytes is None
+                else max(1, int(memory_fraction * memory_bytes) // int(bytes_per_example)))
   chunk = per_device * nd
   if max_chunk_size is not None:
     chunk = min(chunk, round_up(max(1, int(max_chunk_size)), nd))
@@ -227,7 +202,6 @@ def pick_chunk_size(bytes_per_example: Optional[int] = None, *, num_devices: Opt
 
 
 # Resumable streaming.
-
 class _Plan(NamedTuple):
   """A stream's fixed layout: chunk ``i`` holds rows ``starts[i] : starts[i] + size`` (the last is short)."""
   n: int
@@ -249,19 +223,11 @@ def _hash(*trees: Any, extra: str = "") -> str:
 
 
 def _chunk(batched: Tuple[Any, ...], plan: _Plan, i: int) -> Tuple[Any, ...]:
-  start = plan.starts[i]
-  return jax.tree_util.tree_map(lambda a: a[start:start + plan.size], batched)
+  return jax.tree_util.tree_map(lambda a: a[plan.starts[i]:plan.starts[i] + plan.size], batched)
 
 
 def _chunk_path(plan: _Plan, i: int) -> str:
   return os.path.join(plan.workdir, f"chunk_{plan.starts[i]:08d}_{plan.size:06d}.msgpack")
-
-
-def _agree(ok: bool) -> bool:
-  """True when ``ok`` holds on every process (so that all processes reuse or recompute the same chunks)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _load_chunk(path: str, fingerprint: str, name: str) -> Optional[PyTree]:
@@ -290,9 +256,8 @@ def _save_chunk(path: str, fingerprint: str, out: PyTree) -> None:
       "leaves": {f"{j:05d}": np.asarray(leaf) for j, leaf in enumerate(leaves)}})
 
 
-def _make_plan(n, chunk_size, num_devices, broadcast, *, key, jit, workdir, name) -> _Plan:
-  if chunk_size is None:
-    chunk_size = pick_chunk_size(num_devices=num_devices, max_chunk_size=n)
+def _make_plan(n, chunk, num_devices, broadcast, *, key, jit, workdir, name) -> _Plan:
+  chunk_size = pick_chunk_size(num_devices=num_devices, max_chunk_size=n) if chunk is None else chunk
   if int(chunk_size) < 1:
     raise ValueError(f"stream_map: chunk_size must be >= 1, got {chunk_size}")
   size = round_up(min(int(chunk_size), round_up(n, num_devices)), num_devices)
@@ -301,10 +266,12 @@ def _make_plan(n, chunk_size, num_devices, broadcast, *, key, jit, workdir, name
 
 
 def _launch(fn, broadcast, chunk, plan: _Plan, mesh: Optional[Mesh]):
-  """Starts one chunk: jitted and sharded over ``mesh`` (asynchronous), or a host call on the padded chunk."""
-  if mesh is not None:
-    return _dispatch(fn, chunk, broadcast, mesh, plan.size)
-  return fn(*broadcast, *pad_batch(chunk, plan.size))
+  """Starts one chunk padded to ``plan.size``: jitted, sharded over ``mesh`` (async), or host-called."""
+  chunk = pad_batch(chunk, plan.size)
+  if mesh is None:
+    return fn(*broadcast, *chunk)
+  compiled = _sharded_jit(fn, mesh, len(broadcast), len(chunk))
+  return compiled(*put_replicated(broadcast, mesh), *put_batch(chunk, mesh))
 
 
 def _progress(plan: _Plan, done: int, i: Optional[int] = None, rows: int = 0, computed: int = 0,
@@ -331,7 +298,8 @@ def _reuse(batched, plan: _Plan) -> Tuple[dict, dict]:
   loaded = {}
   for i, fp in prints.items():
     out = _load_chunk(_chunk_path(plan, i), fp, plan.name)
-    if _agree(out is not None):
+    ok = out is not None   # all processes reuse or recompute the same chunks
+    if ok if jax.process_count() == 1 else np.all(multihost_utils.process_allgather(np.asarray(ok))):
       loaded[i] = out
   if loaded:
     logging.info("stream[%s]: reusing %d/%d finished chunks from %s", plan.name, len(loaded),
@@ -341,36 +309,27 @@ def _reuse(batched, plan: _Plan) -> Tuple[dict, dict]:
 
 def stream_map(fn: Callable, *batched: Any, broadcast: Sequence[Any] = (), chunk_size: Optional[int] = None,
                workdir: Optional[str] = None, key: str = "", name: str = "", jit: bool = True,
-               mesh: Optional[Mesh] = None, on_chunk: Optional[Callable[[int, int], None]] = None) -> PyTree:
+               mesh: Optional[Mesh] = None) -> PyTree:
   """``fn(*broadcast, *batched)`` over an example set of any size, chunk by chunk; resumable with ``workdir``.
 
-  Every chunk has the same padded size, so one compiled program serves the stream. ``jit=True``: each chunk
-  runs jitted with its rows sharded over ``mesh`` and ``broadcast`` replicated (the next chunk is dispatched
-  before the current one is fetched; ``fn`` is hashed by identity for the compile cache). ``jit=False``:
-  ``fn`` is a host function called on every process with the whole padded chunk (it may shard itself, like
-  ``attack.lbfgs_attack``); its outputs are gathered.
+  ``fn(*broadcast, *batched_chunk)`` -> pytree of arrays with the chunk's leading axis; ``batched``: pytrees
+  of host arrays with a common leading axis N >= 1 (the same on every process); ``broadcast`` passed whole
+  (parameters). Returns the outputs for all N examples as numpy arrays, on every process.
+
+  Every chunk has the same padded size (``chunk_size`` rounded up to a multiple of the device count; None:
+  :func:`pick_chunk_size`), so one compiled program serves the stream. ``jit=True``: each chunk runs jitted
+  with its rows sharded over ``mesh`` (default :func:`data_mesh`) and ``broadcast`` replicated (the next
+  chunk is dispatched before the current one is fetched; ``fn`` is hashed by identity for the compile
+  cache). ``jit=False``: ``fn`` is a host function called on every process with the whole padded chunk (it
+  may shard itself, like ``attack.lbfgs_attack``); its outputs are gathered. ``name`` labels the logs.
 
   With ``workdir``, each finished chunk is written atomically (by process 0) to
-  ``chunk_<start>_<size>.msgpack`` with a fingerprint: blake2b of the chunk's inputs, ``key``, the chunk
-  size, the mode and the broadcast arguments. A chunk file is reused only if it reads back intact with the
-  same fingerprint; a corrupted or foreign one is recomputed (with a warning), never trusted. A larger
-  example set reuses the chunks of its prefix; ``progress.json`` gives the chunks done and the rate. The
-  result is bit for bit that of an uninterrupted stream of the same chunk size.
-
-  Args:
-    fn: ``fn(*broadcast, *batched_chunk)`` -> pytree of arrays with the chunk's leading axis.
-    *batched: pytrees of host arrays with a common leading axis N >= 1 (the same on every process).
-    broadcast: arguments passed whole (parameters).
-    chunk_size: examples per chunk, rounded up to a multiple of the device count; None:
-      :func:`pick_chunk_size`'s default.
-    workdir: where chunk files and ``progress.json`` go (None: nothing is written).
-    key: text identifying the computation beyond its inputs (e.g. the attack options).
-    name: label of the log lines.
-    mesh: the mesh of ``jit=True`` (default :func:`data_mesh`).
-    on_chunk: called as ``on_chunk(i, chunks_done)`` after chunk ``i`` is computed and saved.
-
-  Returns:
-    The outputs for all N examples as numpy arrays, on every process.
+  ``chunk_<start>_<size>.msgpack`` with a fingerprint: blake2b of the chunk's inputs, ``key`` (text naming
+  the computation beyond its inputs, e.g. the attack options), the chunk size, the mode and the broadcast
+  arguments. A chunk file is reused only if it reads back intact with the same fingerprint; a corrupted or
+  foreign one is recomputed (with a warning), never trusted. A larger example set reuses the chunks of its
+  prefix; ``progress.json`` gives the chunks done and the rate. The result is bit for bit that of an
+  uninterrupted stream of the same chunk size.
   """
   batched, broadcast = tuple(batched), tuple(broadcast)
   n = _leading(batched, "stream_map")
@@ -394,8 +353,6 @@ def stream_map(fn: Callable, *batched: Any, broadcast: Sequence[Any] = (), chunk
     if workdir is not None and jax.process_index() == 0:
       _save_chunk(_chunk_path(plan, i), prints[i], outputs[i])
     _progress(plan, len(outputs), i, n - left, computed, time.perf_counter() - t0)
-    if on_chunk is not None:
-      on_chunk(i, len(outputs))
     if not jit and j + 1 < len(todo):
       pending = launch(j + 1)
   if not todo:

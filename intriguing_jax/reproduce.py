@@ -6,13 +6,11 @@ Usage::
     from intriguing_jax.configs import reproduce_mnist
     results = reproduce.run_experiment(reproduce_mnist.get_config("quick"), "runs/mnist_quick")
 
-    # Or one step at a time, on your own models (name -> tables.Model):
-    adv = reproduce.adversarial_sets(models, x, labels, targets, options=attack.AttackOptions(maxiter=50),
-                                     cache_dir="runs/attacks")          # resumable, chunked, cached
+    # Or one step at a time, on your own models (name -> tables.Model); resumable, chunked, cached:
+    adv = reproduce.adversarial_sets(models, x, labels, targets, options=opts, cache_dir="runs/attacks")
 
 Attacks stream through ``distributed.stream_map`` (``jit=False``), keyed on the model (:func:`model_digest`),
-the attack function and its options: a rerun computes only the missing chunks, a larger example set reuses
-its prefix's chunks, and a chunk of other settings or a corrupted one is recomputed.
+the attack function and its options: reruns compute only missing, foreign or corrupted chunks.
 """
 
 from __future__ import annotations
@@ -63,9 +61,8 @@ class AttackRecord(NamedTuple):
 
 
 def model_digest(model: Model) -> str:
-  """A fingerprint of a model: SHA-256 of its apply function's identity (module + qualified name and, for a
-  bound method such as Flax's ``model.apply``, the repr of its module, i.e. the module's attributes) and of
-  every parameter leaf's shape, dtype and bytes."""
+  """SHA-256 of the apply function's identity (module, qualified name, the repr of a bound method's owner,
+  e.g. a Flax module's attributes) and of every parameter leaf's shape, dtype and bytes."""
   fn = model.apply_fn
   owner = getattr(fn, "__self__", None)
   ident = [getattr(fn, "__module__", ""), getattr(fn, "__qualname__", type(fn).__name__),
@@ -80,14 +77,10 @@ def model_digest(model: Model) -> str:
 def attack_cached(model: Model, x: Any, targets: Any, *, options: Optional[attack.AttackOptions] = None,
                   cache_dir: Optional[str] = None, chunk_size: int = 500, name: str = "",
                   attack_fn: Optional[Callable] = None) -> AttackRecord:
-  """Attacks ``x`` [N, ...] (in [0, 1]) toward ``targets`` [N] int in chunks of ``chunk_size`` (rounded up
-  to a multiple of the device count; the last chunk padded, so one compiled attack serves the set),
-  reusing the finished chunks in ``cache_dir`` (None: nothing is written; ``name`` labels the log lines).
-
-  ``attack_fn(apply_fn, params, x, target, options=options)`` (default ``attack.lbfgs_attack``) returns
-  ``x_adv``, ``success`` and ``c`` with a leading [B] axis. Returns an AttackRecord of N rows, its
-  ``distortion`` :func:`tables.rms` of x and x_adv.
-  """
+  """Attacks ``x`` [N, ...] (in [0, 1]) toward ``targets`` [N] int with ``attack_fn(apply_fn, params, x,
+  target, options=options)`` (default ``attack.lbfgs_attack``: ``x_adv``, ``success``, ``c`` sized B) in
+  ``distributed.stream_map`` chunks of ``chunk_size``, reusing the finished chunks in ``cache_dir`` (None:
+  nothing written; ``name`` labels the logs). Returns N rows, ``distortion`` :func:`tables.rms`(x, x_adv)."""
   x = np.asarray(x, np.float32)
   targets = np.asarray(targets)
   if x.ndim < 2 or targets.shape != (x.shape[0],) or not np.issubdtype(targets.dtype, np.integer):
@@ -97,8 +90,7 @@ def attack_cached(model: Model, x: Any, targets: Any, *, options: Optional[attac
     raise ValueError(f"x must be finite and lie in [0, 1], got range [{np.min(x):.3g}, {np.max(x):.3g}]")
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  options = options or attack.AttackOptions()
-  attack_fn = attack_fn or attack.lbfgs_attack
+  options, attack_fn = options or attack.AttackOptions(), attack_fn or attack.lbfgs_attack
   key = {"model": model_digest(model), "options": dataclasses.asdict(options),
          "attack": f"{getattr(attack_fn, '__module__', '')}.{getattr(attack_fn, '__qualname__', '')}"}
 
@@ -118,11 +110,8 @@ def adversarial_sets(models: Mapping[str, Model], x: Any, labels: Any, targets: 
                      options: Optional[attack.AttackOptions] = None, cache_dir: Optional[str] = None,
                      chunk_size: int = 500, batch_size: int = 1000,
                      attack_fn: Optional[Callable] = None) -> Dict[str, tables.AdversarialSet]:
-  """Each model's adversarial set of the same examples and targets (paper §4.2), in the order of ``models``.
-
-  ``x`` [N, ...] in [0, 1], ``labels`` and ``targets`` [N] (e.g. from :func:`tables.draw_targets`). The
-  attacks run through :func:`attack_cached`, one cache sub-directory per model under ``cache_dir``.
-  """
+  """Each model's adversarial set (paper §4.2) of ``x`` [N, ...] in [0, 1], ``labels`` and ``targets`` [N]
+  (e.g. :func:`tables.draw_targets`) by :func:`attack_cached`, one cache sub-directory per model."""
   x = np.asarray(x, np.float32)
   labels, targets = np.asarray(labels), np.asarray(targets)
   if labels.shape != (x.shape[0],) or targets.shape != labels.shape:
@@ -144,13 +133,11 @@ def adversarial_sets(models: Mapping[str, Model], x: Any, labels: Any, targets: 
 
 def train_models(specs: Sequence[Tuple[str, str, str, int]], parts: Mapping[str, ArrayPair], *, workdir: str,
                  seed: int = 0, epochs: Optional[int] = None, data_tag: str = "") -> Dict[str, Model]:
-  """Trains or restores (``train.get_or_train`` in ``workdir``) each (display name, recipe, part, seed offset)
-  of ``specs`` on ``parts[part]`` (images, labels) with seed ``seed + offset`` (``epochs``: None keeps the
-  recipe's). Run names are ``train.default_run_name`` with the data tag ``data_tag`` for part "train" (""
-  for all of MNIST, so runs of ``scripts/train.py`` are reused) and ``<part>[_<data_tag>]`` otherwise.
-
-  Returns display name -> Model(model.apply, variables).
-  """
+  """Display name -> Model(model.apply, variables) of each (display name, recipe, part, seed offset) of
+  ``specs``, trained or restored (``train.get_or_train`` in ``workdir``) on ``parts[part]`` (images, labels)
+  with seed ``seed + offset`` (``epochs``: None keeps the recipe's). Run names: ``train.default_run_name``
+  with data tag ``data_tag`` for part "train" ("" for all of MNIST: ``scripts/train.py``'s runs are reused),
+  ``<part>[_<data_tag>]`` otherwise."""
   out = {}
   for name, recipe, part, offset in specs:
     s = seed + offset
@@ -186,10 +173,8 @@ def validate(config: Any) -> attack.AttackOptions:
 def _load_data(config: Any, seed: int, data_dir: Optional[str]) -> Tuple[ArrayPair, ArrayPair]:
   """(train, test), the training set cut to ``config.num_train`` images."""
   n = config.synthetic_data
-  if n:
-    train, test = data.synthetic_mnist(n, seed=seed), data.synthetic_mnist(max(n // 2, 10), seed=seed + 1)
-  else:
-    train, test = data.load_mnist("train", data_dir), data.load_mnist("test", data_dir)
+  train, test = ((data.synthetic_mnist(n, seed=seed), data.synthetic_mnist(max(n // 2, 10), seed=seed + 1))
+                 if n else (data.load_mnist("train", data_dir), data.load_mnist("test", data_dir)))
   if config.num_train is not None:
     if config.num_train > train[1].shape[0]:
       raise ValueError(f"config.num_train={config.num_train} exceeds the {train[1].shape[0]} training images")
@@ -225,10 +210,9 @@ def _run_seed(config, options, seed, train, test, workdir, timings):
   if wanted & {1, 2}:
     models, adv = _attack_group(config, options, TABLE1_MODELS, {"train": train}, train, seed, workdir,
                                 "train", timings)
-    if 1 in wanted:
-      out["table1"] = tables.table1(models, adv, train, test)
-    if 2 in wanted:
-      out["table2"] = tables.table2(models, adv, seed=seed)
+    out.update({f"table{k}": f() for k, f in ((1, lambda: tables.table1(models, adv, train, test)),
+                                              (2, lambda: tables.table2(models, adv, seed=seed)))
+                if k in wanted})
     if config.figures:
       pair = [n for n in ("FC10(10^-4)", "FC200-200-10") if n in models]
       figures += tables_report.save_figures(workdir, adv, models, prefix=f"seed{seed}_train",
@@ -237,10 +221,9 @@ def _run_seed(config, options, seed, train, test, workdir, timings):
     p1, p2 = data.split_p1_p2(*train)
     models, adv = _attack_group(config, options, TABLE3_MODELS, {"p1": p1, "p2": p2}, test, seed, workdir,
                                 "test", timings)
-    if 3 in wanted:
-      out["table3"] = tables.table3(models, adv, p1, p2, test)
-    if 4 in wanted:
-      out["table4"] = tables.table4(models, adv, seed=seed)
+    out.update({f"table{k}": f() for k, f in ((3, lambda: tables.table3(models, adv, p1, p2, test)),
+                                              (4, lambda: tables.table4(models, adv, seed=seed)))
+                if k in wanted})
     if config.figures:
       figures += tables_report.save_figures(workdir, adv, models, prefix=f"seed{seed}_test", seed=seed)
   logging.info("seed %d: tables %s done", seed, ", ".join(sorted(out)))
@@ -248,16 +231,11 @@ def _run_seed(config, options, seed, train, test, workdir, timings):
 
 
 def run_experiment(config: Any, workdir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
-  """Runs the Tables 1-4 reproduction of ``config`` (``configs/reproduce_mnist.py``) in ``workdir``.
-
-  The config is validated before any data is loaded. For each seed: load the data (``data_dir``, else
+  """Runs the Tables 1-4 reproduction of ``config`` (``configs/reproduce_mnist.py``, validated before any
+  data is loaded) in ``workdir``. For each seed: load the data (``data_dir``, else
   ``$INTRIGUING_JAX_MNIST_DIR``, else tfds), train or restore the models, attack, build the tables (and
-  figures, first seed only). Writes ``workdir/results.json`` (tables aggregated over seeds, per seed, the
-  claims, timings, readings, the paper's values) and ``report.md`` / ``report.html``; everything resumes.
-
-  Returns:
-    The results dict written to ``results.json``.
-  """
+  figures, first seed only). Writes and returns ``workdir/results.json`` (tables aggregated over seeds, per
+  seed, the claims, timings, readings, the paper's values), then ``report.md`` / ``report.html``; resumes."""
   options = validate(config)
   t_start = time.perf_counter()
   per_seed, figures, timings = {}, [], {}
@@ -277,9 +255,9 @@ def run_experiment(config: Any, workdir: str, data_dir: Optional[str] = None) ->
   timings["total"] = time.perf_counter() - t_start
   default = dataclasses.asdict(attack.AttackOptions())
   changed = {k: v for k, v in dataclasses.asdict(options).items() if v != default[k]}
-  summary = dict(config.to_dict(), attack=changed)
-  results.update(config=summary, timings=timings, readings=list(paper.READINGS),
-                 per_seed={str(s): r for s, r in per_seed.items()}, paper=paper.PAPER)
+  results.update(config=dict(config.to_dict(), attack=changed), timings=timings,
+                 readings=list(paper.READINGS), per_seed={str(s): r for s, r in per_seed.items()},
+                 paper=paper.PAPER)
   if config.synthetic_data or config.num_train is not None or config.epochs is not None:
     results["notes"] = ["The models are trained on a subset or for fewer epochs than the recipes (see the "
                         "settings), so these numbers are a smoke test, not a reproduction."]

@@ -2,23 +2,17 @@
 
 Usage::
 
-    r = spectral.conv_operator_norm(kernel, input_shape=(224, 224, 3), strides=(4, 4))  # HWIO kernel
+    r = spectral.conv_operator_norm(kernel, input_shape=(224, 224, 3), strides=4)  # HWIO kernel
     r.value, r.paper_formula     # exact circular norm; the printed Δ^-2 formula (= exact / 4)
-    r = spectral.conv_operator_norm(kernel, input_shape=(224, 224, 3), strides=(4, 4),
-                                    padding=((2, 2), (2, 2)), method="lanczos")
-    r.lower, r.upper             # certified interval for the zero-padded layer as the model runs it
-    rows, summary = spectral.lipschitz_table(model, variables, (227, 227, 3))
-    print(spectral.format_table(rows, summary))
+    r = spectral.conv_operator_norm(kernel, input_shape=(224, 224, 3), strides=4, padding="SAME",
+                                    method="lanczos")  # r.lower, r.upper: certified interval
+    rows, summary = spectral.lipschitz_table(model, variables, (227, 227, 3))  # format_table(rows, summary)
     emp = spectral.empirical_lipschitz(model.apply, variables, images, x_adv=adv)
 
-Mathematics (``../shared/spectral.md`` §2, paper.md §5 and §9 A19-A20): a strided circular convolution on
-an N×N grid, s | N, is after the orthogonal polyphase reshuffle ``x_c^{(l)}(m) = x_c(s·m + l)`` a stride-1
-circular correlation on the M×M grid (M = N/s) with C·s² channels: its norm is ``max_ξ σ_max(P(ξ))`` over
-the M×M frequencies of the D×(C·s²) symbol P(ξ); the paper's eq. (1) with the printed Δ⁻² gives exactly
-``norm / s``. Zero padding embeds the layer in a circular one on N' ≥ N+pads, s | N', so
-``‖K_zero‖ ≤ ‖K_circ(N')‖``; Lanczos on the operator as ``lax`` applies it gives the exact value, and any
-unit vector's ``‖Kx‖`` is a certified lower bound. A chain of layers f = f_L ∘ … ∘ f_1 is
-``Π L_i``-Lipschitz (``lipschitz_table``).
+Maths (notes/spectral.md, ``../shared/spectral.md`` §2): a stride-s circular convolution is, after the
+polyphase reshuffle ``x_c^{(l)}(m) = x_c(s·m + l)``, a stride-1 one on M = N/s with C·s² channels, norm
+``max_ξ σ_max(P(ξ))``; the printed Δ⁻² formula is ``norm / s``. Zero padding: ``‖K_zero‖ ≤ ‖K_circ(N')‖``
+(N' ≥ N+pads, s | N'), ``‖Kx‖`` of a unit x a lower bound. A chain of layers is ``Π L_i``-Lipschitz.
 """
 
 from __future__ import annotations
@@ -58,14 +52,11 @@ TABLE5 = (
 
 
 class OperatorNorm(NamedTuple):
-  """Operator norm of a linear layer, with a certified interval.
-
-  ``value``: the best estimate (exact for circular padding; for zero padding the Lanczos value with
-  ``method="lanczos"``, else the upper bound); ``lower``: ‖K x‖ for an explicit unit vector x;
-  ``upper``: exact circular value, or min over N' of the circular norm on N'; ``paper_formula``: the
-  paper's eq. (1) as printed (Δ⁻²) on the N×N grid; ``circular``: the exact circular norm on the N×N grid
-  (the paper's setting). The last two are NaN where s ∤ N.
-  """
+  """Operator norm of a linear layer with a certified interval. ``value``: the best estimate (exact for
+  circular padding; for zero padding the Lanczos value with ``method="lanczos"``, else the upper bound);
+  ``lower``: ‖K x‖ for an explicit unit x; ``upper``: exact circular value, or min over N' of the circular
+  norm on N'; ``paper_formula``: eq. (1) as printed (Δ⁻²) on the N×N grid; ``circular``: the exact
+  circular norm on the N×N grid (the paper's setting). The last two are NaN where s ∤ N."""
   value: float
   lower: float
   upper: float
@@ -91,8 +82,7 @@ def _pair(value: Any, name: str) -> Tuple[int, int]:
   return out  # type: ignore[return-value]
 
 
-def _check_kernel(kernel: Any, input_shape: Any, strides: Any) -> Tuple[np.ndarray, Tuple[int, int, int],
-                                                                         Tuple[int, int]]:
+def _check_kernel(kernel: Any, input_shape: Any, strides: Any) -> Tuple[Any, Tuple[int, ...], Any]:
   shape = tuple(np.shape(kernel))
   if len(shape) != 4 or min(shape) < 1:
     raise ValueError(f"kernel must be 4-D in Flax layout (kh, kw, C_in, C_out), non-empty; got {shape}")
@@ -103,15 +93,9 @@ def _check_kernel(kernel: Any, input_shape: Any, strides: Any) -> Tuple[np.ndarr
   if len(input_shape) != 3 or min(input_shape) < 1 or input_shape[2] != shape[2]:
     raise ValueError(f"input_shape must be (H, W, C_in), positive, with the kernel's C_in={shape[2]} "
                      f"channels (kernel layout (kh, kw, C_in, C_out): {shape}), got {input_shape}")
-  strides = _pair(strides, "strides")
   if not np.all(np.isfinite(np.asarray(kernel))):
     raise ValueError("kernel contains NaN or Inf")
-  return kernel, input_shape, strides  # type: ignore[return-value]
-
-
-def _same_pads(n: int, k: int, s: int) -> Tuple[int, int]:
-  total = max((-(-n // s) - 1) * s + k - n, 0)
-  return total // 2, total - total // 2
+  return kernel, input_shape, _pair(strides, "strides")
 
 
 def resolve_padding(padding: Padding, input_hw: Tuple[int, int], window: Tuple[int, int],
@@ -121,9 +105,9 @@ def resolve_padding(padding: Padding, input_hw: Tuple[int, int], window: Tuple[i
   p = padding.upper() if isinstance(padding, str) else None
   if p == "CIRCULAR":
     return "CIRCULAR"
-  if p in ("VALID", "SAME"):
-    return tuple(_same_pads(n, k, s) if p == "SAME" else (0, 0)  # type: ignore[return-value]
-                 for n, k, s in zip(input_hw, window, strides))
+  if p in ("VALID", "SAME"):  # SAME: total max((⌈n/s⌉ - 1)·s + k - n, 0), the extra one at the end
+    tot = [max((-(-n // s) - 1) * s + k - n, 0) * (p == "SAME") for n, k, s in zip(input_hw, window, strides)]
+    return tuple((t // 2, t - t // 2) for t in tot)  # type: ignore[return-value]
   try:
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   except (TypeError, ValueError) as e:
@@ -140,12 +124,9 @@ def resolve_padding(padding: Padding, input_hw: Tuple[int, int], window: Tuple[i
 
 def _polyphase_symbol(kernel: Array, grid: Tuple[int, int], strides: Tuple[int, int], *, full: bool) -> Array:
   """Symbol matrices [F, C·s², D] (rfft half-plane unless ``full``); σ(P(ξ)) are the operator's.
-
   The kernel [kh, kw, C, D] becomes [Mh, Mw, sh*sw*C, D]: phases (lh, lw, c) as channels, taps folded
-  modulo M (circular aliasing when k > N).
-  """
-  kh, kw, c, d = kernel.shape
-  (mh, mw), (sh, sw) = grid, strides
+  modulo M (circular aliasing when k > N)."""
+  (kh, kw, c, d), (mh, mw), (sh, sw) = kernel.shape, grid, strides
   qh, qw = -(-kh // sh), -(-kw // sw)  # taps per phase
   th, tw = -(-qh // mh) * mh, -(-qw // mw)  * mw  # rounded up to whole periods of the M grid
   k = jnp.pad(kernel, ((0, th * sh - kh), (0, tw * sw - kw), (0, 0), (0, 0)))
@@ -207,8 +188,7 @@ def _lanczos_top(matvec: Callable[[Array], Array], v0: Array, num_steps: int) ->
   stays correct after a breakdown (Krylov space exhausted, e.g. a low-rank VALID convolution)."""
   shape, dtype, n = v0.shape, v0.dtype, v0.size
   basis = jnp.zeros((num_steps, n), dtype).at[0].set(v0.ravel() / jnp.linalg.norm(v0))
-  images = jnp.zeros((num_steps, n), dtype)
-  eps = jnp.sqrt(jnp.finfo(dtype).eps)
+  images, eps = jnp.zeros((num_steps, n), dtype), jnp.sqrt(jnp.finfo(dtype).eps)
 
   def body(j, carry):
     basis, images, scale = carry
@@ -232,8 +212,8 @@ def _lanczos_top(matvec: Callable[[Array], Array], v0: Array, num_steps: int) ->
 
 @functools.partial(jax.jit, static_argnames=("strides", "padding", "num_steps"))
 def _matrix_free_norm(kernel, x0, strides, padding, num_steps):
-  # A little noise keeps the warm start out of any invariant subspace (a cropped plane wave can be
-  # orthogonal to the top singular vector by symmetry, and Lanczos would then break down there).
+  # Noise keeps the warm start out of invariant subspaces (a cropped plane wave can be orthogonal to the top
+  # singular vector by symmetry, and Lanczos would break down there).
   noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape, x0.dtype)
   x0 = x0 / jnp.linalg.norm(x0) + 1e-2 * noise / jnp.linalg.norm(noise)
   op = functools.partial(conv_apply, kernel, strides=strides, padding=padding)
@@ -253,8 +233,7 @@ def _zero_padded_norm(kernel: Array, hw: Tuple[int, int], strides: Tuple[int, in
     val, v = _circular_norm_and_vector(kernel, grid, strides)
     upper = min(upper, float(val))
     if start is None:  # E places x at offset (lo_h, lo_w) in the N' grid
-      (lo_h, _), (lo_w, _) = pads
-      start = v[lo_h:lo_h + hw[0], lo_w:lo_w + hw[1]]
+      start = v[pads[0][0]:pads[0][0] + hw[0], pads[1][0]:pads[1][0] + hw[1]]
   if method == "fft":
     lower = float(jnp.linalg.norm(conv_apply(kernel, start / jnp.linalg.norm(start), strides, pads)))
     return upper, lower, upper
@@ -273,8 +252,7 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
   for circular padding, for zero padding the certified upper bound min over ``num_grids`` grids N';
   "lanczos": also ``num_steps`` Lanczos steps on the exact operator, warm-started from the circular top
   singular vector (exact value; its Rayleigh quotient a certified lower bound). Returns ``OperatorNorm``
-  (Python floats); ValueError for bad arguments or circular padding with a stride not dividing H or W.
-  """
+  (Python floats); ValueError for bad arguments or circular padding with a stride not dividing H or W."""
   kernel, input_shape, strides = _check_kernel(kernel, input_shape, strides)
   if method not in ("fft", "lanczos") or int(num_steps) < 1 or int(num_grids) < 1:
     raise ValueError(f"method must be 'fft' or 'lanczos', num_steps and num_grids >= 1; got {method!r}, "
@@ -288,8 +266,8 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
     circ = float(circ)
     paper = circ / math.sqrt(strides[0] * strides[1])  # the printed Δ⁻²: norm / Δ (spectral.md §2.2)
   if pads != "CIRCULAR":
-    value, lower, upper = _zero_padded_norm(kernel, hw, strides, pads, method, int(num_steps), int(num_grids))
-    return OperatorNorm(value, lower, upper, paper, circ)
+    return OperatorNorm(*_zero_padded_norm(kernel, hw, strides, pads, method, int(num_steps), int(num_grids)),
+                        paper, circ)
   _check_divisible(hw, strides)
   if method == "fft":
     return OperatorNorm(circ, circ, circ, paper, circ)
@@ -297,17 +275,14 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
   x0 = jnp.roll(vec, (-((kh - 1) // 2), -((kw - 1) // 2)), axis=(0, 1)).astype(kernel.dtype)
   lower = float(_matrix_free_norm(kernel, x0, strides, "CIRCULAR", int(num_steps)))
   if lower > circ * (1 + 1e-4):
-    logging.warning("conv_operator_norm: Rayleigh value %.8g exceeds the exact circular norm %.8g", lower,
-                    circ)
+    logging.warning("conv_operator_norm: Rayleigh value %.8g exceeds the circular norm %.8g", lower, circ)
   return OperatorNorm(circ, min(lower, circ), circ, paper, circ)
 
 
 def reshaped_kernel_norm(kernel: Array) -> float:
   """σ_max of the kernel reshaped to (kh·kw·C_in) × C_out: what Flax/Haiku ``SpectralNorm`` normalise by.
-
   It is NOT the convolution's norm but a lower bound on it: for circular padding with N ≥ k,
-  ``‖W_r‖ ≤ ‖K‖ ≤ √(⌈kh/s⌉⌈kw/s⌉)·‖W_r‖`` (spectral.md §2.4). Reported beside the exact value.
-  """
+  ``‖W_r‖ ≤ ‖K‖ ≤ √(⌈kh/s⌉⌈kw/s⌉)·‖W_r‖`` (spectral.md §2.4). Reported beside the exact value."""
   if len(np.shape(kernel)) != 4:
     raise ValueError(f"kernel must be 4-D (kh, kw, C_in, C_out), got shape {np.shape(kernel)}")
   return dense_operator_norm(jnp.reshape(jnp.asarray(kernel), (-1, np.shape(kernel)[3])))
@@ -315,28 +290,18 @@ def reshaped_kernel_norm(kernel: Array) -> float:
 
 @functools.partial(jax.jit, static_argnames=("num_blocks", "check_every"))
 def _dense_block_krylov(w, v0, num_blocks, tol, check_every=2):
-  """Block Lanczos (block Krylov + Rayleigh-Ritz) on wᵀw, one GEMM pair per block (notes/spectral.md).
-
-  ``H = Vᵀ(wᵀw)V`` is filled one block column per step; every ``check_every`` blocks the top Ritz pair
-  (θ, y = Vs) and its residual ``‖(wᵀw V)s − θ Vs‖`` are computed without touching w, and the loop stops
-  once it is ≤ ``tol``·θ (an eigenvalue of wᵀw then lies within tol·θ of θ).
-
-  Returns:
-    (rayleigh ‖w x‖/‖x‖ (a certified lower bound on σ_max), blocks used, relative residual of θ).
-  """
+  """Block Lanczos on wᵀw (notes/spectral.md): ``H = Vᵀ(wᵀw)V`` filled one block column per step; every
+  ``check_every`` blocks, stops once the top Ritz residual ``‖(wᵀw V)s − θ Vs‖ ≤ tol·θ``. Returns (‖w x‖/‖x‖,
+  a certified lower bound on σ_max; blocks used; relative residual of θ)."""
   n, b = v0.shape
   k = num_blocks * b
   basis = jnp.zeros((num_blocks, n, b), w.dtype).at[0].set(jnp.linalg.qr(v0)[0])
-  images = jnp.zeros((num_blocks, n, b), w.dtype)
-  h = jnp.zeros((k, k), w.dtype)
+  images, h = jnp.zeros((num_blocks, n, b), w.dtype), jnp.zeros((k, k), w.dtype)
   thresh = jnp.sqrt(jnp.finfo(w.dtype).eps)
 
   def ritz(basis, images, h):
-    _, evecs = jnp.linalg.eigh(h)
-    y = evecs[:, -1]
-    flat_v = basis.transpose(1, 0, 2).reshape(n, -1)
-    flat_a = images.transpose(1, 0, 2).reshape(n, -1)
-    x, ax = flat_v @ y, flat_a @ y
+    y = jnp.linalg.eigh(h)[1][:, -1]
+    x, ax = (a.transpose(1, 0, 2).reshape(n, -1) @ y for a in (basis, images))
     theta = jnp.vdot(x, ax) / jnp.vdot(x, x)
     scale = jnp.maximum(theta * jnp.linalg.norm(x), jnp.finfo(w.dtype).tiny)
     return x, jnp.linalg.norm(ax - theta * x) / scale
@@ -349,8 +314,7 @@ def _dense_block_krylov(w, v0, num_blocks, tol, check_every=2):
     images = images.at[j].set(img)
     flat = basis.transpose(1, 0, 2).reshape(n, -1)
     col = flat.T @ img  # H[:, block j]; rows of unbuilt blocks are zero
-    h = lax.dynamic_update_slice(h, col, (0, j * b))
-    h = lax.dynamic_update_slice(h, col.T, (j * b, 0))
+    h = lax.dynamic_update_slice(lax.dynamic_update_slice(h, col, (0, j * b)), col.T, (j * b, 0))
     nxt = img
     for _ in range(2):  # full re-orthogonalisation against every earlier block, twice
       nxt = nxt - flat @ (flat.T @ nxt)
@@ -370,12 +334,10 @@ def _dense_block_krylov(w, v0, num_blocks, tol, check_every=2):
 def dense_operator_norm(w: Array, *, method: str = "auto", num_steps: int = 384, block_size: int = 16,
                         tol: float = 1e-3, seed: int = 0) -> float:
   """Largest singular value of a dense kernel ``w`` [in, out] (Flax layout; the bias is irrelevant).
-
   ``method``: "svd" (exact, LAPACK), "lanczos" (block Lanczos on wᵀw, ``block_size`` vectors per block,
   Krylov dimension ≤ ``num_steps``, start block from ``seed``; its value is a certified lower bound
   ‖w x‖/‖x‖ converging to σ_max; it stops once the relative Ritz residual is ≤ ``tol``, checked every 2
-  blocks, 0 runs all), or "auto" (svd when min(in, out) ≤ 1024, else lanczos). Returns a Python float.
-  """
+  blocks, 0 runs all), or "auto" (svd when min(in, out) ≤ 1024, else lanczos). Returns a Python float."""
   shape = np.shape(w)
   if len(shape) != 2 or min(shape) < 1:
     raise ValueError(f"w must be a non-empty 2-D [in, out] matrix, got shape {shape}")
@@ -385,9 +347,7 @@ def dense_operator_norm(w: Array, *, method: str = "auto", num_steps: int = 384,
   w = jnp.asarray(w)
   if not bool(jnp.all(jnp.isfinite(w))):
     raise ValueError("w contains NaN or Inf")
-  if method == "auto":
-    method = "svd" if min(shape) <= 1024 else "lanczos"
-  if method == "svd":
+  if method == "svd" or method == "auto" and min(shape) <= 1024:
     return float(jnp.linalg.svd(w, compute_uv=False)[0])
   w = w.T if w.shape[0] < w.shape[1] else w  # iterate on the smaller Gram side
   block = int(min(block_size, w.shape[1]))
@@ -417,13 +377,9 @@ def _pool_args(window: Any, strides: Any, input_shape: Optional[Sequence[int]]):
 
 def maxpool_lipschitz(window: Any, strides: Any = None, *, input_shape: Optional[Sequence[int]] = None,
                       padding: Padding = "VALID") -> float:
-  """Exact L2 Lipschitz constant of max pooling: √(max number m of windows covering one input pixel).
-
-  ``‖P(x) − P(y)‖² ≤ Σ_i m_i (x_i−y_i)²``, attained by a bump at a pixel in m_max windows (spectral.md
-  §2.6); the paper's "≤ 1" holds only when k ≤ s. ``window``, ``strides``: int or pair (default: the
-  window); ``input_shape``: (H, W[, C]), without it ⌈kh/sh⌉·⌈kw/sw⌉ (a large map); ``padding``: "SAME",
-  "VALID" or explicit pairs (padded cells never win).
-  """
+  """Exact L2 Lipschitz constant of max pooling: √(max number m of windows covering one input pixel)
+  (spectral.md §2.6; the paper's "≤ 1" holds only when k ≤ s). ``strides`` default to ``window``; without
+  ``input_shape`` (H, W[, C]) it is √(⌈kh/sh⌉·⌈kw/sw⌉) (a large map); padded cells never win."""
   (kh, kw), (sh, sw) = window, strides = _pool_args(window, strides, input_shape)
   if input_shape is None:
     return math.sqrt(-(-kh // sh) * -(-kw // sw))
@@ -436,10 +392,8 @@ def maxpool_lipschitz(window: Any, strides: Any = None, *, input_shape: Optional
 
 def avgpool_norm(window: Any, strides: Any = None, *, input_shape: Sequence[int],
                  padding: Padding = "VALID") -> float:
-  """Operator norm of (linear) average pooling, count_include_pad: a depthwise conv with kernel 1/(kh·kw).
-
-  input_shape: (H, W) or (H, W, C); the norm does not depend on C.
-  """
+  """Operator norm of (linear) average pooling, count_include_pad: a depthwise conv with kernel 1/(kh·kw);
+  ``input_shape`` (H, W) or (H, W, C) (the norm does not depend on C)."""
   (kh, kw), strides = _pool_args(window, strides, input_shape)
   kernel = jnp.full((kh, kw, 1, 1), 1.0 / (kh * kw), jnp.float32)
   return conv_operator_norm(kernel, input_shape=(int(input_shape[0]), int(input_shape[1]), 1),
@@ -454,24 +408,16 @@ def contrast_norm_lipschitz(epsilon: float, gamma: float) -> float:
 
 
 def lrn_lipschitz(k: float = 2.0, n: int = 5, beta: float = 0.75) -> Tuple[float, float]:
-  """Certified interval (lower, upper) = [k^{-β}, k^{-β} + β g* √((1+√n)(n+1))] for AlexNet's LRN.
-
-  ``b_i = a_i (k + α' Σ_{j∈N(i)} a_j²)^{-β}``; the bound is independent of α (and of whether it is divided
-  by n). g* = (β/(k(1+β)))^β / (1+β) (spectral.md §2.7).
-  """
+  """Certified interval (lower, upper) = [k^{-β}, k^{-β} + β g* √((1+√n)(n+1))] for AlexNet's LRN
+  ``b_i = a_i (k + α' Σ_{j∈N(i)} a_j²)^{-β}``, any α; g* = (β/(k(1+β)))^β / (1+β) (spectral.md §2.7)."""
   if not k > 0 or not beta >= 0 or int(n) < 1:
     raise ValueError(f"lrn_lipschitz needs k > 0, beta >= 0, n >= 1, got k={k}, n={n}, beta={beta}")
-  lower = k ** (-beta)
-  g_star = (beta / (k * (1 + beta))) ** beta / (1 + beta)
+  lower, g_star = k ** (-beta), (beta / (k * (1 + beta))) ** beta / (1 + beta)
   return float(lower), float(lower + beta * g_star * math.sqrt((1 + math.sqrt(n)) * (n + 1)))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Whole networks: one row per layer the Flax module calls.
-
-
-def _stride(strides: Tuple[int, int]) -> Any:
-  return strides[0] if strides[0] == strides[1] else strides
 
 
 def _conv_row(call: models.LayerCall, variables: Params, method: str, num_steps: int) -> Dict[str, Any]:
@@ -489,7 +435,7 @@ def _conv_row(call: models.LayerCall, variables: Params, method: str, num_steps:
     paper = r.upper / math.sqrt(strides[0] * strides[1])
     note += "; stride does not divide N: paper formula on the embedding grid N'"
   kh, kw, c, d = kernel.shape
-  return dict(type="conv", size=f"{c} x {kh} x {kw} x {d}", stride=_stride(strides), upper=r.upper,
+  return dict(type="conv", size=f"{c} x {kh} x {kw} x {d}", stride=strides, upper=r.upper,
               lower=r.lower, circular=r.circular, paper=paper, reshaped=reshaped_kernel_norm(kernel),
               note=note)
 
@@ -502,16 +448,14 @@ def _dense_row(call: models.LayerCall, variables: Params, *_) -> Dict[str, Any]:
 
 
 def _maxpool_row(call: models.LayerCall, *_) -> Dict[str, Any]:
-  m = call.module
-  window, strides = _pair(m.window, "window"), _pair(m.strides, "strides")
-  lip = maxpool_lipschitz(window, strides, input_shape=call.input_shape[:2], padding=m.padding)
-  return dict(type="maxpool", size=f"{window[0]} x {window[1]}", stride=_stride(strides), upper=lip,
+  window, strides = _pair(call.module.window, "window"), _pair(call.module.strides, "strides")
+  lip = maxpool_lipschitz(window, strides, input_shape=call.input_shape[:2], padding=call.module.padding)
+  return dict(type="maxpool", size=f"{window[0]} x {window[1]}", stride=strides, upper=lip,
               lower=lip, paper=1.0, note="overlapping windows" if lip > 1 else "non-overlapping windows")
 
 
 def _lrn_row(call: models.LayerCall, *_) -> Dict[str, Any]:
-  m = call.module
-  n = 2 * m.depth_radius + 1
+  m, n = call.module, 2 * call.module.depth_radius + 1
   lo, hi = lrn_lipschitz(m.bias, n, m.beta)
   return dict(type="lrn", upper=hi, lower=lo, paper=float("nan"),
               note=f"certified interval, k={m.bias:g} n={n} beta={m.beta:g}")
@@ -523,14 +467,10 @@ def _activation_row(call: models.LayerCall, *_) -> Dict[str, Any]:
 
 # Module type -> row of its layer (the Lipschitz constant and how it was found).
 _ROWS: Tuple[Tuple[type, Callable[..., Dict[str, Any]]], ...] = (
-    (nn.Conv, _conv_row),
-    (nn.Dense, _dense_row),
-    (models.MaxPool, _maxpool_row),
-    (models.LocalResponseNorm, _lrn_row),
-    (models.Activation, _activation_row),
+    (nn.Conv, _conv_row), (nn.Dense, _dense_row), (models.MaxPool, _maxpool_row),
+    (models.LocalResponseNorm, _lrn_row), (models.Activation, _activation_row),
     (models.Flatten, lambda *_: dict(type="flatten", note="isometry")),
-    (nn.Dropout, lambda *_: dict(type="dropout", note="identity at test time")),
-)
+    (nn.Dropout, lambda *_: dict(type="dropout", note="identity at test time")))
 
 
 def _check_chain(model: nn.Module, variables: Params, calls: Sequence[models.LayerCall],
@@ -544,39 +484,38 @@ def _check_chain(model: nn.Module, variables: Params, calls: Sequence[models.Lay
                     if isinstance(layer, (nn.Dense, nn.Conv)) else {}, h)
   want = model.apply(variables, x)
   if h.shape != want.shape or not np.allclose(h, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want)))):
-    raise ValueError(
-        f"lipschitz_table: {type(model).__name__} is not the chain of its layers "
-        f"{['/'.join(c.path) for c in calls]}: it computes something else between or around them (a plain "
-        "function such as nn.relu or nn.max_pool instead of models.Activation / models.MaxPool, a skip "
-        f"connection, an unsupported layer); supported layers: {[t.__name__ for t, _ in _ROWS]}")
+    raise ValueError(f"lipschitz_table: {type(model).__name__} is not the chain of its layers "
+                     f"{['/'.join(c.path) for c in calls]}: something else runs between or around them "
+                     "(e.g. nn.relu or nn.max_pool instead of models.Activation / models.MaxPool, a skip "
+                     f"connection, an unsupported layer); supported layers: {[t.__name__ for t, _ in _ROWS]}")
 
 
 def lipschitz_table(model: nn.Module, variables: Params, input_shape: Sequence[int], *, method: str = "fft",
                     num_steps: int = 100) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
   """Per-layer Lipschitz bounds of ``model`` on inputs of ``input_shape`` and their product (Table 5).
-
-  The layers (``nn.Conv``, ``nn.Dense``, ``nn.Dropout``, ``models.Activation``, ``Flatten``, ``MaxPool``,
-  ``LocalResponseNorm``) are those ``model.apply`` calls on an input of ``input_shape`` (e.g. (784,)),
-  with the shapes they see there; the model must be their chain (checked), else ValueError. ``method``,
-  ``num_steps``: conv norms. Returns (rows, summary). A row: layer, type, size, stride, input, upper
-  (certified, used in the product), lower (certified lower bound of the layer's constant), circular (exact
-  circular norm on the layer's N×N input), paper (the paper's formula: Δ⁻² for conv, σ_max for dense, 1
-  for max-pool and ReLU, 1/4 for sigmoid), note; conv rows add reshaped (``reshaped_kernel_norm``). The
+  The layers (types of ``_ROWS``) are those ``model.apply`` calls on an input of ``input_shape`` (e.g.
+  (784,)), with the shapes they see there; the model must be their chain (checked), else ValueError.
+  ``method``, ``num_steps``: conv norms. Returns (rows, summary). A row: layer, type, size, stride,
+  input, upper (certified, used in the product), lower (certified lower bound), circular (exact circular
+  norm on the layer's N×N input), paper (the paper's formula: Δ⁻² for conv, σ_max for dense, 1 for
+  max-pool and ReLU, 1/4 for sigmoid), note; conv rows add reshaped (``reshaped_kernel_norm``). The
   summary: product_upper (all layers), product_paper_style (conv + dense, the paper's formula),
-  product_linear (conv + dense upper bounds), num_layers.
-  """
+  product_linear (conv + dense upper bounds), num_layers."""
   shape = tuple(int(v) for v in input_shape)
   variables = variables if "params" in variables else {"params": variables}
   calls = models.trace_layers(model, variables, shape)
   _check_chain(model, variables, calls, shape)
   rows = []
   for call in calls:
+    row = dict(layer="/".join(call.path), type="", size="", stride="", upper=1.0, lower=1.0,
+               input="x".join(map(str, call.input_shape)), circular=float("nan"), paper=1.0, note="")
     row_fn = next(fn for kind, fn in _ROWS if isinstance(call.module, kind))
-    rows.append(dict(layer="/".join(call.path), type="", size="", stride="", upper=1.0, lower=1.0,
-                     input="x".join(map(str, call.input_shape)), circular=float("nan"), paper=1.0, note=""))
-    rows[-1].update(row_fn(call, variables, method, num_steps))
-    logging.info("spectral: %s %s upper=%.6g lower=%.6g", *(rows[-1][c] for c in ("layer", "type", "upper",
-                                                                                   "lower")))
+    row.update(row_fn(call, variables, method, num_steps))
+    if isinstance(row["stride"], tuple) and row["stride"][0] == row["stride"][1]:  # (s, s) shown as s
+      row["stride"] = row["stride"][0]
+    logging.info("spectral: %s %s upper=%.6g lower=%.6g", *(row[c] for c in ("layer", "type", "upper",
+                                                                              "lower")))
+    rows.append(row)
   linear = [r for r in rows if r["type"] in ("conv", "dense")]
   summary = dict(product_upper=float(np.prod([r["upper"] for r in rows])),
                  product_linear=float(np.prod([r["upper"] for r in linear])),
@@ -616,12 +555,10 @@ def empirical_lipschitz(fn: Callable[[Any, Array], Array], params: Any, x: Array
                         x_adv: Optional[Array] = None, num_steps: int = 20, seed: int = 0,
                         batch_size: int = 256) -> EmpiricalLipschitz:
   """Empirical lower bounds on the Lipschitz constant of ``x -> fn(params, x)`` (beside the upper bounds).
-
   ``‖J(x)‖₂`` at each input x [B, ...] by ``num_steps`` steps of power iteration (jvp + vjp) from a start
   drawn with ``seed``, ``batch_size`` inputs per compiled call (the last batch padded); and
   ``‖f(x') − f(x)‖ / ‖x' − x‖`` for the pairs (x, x_adv) with x' != x. ``fn(params, x [B, ...]) -> [B, ...]``
-  (e.g. ``model.apply``) is a jit static argument (hashable); ``params`` is traced.
-  """
+  (e.g. ``model.apply``) is a jit static argument (hashable); ``params`` is traced."""
   x = jnp.asarray(x)
   if x.ndim < 2 or x.shape[0] < 1 or int(num_steps) < 1 or int(batch_size) < 1:
     raise ValueError(f"need x a non-empty batch [B, ...], num_steps and batch_size >= 1; got shape "
@@ -647,20 +584,20 @@ def empirical_lipschitz(fn: Callable[[Any, Array], Array], params: Any, x: Array
 
 
 def _check_config(config) -> None:
-  if not config.models or config.method not in ("fft", "lanczos"):
-    raise ValueError(f"spectral: config.models must be non-empty and config.method 'fft' or 'lanczos', got "
-                     f"{config.models}, {config.method!r}")
-  if config.weights not in ("random", "trained") and not os.path.exists(config.weights):
-    raise ValueError(f"spectral: config.weights must be 'random', 'trained' or an existing .npz file or "
-                     f"checkpoint directory, got {config.weights!r}")
-  if config.adv_file and not os.path.isfile(config.adv_file):
-    raise ValueError(f"spectral: config.adv_file {config.adv_file!r} does not exist")
-  if config.num_steps < 1 or config.empirical_steps < 1 or config.num_empirical < 0:
-    raise ValueError("spectral: num_steps and empirical_steps must be >= 1 and num_empirical >= 0")
   from intriguing_jax import train  # pylint: disable=g-import-not-at-top
-  for name in config.models:  # raises for unknown names
-    train.recipe(name) if config.weights == "trained" else models.get_model(name)
-  for name, run_dir in config.run_dirs.items():
+  c = config
+  if (not c.models or c.method not in ("fft", "lanczos")
+      or c.weights not in ("random", "trained") and not os.path.exists(c.weights)):
+    raise ValueError(f"spectral: need config.models non-empty, config.method 'fft' or 'lanczos', "
+                     f"config.weights 'random', 'trained' or an existing .npz file or checkpoint directory; "
+                     f"got {c.models}, {c.method!r}, {c.weights!r}")
+  if (min(c.num_steps, c.empirical_steps, c.num_empirical + 1) < 1
+      or c.adv_file and not os.path.isfile(c.adv_file)):
+    raise ValueError(f"spectral: need config.adv_file an existing file or '' (got {c.adv_file!r}), num_steps "
+                     "and empirical_steps >= 1 and num_empirical >= 0")
+  for name in c.models:  # raises for unknown names
+    train.recipe(name) if c.weights == "trained" else models.get_model(name)
+  for name, run_dir in c.run_dirs.items():
     if run_dir and not os.path.isfile(os.path.join(run_dir, "result.json")):
       raise ValueError(f"spectral: config.run_dirs.{name}={run_dir!r} is not a finished run (no result.json)")
 
@@ -674,8 +611,7 @@ def load_weights(path: str, variables: Params) -> Params:
     return checkpoint.restore_checkpoint(path, target=variables)[0]
   if not path.endswith(".npz"):
     raise ValueError(f"weights must be a .npz file or a checkpoint directory, got {path!r}")
-  arrays = np.load(path)
-  flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  arrays, flat = np.load(path), flax.traverse_util.flatten_dict(variables["params"], sep="/")
   for key, ref in flat.items():
     if key not in arrays or arrays[key].shape != ref.shape:
       raise ValueError(f"weights {path}: {key!r} missing or not of shape {ref.shape} (keys <layer>/kernel, "
@@ -723,16 +659,14 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
                     (spec["paper"] for spec in TABLE5)))
   out = {}
   for name in config.models:
-    start = time.time()
-    loaded = _model_and_inputs(name, config, data_dir)
+    start, loaded = time.time(), _model_and_inputs(name, config, data_dir)
     if loaded is None:
       continue
-    model, variables, shape, x = loaded
+    (model, variables, shape, x), x_adv = loaded, None
     rows, summary = lipschitz_table(model, variables, shape, method=config.method, num_steps=config.num_steps)
     for row in rows if name == "alexnet" else ():
       if row["layer"] in table5:
         row["paper_table5"] = table5[row["layer"]]
-    x_adv = None
     if config.adv_file:
       x, x_adv = (jnp.asarray(np.load(config.adv_file)[k]) for k in ("x", "x_adv"))
     if x.shape[0]:

@@ -5,7 +5,6 @@ Usage::
 
     from intriguing_jax import paper, tables, tables_report
     results = {"table1": rows1, "table2": rows2, "table3": rows3, "table4": rows4}   # from tables.table1..4
-    # (over several seeds: results["table1"] = tables_report.aggregate_rows([rows_seed0, ...], "model"))
     results["claims"] = tables_report.qualitative_claims(results, lambda_order=paper.LAMBDA_ORDER)
     figures = tables_report.save_figures("runs/mnist", adv, models, prefix="train")
     tables_report.build_report(results, figures=figures).write("runs/mnist", "report")
@@ -92,10 +91,9 @@ def _table4_claims(t4: Sequence[dict]) -> List[dict]:
 
 def qualitative_claims(results: Mapping[str, Any], *,
                        lambda_order: Sequence[str] = LAMBDA_ORDER) -> List[dict]:
-  """The paper's qualitative claims checked on ``results`` (any of ``table1``, ``table2``, ``table4`` -> rows
-  of the table functions; ``lambda_order``: Table 1 names of one architecture by increasing weight decay).
-  One dict per claim that could be checked: ``claim`` (the paper's statement), ``holds`` (bool),
-  ``evidence`` (a sentence with our numbers)."""
+  """One dict per claim of the paper checkable on ``results`` (``table1``/``table2``/``table4`` -> rows of the
+  table functions; ``lambda_order``: Table 1 names of one architecture by increasing weight decay): ``claim``
+  (the paper's statement), ``holds`` (bool), ``evidence`` (a sentence with our numbers)."""
   out = _table2_claims(results.get("table2") or [])
   d = {r["model"]: r["av_min_distortion"] for r in results.get("table1") or [] if r["model"] in lambda_order}
   order = [n for n in lambda_order if n in d]
@@ -119,8 +117,8 @@ def aggregate_rows(per_seed: Sequence[Sequence[dict]], key: str) -> List[dict]:
     for k, v in r0.items():
       if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool):
         vals = np.array([float(m.get(k, np.nan)) for m in matches])
-        row[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-        row[k + "_std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
+        stats = (float(np.nanmean(vals)), float(np.nanstd(vals))) if np.isfinite(vals).any() else None
+        row[k], row[k + "_std"] = stats or (math.nan, math.nan)
       else:
         row[k] = v
     out.append(row)
@@ -160,8 +158,7 @@ def save_figures(out_dir: str, adversarial: Mapping[str, AdversarialSet], models
   (path relative to ``out_dir``, caption) for each: the Figure 7 analogue (per pair model, default the
   first two, ``num_pairs`` (original, adversarial) pairs; and Gaussian noise of ``noise_stddev``, paper
   1.0, with those models' accuracy on it), the Figure 5 analogue (per model, (original | ``magnify``x
-  difference on grey | adversarial) for ``num_triplet_examples`` examples), and the distortion histograms.
-  """
+  difference on grey | adversarial) for ``num_triplet_examples`` examples), and the distortion histograms."""
   if num_pairs < 3:
     raise ValueError(f"num_pairs must be >= 3, got {num_pairs}")
   names = [n for n in models if n in adversarial]
@@ -194,12 +191,10 @@ def _cell(row: Mapping[str, Any], key: str, paper_value: Any, pct: bool) -> str:
   """'ours / paper', or 'ours' when ``paper_value`` is ``...`` (no paper column). Ours is the mean ± s.d.
   over seeds when ``<key>_std`` is present; a missing value reads n/a, a missing paper value –."""
   v, std = row.get(key), row.get(key + "_std")
-  scale, fmt, sfmt = (100, ".3g", ".2g") if pct else (1, ".3f", ".2g")
-  unit = "%" if pct else ""
-  if v is None or (isinstance(v, float) and math.isnan(v)):
-    ours = "n/a"
-  else:
-    spread = f" ± {scale * std:{sfmt}}" if std is not None and np.isfinite(std) else ""
+  scale, fmt, unit = (100, ".3g", "%") if pct else (1, ".3f", "")
+  ours = "n/a"
+  if not (v is None or (isinstance(v, float) and math.isnan(v))):
+    spread = f" ± {scale * std:.2g}" if std is not None and np.isfinite(std) else ""
     ours = f"{scale * v:{fmt}}{unit}{spread}"
   if paper_value is ...:
     return ours
@@ -219,13 +214,9 @@ def _paper_key(row: Mapping[str, Any]) -> str:
 
 def _matrix_rows(rows: Sequence[dict], paper: Mapping[str, Mapping[str, float]]) -> List[dict]:
   cols = [r["source"] for r in rows if r.get("kind") == "adversarial"]
-  out = []
-  for r in rows:
-    p = paper.get(_paper_key(r), {})
-    o = {"row": r["row"], **{c: _cell(r, c, p.get(c), True) for c in cols}}
-    o["av. distortion"] = _cell(r, "av_distortion", p.get("av_distortion"), False)
-    out.append(o)
-  return out
+  return [{"row": r["row"], **{c: _cell(r, c, p.get(c), True) for c in cols},
+           "av. distortion": _cell(r, "av_distortion", p.get("av_distortion"), False)}
+          for r, p in ((r, paper.get(_paper_key(r), {})) for r in rows)]
 
 
 # Report columns of Tables 1 and 3: (header, row key, paper value shown, percentage).
@@ -277,8 +268,7 @@ def build_report(results: Mapping[str, Any], *, figures: Sequence[Tuple[str, str
   """A :class:`intriguing_jax.report.Report` (``.write(out_dir, "report")``) of every table in ``results``,
   ours beside the paper's. ``results``: ``table1``..``table4`` rows (possibly aggregated over seeds),
   optional ``claims`` (:func:`qualitative_claims`), ``config`` (settings dict), ``timings`` (name ->
-  seconds), ``notes`` (list of str); ``figures``: (relative PNG path, caption) pairs (:func:`save_figures`).
-  """
+  seconds), ``notes`` (str list); ``figures``: (relative PNG path, caption) pairs (:func:`save_figures`)."""
   rep = report.Report(title)
   if results.get("config"):
     rep.paragraph("Settings:")

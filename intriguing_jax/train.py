@@ -53,24 +53,15 @@ _CHOICES = {"optimizer": ("adam", "sgd", "momentum"), "schedule": ("constant", "
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Static training settings (everything that is not swept).
+  """Static training settings (everything that is not swept); choices in ``_CHOICES``.
 
-  Attributes:
-    epochs: passes over the training set (the last incomplete mini-batch of an epoch is dropped).
-    batch_size: examples per step.
-    optimizer: "adam", "sgd" or "momentum" (heavy ball, ``momentum``).
-    learning_rate: peak learning rate.
-    schedule: "constant" or "cosine" (cosine decay from ``learning_rate`` to
-      ``final_lr_fraction * learning_rate`` over all steps, after ``warmup_epochs`` of linear warm-up).
-    final_lr_fraction, warmup_epochs (may be fractional; 0 = none), momentum: see above.
-    weight_decay: λ per weight (dense/conv) layer, input -> output; one value applies to every layer.
-    task: "classify" or "autoencode" (sparse autoencoder pre-training of a model with ``reconstruct``:
-      reconstruction loss + β KL(ρ || mean code); decays encoder and decoder).
-    sparsity_target, sparsity_weight: ρ and β of the KL sparsity penalty (autoencode).
-    recon_loss: "bce" (binary cross-entropy summed over pixels) or "mse" (½ Σ squared error), batch mean.
-    trainable: top-level param names to train (others frozen); None = all.
-    checkpoint_every: epochs between checkpoints (the last epoch is always saved).
-    eval_batch_size: batch size of the per-epoch evaluation.
+  Each epoch drops the last incomplete batch. ``schedule`` "cosine": decay from ``learning_rate`` to
+  ``final_lr_fraction * learning_rate`` over all steps, after ``warmup_epochs`` (may be fractional) of
+  linear warm-up. ``weight_decay``: λ per weight (dense/conv) layer, input -> output (one value: every
+  layer). ``task`` "autoencode": sparse autoencoder pre-training of a model with ``reconstruct``
+  (``recon_loss`` "bce" summed over pixels or "mse" ½ Σ squared error, batch mean, + β KL(ρ || mean code)
+  with ρ, β = ``sparsity_target``, ``sparsity_weight``; decays encoder and decoder). ``trainable``:
+  top-level param names to train (others frozen; None = all). The last epoch is always checkpointed.
   """
   epochs: int = 20
   batch_size: int = 128
@@ -144,11 +135,9 @@ class SweepResult(NamedTuple):
 
 
 class Program(NamedTuple):
-  """What a trainer compiles once per (model, static config, data shape); λ and seeds stay traced.
-
-  ``init(key) -> params`` is jitted (vmapped over [k] keys for a sweep); ``make_state(params, rng)`` gives
-  a fresh state; ``epoch_fn`` is ``driver.make_epoch_fn``'s; ``summarise(stats [steps, C]) -> dict``.
-  """
+  """What a trainer compiles once per (model, static config, data shape); λ and seeds stay traced:
+  jitted ``init(key) -> params`` (vmapped over [k] keys for a sweep), ``make_state(params, rng)``,
+  ``driver.make_epoch_fn``'s ``epoch_fn``, ``summarise(stats [steps, C]) -> dict``."""
   num_layers: int
   init: Callable
   make_state: Callable
@@ -165,8 +154,7 @@ def _template(model, input_shape=models_lib.MNIST_SHAPE):
 
 
 def decay_layer_paths(model, input_shape: Sequence[int], task: str = "classify") -> List[Tuple[str, ...]]:
-  """Param paths of the decayed layers, in λ order: the model's dense/conv layers (classify), or
-  encoder and decoder (autoencode)."""
+  """Param paths of the decayed layers in λ order: the dense/conv layers, or (autoencode) encoder, decoder."""
   if task == "autoencode":
     return [("encoder",), ("decoder",)]
   return models_lib.weight_layer_paths(model, _template(model, input_shape), tuple(input_shape))
@@ -182,11 +170,6 @@ def weight_decay_penalty(params: Params, decays: Array, paths: Sequence[Tuple[st
   return total
 
 
-def _kl_sparsity(rho: float, rho_hat: Array) -> Array:
-  rho_hat = jnp.clip(rho_hat, 1e-6, 1 - 1e-6)
-  return jnp.sum(rho * jnp.log(rho / rho_hat) + (1 - rho) * jnp.log((1 - rho) / (1 - rho_hat)))
-
-
 def _data_loss(model, config: TrainConfig, params, x, y, dropout_key):
   """(data loss, error) of a batch: cross-entropy and error rate, or reconstruction + sparsity and MSE."""
   variables = {"params": params}
@@ -200,8 +183,9 @@ def _data_loss(model, config: TrainConfig, params, x, y, dropout_key):
     recon = jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(recon_logits, target), axis=-1))
   else:
     recon = jnp.mean(0.5 * jnp.sum(jnp.square(jax.nn.sigmoid(recon_logits) - target), axis=-1))
-  data_loss = recon + config.sparsity_weight * _kl_sparsity(config.sparsity_target, jnp.mean(code, axis=0))
-  return data_loss, jnp.mean(jnp.square(jax.nn.sigmoid(recon_logits) - target))
+  rho, rho_hat = config.sparsity_target, jnp.clip(jnp.mean(code, axis=0), 1e-6, 1 - 1e-6)
+  kl = jnp.sum(rho * jnp.log(rho / rho_hat) + (1 - rho) * jnp.log((1 - rho) / (1 - rho_hat)))
+  return recon + config.sparsity_weight * kl, jnp.mean(jnp.square(jax.nn.sigmoid(recon_logits) - target))
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int, params: Params) -> optax.GradientTransformation:
@@ -261,9 +245,8 @@ def _compiled(model, config: TrainConfig, input_shape: Tuple[int, ...], num_trai
 
 
 def _summarise(task: str, stats: np.ndarray) -> Dict[str, float]:
-  mean = np.mean(stats, axis=0)
   error = "train_batch_error" if task == "classify" else "recon_mse"
-  return {"loss": float(mean[0]), "data_loss": float(mean[1]), error: float(mean[2])}
+  return dict(zip(("loss", "data_loss", error), map(float, np.mean(stats, axis=0))))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,11 +255,9 @@ def _summarise(task: str, stats: np.ndarray) -> Dict[str, float]:
 
 @functools.lru_cache(maxsize=32)
 def count_errors_fn(model, stacked: bool = False) -> Callable:
-  """``count(params, x, y) -> number of errors`` of a Flax model, jitted (rows with ``y = -1`` are padding).
-
-  Traced under float32 matmuls ("highest") on every backend, so reported errors do not depend on a GPU's
-  TF32 default. ``stacked``: ``params`` have a leading member axis and the count is [k].
-  """
+  """``count(params, x, y) -> number of errors`` of a Flax model, jitted (rows with ``y = -1`` are padding;
+  ``stacked``: params [k, ...], count [k]), under "highest" matmul precision so that no backend's TF32
+  default changes reported errors."""
   def count(params, x, y):
     with precision_lib.scope("highest"):
       logits = model.apply({"params": params}, x)
@@ -287,16 +268,12 @@ def count_errors_fn(model, stacked: bool = False) -> Callable:
 
 def evaluate(count_fn, params: Params, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
              mesh: Optional[Mesh] = None, shard_examples: bool = True) -> np.ndarray:
-  """errors / N (numpy; [k] for stacked params) of ``count_fn(params, x [B, ...], y [B])`` (which ignores
-  rows with ``y = -1``) over chunks of ``batch_size`` rows, the ragged tail padded and masked.
-
-  ``mesh`` None: every chunk on the default device. A 1-D mesh: with ``shard_examples`` each chunk's rows
-  are sharded (``batch_size`` rounded up to the mesh size) and ``params`` replicated; without, the chunk is
-  replicated and ``params`` used as placed (e.g. sweep members sharded by the driver).
-  """
+  """errors / N (numpy; [k] for stacked params) of ``count_fn(params, x [B, ...], y [B])`` over chunks of
+  ``batch_size`` rows, the ragged tail padded with ``y = -1``. On a 1-D ``mesh``, with ``shard_examples``
+  each chunk's rows are sharded (``batch_size`` rounded up to the mesh size) and ``params`` replicated;
+  without, the chunk is replicated and ``params`` used as placed (e.g. sweep members sharded)."""
   n = images.shape[0]
-  bs = min(batch_size, n)
-  place = None
+  bs, place = min(batch_size, n), None
   if mesh is not None:
     if shard_examples:
       bs = distributed.round_up(bs, mesh.size)
@@ -311,16 +288,12 @@ def evaluate(count_fn, params: Params, images: np.ndarray, labels: np.ndarray, b
       yb = np.concatenate([yb, np.full((pad,), -1, yb.dtype)])  # masked out by count_fn
     if place is None:
       total = total + np.asarray(count_fn(params, jnp.asarray(xb), jnp.asarray(yb)))
-    else:
-      total = total + _to_host(count_fn(params, *place((xb, yb), mesh)))
+    else:  # multi-host: replicated outputs are read locally, sharded ones gathered
+      a = count_fn(params, *place((xb, yb), mesh))
+      if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        a = a.addressable_data(0) if a.is_fully_replicated else distributed.gather(a)
+      total = total + np.asarray(a)
   return np.asarray(total) / n
-
-
-def _to_host(a) -> np.ndarray:
-  """A (possibly multi-host) array as numpy: replicated outputs are read locally, sharded ones gathered."""
-  if isinstance(a, jax.Array) and not a.is_fully_addressable:
-    return np.asarray(a.addressable_data(0)) if a.is_fully_replicated else distributed.gather(a)
-  return np.asarray(a)
 
 
 def make_evaluate(model, eval_data, batch_size: int, members: Optional[int] = None,
@@ -338,11 +311,8 @@ def make_evaluate(model, eval_data, batch_size: int, members: Optional[int] = No
 
 
 def check_data(images, labels, name="images"):
-  """Validates a dataset before anything is compiled; returns float32 images and int32 labels.
-
-  Raises:
-    ValueError: unbatched images, mismatched labels, non-float images, NaN/inf, non-integer labels.
-  """
+  """(float32 images, int32 labels) of a dataset checked before anything is compiled (ValueError on
+  unbatched or non-float images, NaN/inf, mismatched or non-integer labels)."""
   images, labels = np.asarray(images), np.asarray(labels)
   if images.ndim < 2:
     raise ValueError(f"{name}: expected [N, ...] images, got shape {images.shape}")
@@ -374,14 +344,9 @@ def data_fingerprint(images, labels) -> str:
 
 def sweep_members(num_layers: int, config: TrainConfig, weight_decays: Sequence[Any], seeds: Sequence[int],
                   who: str) -> Tuple[np.ndarray, List[int]]:
-  """The k members of a sweep: (per-layer λ [k, num_layers] float32, k seeds).
-
-  ``weight_decays`` entries are scalars, per-layer lists or None (``config.weight_decay``); a length-1
-  ``weight_decays`` or ``seeds`` is broadcast to the other's length.
-
-  Raises:
-    ValueError: empty or mismatched lengths, or a λ list of the wrong length (message starting with ``who``).
-  """
+  """The k members of a sweep: (per-layer λ [k, num_layers] float32, k seeds). ``weight_decays`` entries
+  are scalars, per-layer lists or None (``config.weight_decay``); a length-1 ``weight_decays`` or ``seeds``
+  is broadcast. ValueError (starting with ``who``) on empty or mismatched lengths or a bad λ list."""
   weight_decays, seeds = list(weight_decays), [int(s) for s in seeds]
   k = max(len(weight_decays), len(seeds))
   if len(weight_decays) not in (1, k) or len(seeds) not in (1, k) or k == 0:
@@ -408,12 +373,9 @@ def unstack(tree: Any, k: int) -> List[Any]:
 def fit(model, images, labels, config: TrainConfig, program: Program, *, stacked: bool, weight_decays, seeds,
         data_seed: int, workdir, eval_data, stop_after_epoch, mesh, who: str, prefix: str = "",
         init_params: Optional[Params] = None, run_info: Optional[Dict[str, Any]] = None):
-  """Every trainer's run (this module's and ``adversarial_training``'s) on checked data: the members' λ
-  (:func:`sweep_members`) and keys ``split(PRNGKey(seed))`` (init, rng), fresh states, ``driver.run``.
-
-  Returns a :class:`TrainResult` (one model) or, ``stacked``, a :class:`SweepResult`; ``run_info`` adds
-  entries to the settings guarded in the workdir.
-  """
+  """Every trainer's run on checked data: members' λ (:func:`sweep_members`), keys ``split(PRNGKey(seed))``
+  (init, rng), fresh states, ``driver.run``. Returns a :class:`TrainResult`, or (``stacked``) a
+  :class:`SweepResult`; ``run_info`` adds entries to the settings guarded in the workdir."""
   decays, seeds = sweep_members(program.num_layers, config, weight_decays, seeds, who)
   keys = jnp.stack([jax.random.split(jax.random.PRNGKey(s)) for s in seeds])  # [k, 2 (init, rng), 2]
   if stacked:
@@ -449,22 +411,12 @@ def train_model(model, images, labels, config: TrainConfig, *, seed: int = 0, da
                 workdir: Optional[str] = None, eval_data: Optional[Tuple[Any, Any]] = None,
                 init_params: Optional[Params] = None, stop_after_epoch: Optional[int] = None,
                 mesh: Optional[Mesh] = None) -> TrainResult:
-  """Trains one model; resumes from ``workdir/ckpt`` when a checkpoint is there.
-
-  Args:
-    model: a Linen module from ``models`` (or any with the same contract).
-    images: [N, ...] float32 in [0, 1]; labels: [N] int.
-    config: training settings; ``config.weight_decay`` gives the per-layer λ.
-    seed: init (and dropout) seed; data_seed: seed of the per-epoch shuffling (default: ``seed``).
-    workdir: checkpoints, ``metrics.jsonl`` and ``run_config.json`` (None: nothing is written).
-    eval_data: optional (images, labels) whose error is logged each epoch (sharded over ``mesh``).
-    init_params: start from these variables ({"params": ...}) instead of a random init.
-    stop_after_epoch: return after this epoch, as if interrupted (resume later with the same call).
-
-  Raises:
-    ValueError: bad data (shape, dtype, NaN), λ list of the wrong length, or a workdir holding a run with
-      other settings.
-  """
+  """Trains one model (a ``models`` Linen module) on images [N, ...] float32 in [0, 1], labels [N] int;
+  resumes from ``workdir/ckpt`` when a checkpoint is there. ``seed``: init and dropout; ``data_seed``:
+  per-epoch shuffling (default ``seed``); ``workdir``: checkpoints, ``metrics.jsonl``, ``run_config.json``
+  (None: nothing written); ``eval_data``: (images, labels) evaluated each epoch; ``init_params``:
+  {"params": ...} instead of a random init; ``stop_after_epoch``: return after this epoch as if interrupted.
+  ValueError on bad data, a λ list of the wrong length, or a workdir holding a run with other settings."""
   return _train(model, images, labels, config, False, weight_decays=[None], seeds=[seed],
                 data_seed=seed if data_seed is None else data_seed, workdir=workdir, eval_data=eval_data,
                 init_params=init_params, stop_after_epoch=stop_after_epoch, mesh=mesh,
@@ -475,15 +427,11 @@ def train_sweep(model, images, labels, config: TrainConfig, *, weight_decays: Se
                 seeds: Sequence[int] = (0,), data_seed: int = 0, workdir: Optional[str] = None,
                 eval_data: Optional[Tuple[Any, Any]] = None, stop_after_epoch: Optional[int] = None,
                 mesh: Optional[Mesh] = None) -> SweepResult:
-  """Trains k models that differ only in λ and/or init seed as ONE compiled program.
-
-  The train step under ``jax.vmap`` over states stacked on a leading [k] axis; every member sees the same
-  mini-batches (order from ``data_seed``): member i ends where ``train_model(..., weight_decay=λ_i,
-  seed=seeds[i], data_seed=data_seed)`` ends, up to float rounding. ``weight_decays`` and ``seeds``: as
-  :func:`sweep_members`. The members are sharded over the devices of the 1-D ``mesh`` (default all; k padded
-  with copies of member 0, dropped from everything returned or saved; the data replicated). Other arguments
-  as in :func:`train_model`.
-  """
+  """Trains k models that differ only in λ and/or init seed (:func:`sweep_members`) as ONE program: the
+  step vmapped over states stacked on a leading [k] axis, the same batches for all (``data_seed``); member
+  i ends where ``train_model(..., weight_decay=λ_i, seed=seeds[i], data_seed=data_seed)`` does, up to float
+  rounding. Members are sharded over the 1-D ``mesh`` (default all devices; padded with copies of member 0,
+  dropped from all outputs). Other arguments as in :func:`train_model`."""
   return _train(model, images, labels, config, True, weight_decays=weight_decays, seeds=seeds,
                 data_seed=data_seed, workdir=workdir, eval_data=eval_data, stop_after_epoch=stop_after_epoch,
                 mesh=mesh, who="train_sweep", prefix="[sweep] ")
@@ -499,13 +447,9 @@ _FC10 = dict(epochs=20, batch_size=128, optimizer="adam", learning_rate=3e-3, sc
 # Default recipe per named model: {"model": get_model name, "config": TrainConfig kwargs, "pretrain":
 # TrainConfig kwargs of an unsupervised stage (AE only)}. Evidence: notes/models.md.
 RECIPES: Dict[str, Dict[str, Any]] = {
-    "fc10": {"model": "fc10", "config": dict(_FC10, weight_decay=(1e-4,))},
-    "fc10-1e-4": {"model": "fc10", "config": dict(_FC10, weight_decay=(1e-4,))},
-    "fc10-1e-2": {"model": "fc10", "config": dict(_FC10, weight_decay=(1e-2,))},
-    "fc10-1": {"model": "fc10", "config": dict(_FC10, weight_decay=(1.0,))},
-    "fc100-100-10": {"model": "fc100-100-10", "config": dict(_SIGMOID)},
-    "fc200-200-10": {"model": "fc200-200-10", "config": dict(_SIGMOID)},
-    "fc123-456-10": {"model": "fc123-456-10", "config": dict(_SIGMOID)},
+    **{"fc10" + tag: {"model": "fc10", "config": dict(_FC10, weight_decay=(wd,))}
+       for tag, wd in (("", 1e-4), ("-1e-4", 1e-4), ("-1e-2", 1e-2), ("-1", 1.0))},
+    **{n: {"model": n, "config": dict(_SIGMOID)} for n in ("fc100-100-10", "fc200-200-10", "fc123-456-10")},
     # Table 3 (30000 training images): 10x Table 1's λ meets every Table 3 goal (notes/models.md).
     "fc100-100-10-t3": {"model": "fc100-100-10", "config": dict(_SIGMOID, weight_decay=(1e-4, 1e-4, 1e-5))},
     "fc123-456-10-t3": {"model": "fc123-456-10", "config": dict(_SIGMOID, weight_decay=(1e-4, 1e-4, 1e-5))},
@@ -564,9 +508,8 @@ def _train_recipe(name, model, config, pre_cfg, images, labels, *, seed, run_dir
   """Trains a recipe (with its autoencoder pre-training stage, if any); returns (variables, result)."""
   timer = time.perf_counter()
   if pre_cfg is None:
-    res = train_model(model, images, labels, config, seed=seed, workdir=os.path.join(run_dir, "train"),
-                      eval_data=eval_data)
-    variables = res.variables
+    variables = train_model(model, images, labels, config, seed=seed, workdir=os.path.join(run_dir, "train"),
+                            eval_data=eval_data).variables
   else:  # softmax regression on the frozen code, computed once (= training "output" alone)
     pre = train_model(model, images, labels, pre_cfg, seed=seed, workdir=os.path.join(run_dir, "pretrain"))
     encode = jax.jit(lambda v, x: model.apply(v, x, method="encode"))
@@ -591,21 +534,12 @@ def _train_recipe(name, model, config, pre_cfg, images, labels, *, seed, run_dir
 def get_or_train(name: str, images, labels, *, workdir: str, seed: int = 0, epochs: Optional[int] = None,
                  run_name: Optional[str] = None, eval_data: Optional[Tuple[Any, Any]] = None,
                  model_kwargs: Optional[Dict[str, Any]] = None, **overrides: Any) -> Tuple[Any, Params]:
-  """Trains the named model with its default recipe, or restores it when already trained.
-
-  The run lives in ``workdir/<run_name>`` (default ``default_run_name(name, seed=seed, epochs=epochs,
-  overrides=...)``). A finished run (``final.msgpack`` + ``result.json``) with the same settings and data
-  is restored (``driver.restore_or_run``); an interrupted one resumes from its checkpoint.
-
-  ``name``: a key of ``RECIPES`` or any "fc<w1>-<w2>-10"; ``seed``: init and shuffling seed; ``epochs``:
-  the recipe's epochs (of both stages, with pre-training) overridden; ``eval_data``: (images, labels)
-  evaluated each epoch and at the end; ``model_kwargs``: module attributes (e.g. ``{"dropout_rate": 0.5}``);
-  ``overrides``: ``TrainConfig`` fields replacing the recipe's. Returns (model, variables).
-
-  Raises:
-    ValueError: unknown name or override, or ``workdir/<run_name>`` holding a run with other settings or
-      data (the differing settings named).
-  """
+  """(model, variables) of the named model (:func:`recipe`) trained with its recipe in
+  ``workdir/<run_name>`` (default :func:`default_run_name`), restored when finished there with the same
+  settings and data (``driver.restore_or_run``), resumed when interrupted. ``epochs`` overrides both
+  stages' epochs; ``model_kwargs``: module attributes (e.g. ``{"dropout_rate": 0.5}``); ``overrides``:
+  ``TrainConfig`` fields replacing the recipe's. ValueError on an unknown name or override, or a run
+  directory of other settings or data (the differing ones named)."""
   model_kwargs = dict(model_kwargs or {})
   rec, config, pre_cfg, extra = _resolve(name, epochs, overrides, model_kwargs)
   model = models_lib.get_model(rec["model"], **model_kwargs)
@@ -628,13 +562,9 @@ def get_or_train(name: str, images, labels, *, workdir: str, seed: int = 0, epoc
 
 
 def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
-  """Trains (or restores) ``config.model`` with its recipe and overrides; returns and logs its errors.
-
-  ``config``: ``configs/train.py``'s ConfigDict (model, split, seed, epochs, model_kwargs, overrides,
-  sweep_weight_decays). Validated (recipe, ``TrainConfig``) before any data is loaded. With
-  ``sweep_weight_decays`` the λ values are trained as one vmapped ``train_sweep`` in
-  ``workdir/<run name>_sweep``. Writes ``errors.json`` in the run directory.
-  """
+  """Trains (or restores) ``config.model`` (``configs/train.py``'s ConfigDict, validated before loading
+  data) with its recipe and overrides; ``sweep_weight_decays``: one vmapped ``train_sweep`` in
+  ``workdir/<run name>_sweep``. Writes ``errors.json`` in the run directory; returns and logs its errors."""
   overrides = {k: v for k, v in config.overrides.items() if v is not None}
   model_kwargs = {k: v for k, v in config.model_kwargs.items() if v is not None}
   rec, train_config, _, extra = _resolve(config.model, config.epochs, overrides, model_kwargs)

@@ -16,7 +16,8 @@ ApplyFn = Callable[[Params, Array], Array]
 
 @dataclasses.dataclass(frozen=True)
 class _BoundMethod:
-  """``obj.method`` compared and hashed by the VALUE of ``obj`` (Python compares bound methods by identity)."""
+  """``obj.method`` compared and hashed by the VALUE of ``obj`` (Python compares bound methods by
+  identity)."""
   obj: Any
   func: Callable
 

@@ -11,12 +11,9 @@ Usage::
     result = units.analyse(phi, variables, images, labels, key=0, num_directions=200, k=10)  # all layers
     result["fc1"].comparisons["majority_share"].verdict            # e.g. "not distinguishable"
 
-The paper (Section 3; paper.md §2, §8, A17) ranks a held-out set I by ``<φ(x), v>`` for natural-basis
-directions ``v = e_i`` (Figure 1) and random directions (Figure 2) and claims both are "semantically"
-coherent. Here the coherence of each direction's top-k images is measured and compared, natural vs random
-and against chance (notes/units.md). A feature function ``phi(params, x [B, ...]) -> [B, ...]`` or
-``{layer: [B, ...]}`` is a static argument of the compiled step: reuse one hashable object, such as
-``models.feature_fn(model)``, to reuse the compiled program.
+The coherence of each direction's top-k images (ranked by ``<φ(x), v>``, Figures 1-2) is measured and
+compared, natural vs random and against chance (notes/units.md). A feature function ``phi(params, x) ->
+[B, ...]`` or ``{layer: [B, ...]}`` is a static jit argument: reuse one hashable object.
 """
 
 from __future__ import annotations
@@ -119,8 +116,7 @@ def feature_dims(feature_fn: FeatureFn, params: Any, example: Array) -> Dict[str
     order[:] = list(out) if isinstance(out, Mapping) else [_SINGLE]
     return out
 
-  b = np.shape(example)[0]
-  out = _as_dict(jax.eval_shape(traced, jnp.asarray(example)))[0]
+  b, out = np.shape(example)[0], _as_dict(jax.eval_shape(traced, jnp.asarray(example)))[0]
   for name, s in out.items():
     if len(s.shape) < 2 or s.shape[0] != b:
       raise ValueError(f"feature_fn: layer {name!r} output shape {s.shape} is not [B, ...] for B={b}")
@@ -129,11 +125,10 @@ def feature_dims(feature_fn: FeatureFn, params: Any, example: Array) -> Dict[str
 
 def natural_directions(dim: int, units: Optional[Sequence[int]] = None) -> np.ndarray:
   """Natural-basis directions e_i as rows, [len(units), dim] float32 one-hot (default: all ``dim`` units)."""
-  if dim < 1:
-    raise ValueError(f"natural_directions: dim must be >= 1, got {dim}")
   units = np.arange(dim) if units is None else np.asarray(units)
-  if units.ndim != 1 or units.size == 0 or units.min() < 0 or units.max() >= dim:
-    raise ValueError(f"natural_directions: units must lie in [0, {dim}), a non-empty 1-D list; got {units}")
+  if dim < 1 or units.ndim != 1 or units.size == 0 or units.min() < 0 or units.max() >= dim:
+    raise ValueError(f"natural_directions: dim must be >= 1 and units must lie in [0, {dim}), a non-empty "
+                     f"1-D list; got dim={dim}, units={units}")
   out = np.zeros((units.size, dim), np.float32)
   out[np.arange(units.size), units] = 1.0
   return out
@@ -168,20 +163,16 @@ def random_subsets(key: Union[PRNGKey, int], num_images: int, num: int, k: int) 
   return np.asarray(pick(jax.random.split(_key(key), num)), np.int32)
 
 
-def _merge_one(best_s: Array, best_i: Array, new_s: Array, new_i: Array, k: int) -> Tuple[Array, Array]:
-  """Top-k of one direction over (running best ++ new batch); the running best comes first so ties keep
-  the earlier image, as ``lax.top_k`` on the whole set would."""
-  top_s, pos = jax.lax.top_k(jnp.concatenate([best_s, new_s]), k)
-  return top_s, jnp.concatenate([best_i, new_i])[pos]
-
-
 @functools.partial(jax.jit, static_argnames=("feature_fn", "k"))
 def _stream_step(feature_fn: FeatureFn, k: int, params, state, x, num_valid, offset, directions):
   """Merges the scores of batch ``x`` (its first ``num_valid`` rows) into ``state`` {layer: (s, i, #bad)}."""
-  merge = jax.vmap(functools.partial(_merge_one, k=k), in_axes=(0, 0, 1, None))  # over directions
+  def merge_one(best_s, best_i, new_s, new_i):  # running best first: ties keep the earlier image
+    top_s, pos = jax.lax.top_k(jnp.concatenate([best_s, new_s]), k)
+    return top_s, jnp.concatenate([best_i, new_i])[pos]
+
+  merge = jax.vmap(merge_one, in_axes=(0, 0, 1, None))  # over directions
   feats, _ = _as_dict(feature_fn(params, x))
-  b = x.shape[0]
-  rows = jnp.arange(b, dtype=jnp.int32)
+  b, rows = x.shape[0], jnp.arange(x.shape[0], dtype=jnp.int32)
   valid = (rows < num_valid)[:, None]
   new_state = {}
   for name, (best_s, best_i, bad) in state.items():
@@ -202,44 +193,33 @@ def _check_images(images: Any) -> np.ndarray:
   return images
 
 
-def _check_directions(directions: Mapping[str, Array], dims: Mapping[str, int]) -> Dict[str, np.ndarray]:
-  for name, v in directions.items():
-    if name not in dims:
-      raise ValueError(f"top_k_images: directions for layer {name!r}, but feature_fn returns {list(dims)}")
-    if np.ndim(v) != 2 or np.shape(v)[1] != dims[name] or np.shape(v)[0] < 1:
-      raise ValueError(f"top_k_images: directions[{name!r}] must be [D, {dims[name]}] with D >= 1, got "
-                       f"{np.shape(v)}")
-  dirs = {name: np.asarray(v, np.float32) for name, v in directions.items()}
-  if not all(np.all(np.isfinite(v)) for v in dirs.values()):
-    raise ValueError("top_k_images: directions contain NaN or inf")
-  return dirs
-
-
 def top_k_images(feature_fn: FeatureFn, params: Any, images: Any,
                  directions: Union[Array, Mapping[str, Array]], *, k: int = 10,
                  batch_size: int = 1000) -> Union[TopK, Dict[str, TopK]]:
   """For every direction v, the k images of I maximising ``<φ(params, x), v>`` (paper Section 3), streamed.
-
   ``feature_fn``: φ(params, x [B, ...]) -> [B, n] or {layer: [B, n_layer]} (flattened), params traced;
-  ``images``: I, [N, ...], N >= k, streamed from the host in batches of ``batch_size`` (the last padded)
-  and merged into a running top-k with ``lax.top_k`` (memory O(B * (n + D) + D * k), independent of N);
-  ``directions``: [D, n] rows, or {layer: [D_layer, n_layer]} for some layers of a dict-valued φ.
-  Returns numpy TopK(scores [D, k], indices [D, k]), or {layer: TopK} for dict ``directions``. Raises
-  ValueError for bad shapes, k, batch size, non-finite images, or a non-finite score.
-  """
+  ``images``: I [N, ...], N >= k, streamed in batches of ``batch_size`` into a running ``lax.top_k``
+  (memory O(B * (n + D) + D * k)); ``directions``: [D, n], or {layer: [D_layer, n_layer]} for some layers.
+  Returns numpy TopK(scores [D, k], indices [D, k]), or {layer: TopK} for dict ``directions``."""
   images = _check_images(images)
   n = images.shape[0]
   if not 1 <= k <= n or batch_size < 1:
     raise ValueError(f"top_k_images: k must be in [1, {n}] (the number of images) and batch_size >= 1, got "
                      f"{k}, {batch_size}")
   dirs, is_dict = _as_dict(directions)
-  dirs = _check_directions(dirs, feature_dims(feature_fn, params, images[:1]))
+  dims = feature_dims(feature_fn, params, images[:1])
+  for name, v in dirs.items():
+    if name not in dims or np.ndim(v) != 2 or np.shape(v)[1] != dims[name] or np.shape(v)[0] < 1:
+      raise ValueError(f"top_k_images: directions for layer {name!r} must be [D, {dims.get(name)}] with "
+                       f"D >= 1, got {np.shape(v)} (feature_fn's layers: {list(dims)})")
+  dirs = {name: np.asarray(v, np.float32) for name, v in dirs.items()}
+  if not all(np.all(np.isfinite(v)) for v in dirs.values()):
+    raise ValueError("top_k_images: directions contain NaN or inf")
   bs = min(batch_size, n)
   state = {name: (jnp.full((v.shape[0], k), -jnp.inf, jnp.float32), jnp.full((v.shape[0], k), -1, jnp.int32),
                   jnp.zeros((), jnp.int32)) for name, v in dirs.items()}
   for start in range(0, n, bs):
-    xb = images[start:start + bs]
-    m = xb.shape[0]
+    xb, m = images[start:start + bs], min(bs, n - start)
     if m < bs:  # pad the ragged last batch (masked to -inf) so the compiled shape is reused
       xb = np.concatenate([xb, np.zeros((bs - m,) + xb.shape[1:], xb.dtype)], axis=0)
     state = _stream_step(feature_fn, k, params, state, jnp.asarray(xb), jnp.int32(m), jnp.int32(start), dirs)
@@ -262,8 +242,7 @@ def coherence(topk_labels: Array, *, images: Optional[Array] = None, num_classes
   over the k(k-1) ordered pairs of distinct images, k >= 2; NaN without them). Fields [D] numpy."""
   topk_labels = np.asarray(topk_labels)
   if topk_labels.ndim != 2 or topk_labels.shape[1] < 1 or not np.issubdtype(topk_labels.dtype, np.integer):
-    raise ValueError(f"coherence: topk_labels must be integers [D, k], got {topk_labels.dtype} "
-                     f"{topk_labels.shape}")
+    raise ValueError(f"coherence: topk_labels must be int [D, k], got {topk_labels.dtype}{topk_labels.shape}")
   if topk_labels.size and (topk_labels.min() < 0 or topk_labels.max() >= num_classes):
     raise ValueError(f"coherence: labels must lie in [0, {num_classes}), got "
                      f"[{topk_labels.min()}, {topk_labels.max()}]")
@@ -279,8 +258,7 @@ def coherence(topk_labels: Array, *, images: Optional[Array] = None, num_classes
                        f"(pixel similarity), got {images.shape}")
     x = images.reshape(images.shape[0], images.shape[1], -1).astype(np.float64)  # [D, k, P]
     x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    gram = np.einsum("dkp,dlp->dkl", x, x)
-    k = x.shape[1]
+    gram, k = np.einsum("dkp,dlp->dkl", x, x), x.shape[1]
     sim = (gram.sum(axis=(1, 2)) - np.trace(gram, axis1=1, axis2=2)) / (k * (k - 1))
   return Coherence(p.max(axis=1), label, entropy, sim)
 
@@ -304,29 +282,22 @@ def compare_distributions(a: Array, b: Array, *, higher_is_better: bool = True, 
                           seed: int = 0, alpha: float = 0.05, names: Tuple[str, str] = ("natural", "random")
                           ) -> Comparison:
   """Are two samples of a coherence measure distinguishable? Mann-Whitney U + permutation test + effect size.
-
   ``a``, ``b``: 1-D samples (NaNs dropped); ``higher_is_better`` and ``names`` (of a and b) only word the
   verdict; ``num_permutations`` (>= 1) seeded by ``seed``; "distinguishable" needs both p-values below
-  ``alpha``.
-  """
+  ``alpha``."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
-  a = np.asarray(a, np.float64).ravel()
-  b = np.asarray(b, np.float64).ravel()
+  a, b = (np.asarray(v, np.float64).ravel() for v in (a, b))
   a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-  if a.size < 1 or b.size < 1:
-    raise ValueError(f"compare_distributions: both samples need a finite value, got sizes {a.size}, {b.size}")
-  if num_permutations < 1 or not 0 < alpha < 1:
-    raise ValueError(f"compare_distributions: need num_permutations >= 1 and alpha in (0, 1), got "
-                     f"{num_permutations}, {alpha}")
-  pooled = np.concatenate([a, b])
-  if np.all(pooled == pooled[0]):  # identical constants: no evidence of any difference
+  if a.size < 1 or b.size < 1 or num_permutations < 1 or not 0 < alpha < 1:
+    raise ValueError(f"compare_distributions: need a finite value in both samples, num_permutations >= 1 and "
+                     f"alpha in (0, 1); got sizes {a.size}, {b.size}, {num_permutations}, {alpha}")
+  if np.all(np.concatenate([a, b]) == a[0]):  # identical constants: no evidence of any difference
     u, p_mw = 0.5 * a.size * b.size, 1.0
   else:
     res = stats.mannwhitneyu(a, b, alternative="two-sided")
     u, p_mw = float(res.statistic), float(res.pvalue)
   p_perm = _permutation_p(a, b, num_permutations, seed)
-  p_value = max(p_mw, p_perm)
-  effect = u / (a.size * b.size)
+  p_value, effect = max(p_mw, p_perm), u / (a.size * b.size)
   sizes = ("negligible", "small", "medium", "large")  # Vargha & Delaney 2000
   magnitude = sizes[int(np.searchsorted([0.06, 0.14, 0.21], abs(effect - 0.5), side="right"))]
   significant = bool(p_value < alpha)
@@ -337,19 +308,16 @@ def compare_distributions(a: Array, b: Array, *, higher_is_better: bool = True, 
 
 def _verdict(significant: bool, effect: float, magnitude: str, higher_is_better: bool,
              names: Tuple[str, str]) -> str:
-  if not significant:
-    return "not distinguishable"
-  a_better = (effect > 0.5) == higher_is_better
-  return f"distinguishable ({magnitude} effect, {names[0] if a_better else names[1]} more coherent)"
+  winner = names[0] if (effect > 0.5) == higher_is_better else names[1]
+  return (f"distinguishable ({magnitude} effect, {winner} more coherent)" if significant
+          else "not distinguishable")
 
 
 def holm_adjust(comparisons: Mapping[str, Comparison], *, alpha: float = 0.05,
                 names: Tuple[str, str] = ("natural", "random")) -> Dict[str, Comparison]:
   """Holm's step-down correction of a family of comparisons (measure name -> Comparison; Holm 1979).
-
   The i-th smallest of m p-values gets max_{j <= i} min(1, (m - j + 1) p_(j)); ``p_adjusted``,
-  ``significant`` and ``verdict`` (orientation from ``MEASURES``, ``names`` of the two samples) updated.
-  """
+  ``significant`` and ``verdict`` (orientation from ``MEASURES``, ``names`` of the two samples) updated."""
   keys = sorted(comparisons, key=lambda n: comparisons[n].p_value)
   out, running = {}, 0.0
   for rank, key in enumerate(keys):
@@ -371,8 +339,7 @@ def _compare_layer(name: str, coh_nat: Coherence, coh_rand: Coherence, chance: C
   """(comparisons, vs_chance) of one layer, each family Holm-corrected (see ``LayerAnalysis``)."""
   comps, vs_chance = {}, {}
   for j, (measure, higher) in enumerate(MEASURES.items()):
-    nat = getattr(coh_nat, measure)[valid_nat]
-    rand = getattr(coh_rand, measure)[valid_rand]
+    nat, rand = getattr(coh_nat, measure)[valid_nat], getattr(coh_rand, measure)[valid_rand]
     if nat.size == 0:
       logging.warning("units.analyse: layer %s has no non-degenerate natural unit", name)
       continue
@@ -384,13 +351,24 @@ def _compare_layer(name: str, coh_nat: Coherence, coh_rand: Coherence, chance: C
                                     **kw)
         for i, (side, vals) in enumerate((("natural", nat), ("random", rand)))}
   for side in ("natural", "random"):
-    adj = holm_adjust({m: d[side] for m, d in vs_chance.items()}, alpha=alpha, names=(side, "chance"))
-    for measure, c in adj.items():
+    for measure, c in holm_adjust({m: d[side] for m, d in vs_chance.items()}, alpha=alpha,
+                                  names=(side, "chance")).items():
       vs_chance[measure][side] = c
   return holm_adjust(comps, alpha=alpha), vs_chance
 
 
-def _check_analyse_args(images, labels, num_classes, num_directions, k) -> np.ndarray:
+def analyse(feature_fn: FeatureFn, params: Any, images: Any, labels: Any, *, key: Union[PRNGKey, int],
+            layers: Optional[Sequence[str]] = None, num_directions: int = 200, k: int = 10,
+            num_classes: int = 10, batch_size: int = 1000, num_permutations: int = 10000, alpha: float = 0.05
+            ) -> Dict[str, LayerAnalysis]:
+  """Natural basis vs random directions for every layer of φ: top-k images, coherence, comparison.
+  Per layer of ``layers`` (default: all, in φ's order): ``num_directions`` (>= 2) natural units (a subset
+  seeded by ``key`` when the layer is wider) and as many random unit-norm Gaussian directions; their top-k
+  (k >= 2) over ``images`` I [N, ...] (one streamed pass); coherence with ``labels`` [N]; per measure,
+  natural vs random and both vs chance (``num_directions`` random k-subsets of I), each family of a
+  layer Holm-corrected; degenerate directions (all k top scores equal) left out.
+  Returns {layer: LayerAnalysis}."""
+  images = _check_images(images)
   labels = np.asarray(labels)
   if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"analyse: labels must be int [{images.shape[0]}], got {labels.dtype} {labels.shape}")
@@ -399,27 +377,6 @@ def _check_analyse_args(images, labels, num_classes, num_directions, k) -> np.nd
   if num_directions < 2 or not 2 <= k <= images.shape[0]:
     raise ValueError(f"analyse: need num_directions >= 2 and k in [2, {images.shape[0]}], got "
                      f"{num_directions}, {k}")
-  return labels
-
-
-def analyse(feature_fn: FeatureFn, params: Any, images: Any, labels: Any, *, key: Union[PRNGKey, int],
-            layers: Optional[Sequence[str]] = None, num_directions: int = 200, k: int = 10,
-            num_classes: int = 10, batch_size: int = 1000, num_permutations: int = 10000, alpha: float = 0.05
-            ) -> Dict[str, LayerAnalysis]:
-  """Natural basis vs random directions for every layer of φ: top-k images, coherence, comparison.
-
-  Per layer of ``layers`` (default: all, in φ's order): ``num_directions`` (>= 2) natural units (a subset
-  seeded by ``key`` when the layer is wider) and as many random unit-norm Gaussian directions; their
-  top-k images (k >= 2) over ``images`` I [N, ...] (one streamed pass for all layers); per-direction
-  coherence with ``labels`` [N] in [0, num_classes); for each measure the natural vs random comparison,
-  and both vs a chance baseline (``num_directions`` random k-subsets of I). Each layer's measures form one
-  Holm-corrected family (and so do its natural- and random-vs-chance tests). Degenerate directions (all k
-  top scores equal, e.g. dead units: their top-k is arbitrary tie order) are left out of the statistics.
-
-  Returns {layer: LayerAnalysis}.
-  """
-  images = _check_images(images)
-  labels = _check_analyse_args(images, labels, num_classes, num_directions, k)
   dims = feature_dims(feature_fn, params, images[:1])
   names = list(dims) if layers is None else list(layers)
   if not names or any(n not in dims for n in names):
@@ -498,12 +455,11 @@ def verdict_rows(results: Mapping[str, LayerAnalysis], *, prefix: Optional[Mappi
       claim = f"{side} more coherent on {len(winners)}/{len(r.comparisons)} measures"
     else:
       claim = "mixed"
-    maj = r.comparisons.get("majority_share")
+    c = r.comparisons.get("majority_share")
+    maj = ((c.mean_a, c.mean_b, r.vs_chance["majority_share"]["natural"].mean_b, c.effect_a) if c
+           else [math.nan] * 4)
     rows.append({**(prefix or {}), "layer": name, "units n": r.dim,
-                 "majority natural": maj.mean_a if maj else float("nan"),
-                 "majority random": maj.mean_b if maj else float("nan"),
-                 "majority chance": r.vs_chance["majority_share"]["natural"].mean_b if maj else float("nan"),
-                 "A nat>rand": maj.effect_a if maj else float("nan"),
+                 **dict(zip(("majority natural", "majority random", "majority chance", "A nat>rand"), maj)),
                  "degenerate units": int((~r.natural_valid).sum()),
                  "above chance": above, "natural vs random": differ, "claim": claim})
   return rows
@@ -527,21 +483,18 @@ _METHOD_TEXT = (
 
 def _check_config(config) -> None:
   from intriguing_jax import train  # pylint: disable=g-import-not-at-top
-  if not config.models:
-    raise ValueError("unit_analysis: config.models is empty")
-  for name in config.models:
-    train.recipe(name)  # raises for an unknown name
-    run_dir = config.run_dirs.get(name)
-    if run_dir and not os.path.isfile(os.path.join(run_dir, "result.json")):
-      raise ValueError(f"unit_analysis: config.run_dirs.{name}={run_dir!r} is not a finished run "
-                       "(no result.json)")
   c = config
-  if (c.num_directions < 2 or c.k < 2 or not 1 <= c.num_show <= c.num_directions or c.num_images < 0
-      or c.num_train < 0 or c.num_permutations < 1 or not 0 < c.alpha < 1):
-    raise ValueError(f"unit_analysis: need num_directions >= 2, k >= 2, 1 <= num_show <= num_directions, "
-                     f"num_images, num_train >= 0, num_permutations >= 1, 0 < alpha < 1; got "
-                     f"{c.num_directions}, {c.k}, {c.num_show}, {c.num_images}, {c.num_train}, "
-                     f"{c.num_permutations}, {c.alpha}")
+  if (not c.models or c.num_directions < 2 or c.k < 2 or not 1 <= c.num_show <= c.num_directions
+      or min(c.num_images, c.num_train) < 0 or c.num_permutations < 1 or not 0 < c.alpha < 1):
+    raise ValueError(f"unit_analysis: need models non-empty, num_directions >= 2, k >= 2, 1 <= num_show <= "
+                     f"num_directions, num_images, num_train >= 0, num_permutations >= 1, 0 < alpha < 1; "
+                     f"got {list(c.models)}, {c.num_directions}, {c.k}, {c.num_show}, {c.num_images}, "
+                     f"{c.num_train}, {c.num_permutations}, {c.alpha}")
+  for name in c.models:
+    train.recipe(name)  # raises for an unknown name
+    if c.run_dirs.get(name) and not os.path.isfile(os.path.join(c.run_dirs[name], "result.json")):
+      raise ValueError(f"unit_analysis: config.run_dirs.{name}={c.run_dirs[name]!r} is not a finished run "
+                       "(no result.json)")
 
 
 def _figure(title: str, r: LayerAnalysis, images: np.ndarray, labels: np.ndarray, num_show: int,
@@ -549,32 +502,22 @@ def _figure(title: str, r: LayerAnalysis, images: np.ndarray, labels: np.ndarray
   """Figure 1 | Figure 2 analogue: ``num_show`` random non-degenerate natural rows (left) and random rows."""
   from intriguing_jax import plotting  # pylint: disable=g-import-not-at-top
   k = r.natural.indices.shape[1]
-  pick = lambda valid: rng.permutation(np.flatnonzero(valid))[:num_show]
-  sides = [(pick(r.natural_valid), r.natural, r.natural_coherence, r.units),
-           (pick(r.random_valid), r.random, r.random_coherence, None)]
+  sides = [(rng.permutation(np.flatnonzero(valid))[:num_show], top, coh, ids) for valid, top, coh, ids in
+           ((r.natural_valid, r.natural, r.natural_coherence, r.units),
+            (r.random_valid, r.random, r.random_coherence, None))]
   n_rows = max(len(s[0]) for s in sides)
   grid = np.full((n_rows, 2 * k + 1) + images.shape[1:], np.nan, np.float32)  # NaN cells are drawn blank
-  titles = [""] * (n_rows * (2 * k + 1))
-  row_labels = [""] * n_rows
+  titles, row_labels = [""] * (n_rows * (2 * k + 1)), [""] * n_rows
   for side, (rows, top, coh, ids) in enumerate(sides):
     for row, d in enumerate(rows):
-      col = side * (k + 1)
-      grid[row, col:col + k] = images[top.indices[d]]
-      titles[row * (2 * k + 1) + col:row * (2 * k + 1) + col + k] = [str(l) for l in labels[top.indices[d]]]
+      col = row * (2 * k + 1) + side * (k + 1)
+      grid[row, side * (k + 1):side * (k + 1) + k] = images[top.indices[d]]
+      titles[col:col + k] = [str(l) for l in labels[top.indices[d]]]
       ident = f"unit {ids[d]}" if ids is not None else f"dir {d}"
       row_labels[row] += ("\n" if side and row_labels[row] else "") + f"{ident}: {coh.majority_share[d]:.1f}"
   plotting.save_image_grid(grid, path, titles=titles, row_labels=row_labels, suptitle=(
       f"{title}: top-{k} test images. Left: natural basis e_i (Fig. 1). Right: random directions (Fig. 2). "
       "Titles: labels; row labels: majority share."))
-
-
-def _layer_json(r: LayerAnalysis) -> Dict[str, Any]:
-  cohs = (("natural", r.natural_coherence), ("random", r.random_coherence), ("chance", r.chance_coherence))
-  return {"dim": r.dim, "units": r.units.tolist(), "natural_valid": r.natural_valid.tolist(),
-          "random_valid": r.random_valid.tolist(),
-          **{f"{kind}_{m}": np.asarray(getattr(coh, m)).tolist() for kind, coh in cohs for m in MEASURES},
-          "comparisons": {m: c._asdict() for m, c in r.comparisons.items()},
-          "vs_chance": {m: {s: c._asdict() for s, c in d.items()} for m, d in r.vs_chance.items()}}
 
 
 def _analyse_model(name: str, model, variables, test: Tuple[np.ndarray, np.ndarray], config, key,
@@ -596,16 +539,21 @@ def _analyse_model(name: str, model, variables, test: Tuple[np.ndarray, np.ndarr
          "summary": summary_rows(res, prefix={"model": name}),
          "claim": verdict_rows(res, prefix={"model": name})}
   for layer, r in res.items():
-    safe = f"{name}_{layer}".replace("/", "_")
-    _figure(f"{name} / {layer}", r, *test, config.num_show, rng, os.path.join(workdir, f"fig_{safe}.png"))
-    plotting.save_histograms(
-        {"natural": r.natural_coherence.majority_share[r.natural_valid],
-         "random": r.random_coherence.majority_share[r.random_valid],
-         "chance": r.chance_coherence.majority_share}, os.path.join(workdir, f"hist_{safe}.png"), bins=10,
-        xlabel=f"majority-label share of the top-{config.k}", title=f"{name} / {layer}")
-    rep.image(f"fig_{safe}.png", caption=f"{name} / {layer}: natural units (left), random directions (right)")
-    rep.image(f"hist_{safe}.png", caption=f"{name} / {layer}: majority-label share per direction")
-    out["layers"][layer] = _layer_json(r)
+    safe, title = f"{name}_{layer}".replace("/", "_"), f"{name} / {layer}"
+    _figure(title, r, *test, config.num_show, rng, os.path.join(workdir, f"fig_{safe}.png"))
+    cohs = {"natural": r.natural_coherence, "random": r.random_coherence, "chance": r.chance_coherence}
+    valid = {"natural": r.natural_valid, "random": r.random_valid, "chance": Ellipsis}
+    plotting.save_histograms({s: c.majority_share[valid[s]] for s, c in cohs.items()},
+                             os.path.join(workdir, f"hist_{safe}.png"), bins=10, title=title,
+                             xlabel=f"majority-label share of the top-{config.k}")
+    rep.image(f"fig_{safe}.png", caption=f"{title}: natural units (left), random directions (right)")
+    rep.image(f"hist_{safe}.png", caption=f"{title}: majority-label share per direction")
+    out["layers"][layer] = {
+        "dim": r.dim, "units": r.units.tolist(), "natural_valid": r.natural_valid.tolist(),
+        "random_valid": r.random_valid.tolist(),
+        **{f"{s}_{m}": np.asarray(getattr(coh, m)).tolist() for s, coh in cohs.items() for m in MEASURES},
+        "comparisons": {m: c._asdict() for m, c in r.comparisons.items()},
+        "vs_chance": {m: {s: c._asdict() for s, c in d.items()} for m, d in r.vs_chance.items()}}
   logging.info("unit_analysis: %s: test error %.4f, %d layers in %.1f s", name, out["test_error"], len(res),
                out["analysis_seconds"])
   return out
@@ -615,8 +563,7 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
   """Figures 1-2 and the measured claim for each of ``config.models`` (``configs/unit_analysis.py``).
 
   Writes ``<workdir>/report.md`` + ``report.html`` (claim per layer, coherence table, figures),
-  ``results.json`` (returned), ``fig_<model>_<layer>.png`` and ``hist_<model>_<layer>.png``.
-  """
+  ``results.json`` (returned), ``fig_<model>_<layer>.png`` and ``hist_<model>_<layer>.png``."""
   from intriguing_jax import checkpoint, data, models, report, train  # pylint: disable=g-import-not-at-top
   _check_config(config)
   start = time.perf_counter()
@@ -626,8 +573,7 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
   rep.paragraph(_METHOD_TEXT.format(n=test[0].shape[0], d=config.num_directions, k=config.k,
                                     p=config.num_permutations, alpha=config.alpha))
   rep.heading("Figures 1-2 analogues")
-  results = {"config": config.to_dict(), "models": {}}
-  rng = np.random.default_rng(config.seed)
+  results, rng = {"config": config.to_dict(), "models": {}}, np.random.default_rng(config.seed)
   for i, name in enumerate(config.models):
     if config.run_dirs.get(name):  # a finished run, loaded as is
       rec = train.recipe(name)
@@ -639,13 +585,12 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
           seed=config.train_seed, epochs=config.epochs.get(name) or None, eval_data=test)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), i)
     results["models"][name] = _analyse_model(name, model, variables, test, config, key, workdir, rep, rng)
-  claim = [row for m in results["models"].values() for row in m["claim"]]
-  summary = [row for m in results["models"].values() for row in m["summary"]]
-  for heading, table in (("The claim, measured: one row per layer", claim),
-                         ("Coherence: natural vs random vs chance", summary)):
+  for part, heading in (("claim", "The claim, measured: one row per layer"),
+                        ("summary", "Coherence: natural vs random vs chance")):
+    results[part] = [row for m in results["models"].values() for row in m[part]]
     rep.heading(heading)
-    rep.table(table, floatfmt=".3g")
-  results.update(claim=claim, summary=summary, total_seconds=time.perf_counter() - start)
+    rep.table(results[part], floatfmt=".3g")
+  results["total_seconds"] = time.perf_counter() - start
   checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
   md_path, _ = rep.write(workdir, "report")
   logging.info("unit_analysis: wrote %s in %.1f s", md_path, results["total_seconds"])

@@ -1,4 +1,4 @@
-"""The library's one calling convention: a plain-JAX ``f(params, x)`` with a params pytree, no Flax anywhere."""
+"""The one calling convention: a plain-JAX ``f(params, x)`` with a params pytree, no Flax anywhere."""
 
 import jax
 import jax.numpy as jnp

@@ -8,6 +8,7 @@ multi-process check starts 2 processes x 2 CPU devices through ``jax.distributed
 collectives on CPU). Those subprocess tests compile in fresh processes: they are marked slow.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -135,12 +136,28 @@ def test_estimate_bytes_per_example_grows_with_the_example():
   assert big > small
 
 
+@contextlib.contextmanager
+def _on_chunk(fn):
+  """Calls fn(i, chunks_done) after stream_map computed and saved chunk i (a hook on its progress log)."""
+  progress = distributed._progress
+
+  def hook(plan, done, i=None, *args):
+    progress(plan, done, i, *args)
+    if i is not None:
+      fn(i, done)
+
+  distributed._progress = hook
+  try:
+    yield
+  finally:
+    distributed._progress = progress
+
+
 def _stream(x, params, workdir, calls=None, **kw):
-  on_chunk = (lambda i, done: calls.append(i)) if calls is not None else None
   kw.setdefault("chunk_size", 20)
   kw.setdefault("key", "mlp")
-  return distributed.stream_map(_logits_and_pred, x, broadcast=(params,), workdir=workdir, on_chunk=on_chunk,
-                                **kw)
+  with _on_chunk(lambda i, done: calls is not None and calls.append(i)):
+    return distributed.stream_map(_logits_and_pred, x, broadcast=(params,), workdir=workdir, **kw)
 
 
 def _chunk_files(workdir):
@@ -159,9 +176,9 @@ def test_stream_map_equals_one_shot_and_resumes(tmp_path):
     if done == 2:
       raise KeyboardInterrupt("simulated crash")
 
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(KeyboardInterrupt), _on_chunk(crash_after_2):
     distributed.stream_map(_logits_and_pred, x, broadcast=(params,), chunk_size=20, workdir=workdir,
-                           key="mlp", on_chunk=crash_after_2)
+                           key="mlp")
   assert calls == [0, 1]
   assert checkpoint.read_json(os.path.join(workdir, "progress.json"))["chunks_done"] == 2
   calls.clear()
@@ -247,8 +264,8 @@ def test_stream_map_host_mode_keeps_namedtuples(tmp_path):
     return _Result(x_adv=np.asarray(xb), success=d.mean(1) > 0.5, c=d.sum(1))
 
   first = distributed.stream_map(host_fn, x, chunk_size=3, jit=False, workdir=str(tmp_path))
-  loaded = distributed.stream_map(host_fn, x, chunk_size=3, jit=False, workdir=str(tmp_path),
-                                  on_chunk=lambda i, d: pytest.fail("should be loaded from disk"))
+  with _on_chunk(lambda i, d: pytest.fail("should be loaded from disk")):
+    loaded = distributed.stream_map(host_fn, x, chunk_size=3, jit=False, workdir=str(tmp_path))
   assert isinstance(loaded, _Result)
   for u, v in zip(first, loaded):
     np.testing.assert_array_equal(u, v)
@@ -387,8 +404,9 @@ def _case_resume(workdir, kill_after, out_path):
     if i == kill_after:
       os.kill(os.getpid(), signal.SIGKILL)       # a hard crash right after chunk i was saved
 
-  res = distributed.stream_map(_logits_and_pred, x, broadcast=(params,), chunk_size=200, workdir=workdir,
-                               key="mlp", on_chunk=on_chunk)
+  with _on_chunk(on_chunk):
+    res = distributed.stream_map(_logits_and_pred, x, broadcast=(params,), chunk_size=200, workdir=workdir,
+                                 key="mlp")
   print(f"ran chunks {ran}")
   one_shot = distributed.stream_map(_logits_and_pred, x, broadcast=(params,), chunk_size=200)  # uninterrupted
   np.savez(out_path, logits=res["logits"], pred=res["pred"], one_shot_logits=one_shot["logits"])

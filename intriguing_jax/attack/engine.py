@@ -45,27 +45,22 @@ class AttackOptions:
   Attributes:
     untargeted: success = prediction differs from the given label (loss -log(1 - p_label)).
     penalty: "l2_squared" (c ||r||^2, paper.md A2) or "l2" (c ||r||, smoothed at r = 0).
-    loss: "cross_entropy" (A3) or "margin": max(max_{j!=l} z_j - z_l, -kappa), kappa = margin_kappa +
-      2 success_margin.
-    box: (lower, upper) pixel bounds.
-    maxiter, history_size: L-BFGS step cap per solve (one solve per c value) and memory.
-    tol: stop when the projected-gradient step's inf-norm is <= tol.
-    c_grid: penalty weights scanned from the largest down to the first success.
-    num_bisection: log-space bisection solves on c after the grid scan.
-    warm_start: start each solve after the first at the best success so far (else the latest attempt)
-      instead of x.
-    refine: refine the c search's point toward the decision boundary (package docstring, step 3);
-      False is the paper's method alone.
-    refine_steps, refine_rounds, projection_steps: bisection steps of the refinement's segment searches;
-      linearised-boundary projections (step 3a; 0 turns them off); FISTA steps of each projection's dual.
-    ftol: stop when the relative decrease (f_prev - f) / max(|f_prev|, |f|, 1) is <= ftol.
-    solver: "projected" (our two-metric projected L-BFGS) or "jaxopt" (``jaxopt.LBFGSB``); see
-      ``attack.solver``.
+    loss: "cross_entropy" (A3) or "margin": max(max_{j!=l} z_j - z_l, -(margin_kappa + 2 success_margin)).
+    box, maxiter, history_size, tol, ftol: (lower, upper) pixel bounds; L-BFGS step cap per solve (one
+      solve per c value) and memory; a solve stops when the projected-gradient step's inf-norm is <= tol
+      or the relative decrease (f_prev - f) / max(|f_prev|, |f|, 1) is <= ftol.
+    c_grid, num_bisection, warm_start: penalty weights scanned from the largest down to the first
+      success; log-space bisection solves on c after the scan; start each solve after the first at the
+      best success so far (else the latest attempt) instead of x.
+    refine, refine_steps, refine_rounds, projection_steps: refine the c search's point toward the decision
+      boundary (package docstring, step 3; False: the paper's method alone); bisection steps of its
+      segment searches; linearised-boundary projections (3a; 0: none); FISTA steps of each projection.
+    solver: "projected" (two-metric projected L-BFGS) or "jaxopt" (``jaxopt.LBFGSB``); ``attack.solver``.
     success_margin, margin_kappa: logits by which the target must win; confidence of the "margin" loss.
-    num_slots: examples in flight (rows of the batched solver); 0 = all examples on accelerators or
-      several devices, at most ``DEFAULT_CPU_SLOTS`` on one CPU device (fed from a queue).
-    precision: ``jax.default_matmul_precision`` under which the attack is traced ("highest": float32
-      matmuls on every backend; None: the ambient setting, e.g. TF32 on GPUs).
+    num_slots: examples in flight (batched solver rows); 0 = all examples on accelerators or several
+      devices, at most ``DEFAULT_CPU_SLOTS`` on one CPU device (fed from a queue).
+    precision: ``jax.default_matmul_precision`` of the trace ("highest": float32 matmuls on every
+      backend; None: the ambient setting, e.g. TF32 on GPUs).
   """
   untargeted: bool = False
   penalty: str = "l2_squared"
@@ -117,8 +112,6 @@ class AttackOptions:
 
 
 # Objective pieces, for one example (logits [k]).
-
-
 def _other_max(logits: Array, label: Array) -> Array:
   mask = jax.nn.one_hot(label, logits.shape[-1], dtype=bool)
   return jnp.max(jnp.where(mask, -jnp.inf, logits), axis=-1)
@@ -154,8 +147,7 @@ def _penalty(r: Array, opts: AttackOptions) -> Array:
 
 
 def _num_slots(opts: AttackOptions, batch: int) -> int:
-  """Rows of the c search: ``num_slots``, else all examples (accelerators, several devices), else at
-  most DEFAULT_CPU_SLOTS on one CPU (small rows stay in cache; notes/attack.md)."""
+  """Rows of the c search (``AttackOptions.num_slots``; why on CPU: notes/attack.md)."""
   if opts.num_slots:
     return min(opts.num_slots, batch)
   if jax.default_backend() == "cpu" and jax.device_count() == 1:
@@ -175,8 +167,6 @@ def _rms(z: Array, x0: Array) -> Array:
 
 
 # The c search: every example scans the grid from the largest c down to its first success, then bisects.
-
-
 class Best(NamedTuple):
   """An example's search result so far ([N] leading axis: rows or examples)."""
   z: Array       # [N, n] best success (until one: the latest, most aggressive attempt)
@@ -306,8 +296,7 @@ def _search_step(p: _Problem, s: SearchState) -> SearchState:
 
 def _c_search(apply_fn, opts: AttackOptions, params, x: Array, label: Array, c_grid: Array) -> Best:
   """The c search of every example, one loop over rows of the batched solver (Best sized B)."""
-  b, shape, dt = x.shape[0], x.shape[1:], x.dtype
-  num_c = c_grid.shape[0]
+  b, shape, dt, num_c = x.shape[0], x.shape[1:], x.dtype, c_grid.shape[0]
   grid = jnp.sort(c_grid)[::-1]
   ratio = grid[0] / grid[-1] if num_c > 1 else jnp.asarray(10.0, dt)
   ratio = jnp.where(num_c > 1, ratio ** (1.0 / max(num_c - 1, 1)), 10.0)   # the grid's geometric step
@@ -329,8 +318,6 @@ def _c_search(apply_fn, opts: AttackOptions, params, x: Array, label: Array, c_g
 
 
 # Refinement toward the decision boundary, and the program.
-
-
 def _bisect_segment(ok_fn, p0: Array, p1: Array, steps: int, box) -> Tuple[Array, Array]:
   """Smallest t in [0, 1] (to 2^-steps) with ok_fn(p0 + t (p1 - p0)), per example; p1 (t = 1) is known to
   succeed. Returns (the point at t, t) ([B, ...], [B])."""
@@ -353,7 +340,6 @@ def _boundary_rounds(apply_fn, opts: AttackOptions, params, x, label, best: Best
   """Step 3a: ``refine_rounds`` times, project x onto the target region's boundary linearised at the
   current point (exact for a linear model), then bisect back toward the current point until it succeeds;
   keep the candidate only if it succeeds and is closer."""
-  bshape = (-1,) + (1,) * (x.ndim - 1)
 
   def constraints(z, lb):   # g_j >= 0 for every j <=> the goal is met (1e6: no constraint)
     logits = apply_fn(params, z[None])[0]
@@ -372,7 +358,7 @@ def _boundary_rounds(apply_fn, opts: AttackOptions, params, x, label, best: Best
     cand, _ = _bisect_segment(ok_fn, project(x, z_cur, label), z_cur, opts.refine_steps, opts.box)
     d = _rms(cand, x)
     better = best.ok & (d < d_cur) & ok_fn(cand)
-    return jnp.where(better.reshape(bshape), cand, z_cur), jnp.where(better, d, d_cur)
+    return jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), cand, z_cur), jnp.where(better, d, d_cur)
 
   z, d = jax.lax.fori_loop(0, opts.refine_rounds, one_round, (best.z, best.d))
   return best._replace(z=z, d=d)
@@ -405,17 +391,15 @@ _program = jax.jit(_attack_impl, static_argnums=(0, 1))
 
 
 # Input checks (on the host, before anything is compiled) and the public API.
-
-
 def _check_inputs(apply_fn, params, x, target, opts: AttackOptions) -> Tuple[np.ndarray, np.ndarray]:
-  """Validated (x float32 [B, ...], target int32 [B]); ValueError/TypeError naming the problem."""
+  """Validated (x float32 [B, ...], target int32 [B]); ValueError/TypeError naming the problem. apply_fn
+  runs on the first ``_PROBE`` examples: the input shape fits, logits are [B, K] and finite."""
   if params is None:
     raise TypeError("params is None: call lbfgs_attack(apply_fn, params, x, target) with the model's "
                     "parameters (for Flax: apply_fn=model.apply, params=variables)")
   x, target = np.asarray(x), np.asarray(target)
   if x.dtype not in (np.float32, np.float64):
-    raise ValueError(f"x has dtype {x.dtype}: {x.dtype} is not supported; cast to float32 (values in the box "
-                     f"{opts.box})")
+    raise ValueError(f"x: dtype {x.dtype} is not supported; cast to float32 (values in the box {opts.box})")
   if x.ndim < 2 or x.shape[0] == 0:
     raise ValueError(f"x must be [batch, *input_shape] with batch >= 1, got shape {x.shape}")
   if target.shape != (x.shape[0],):
@@ -427,15 +411,6 @@ def _check_inputs(apply_fn, params, x, target, opts: AttackOptions) -> Tuple[np.
   lo, hi = opts.box
   if np.any(x < lo) or np.any(x > hi):
     raise ValueError(f"x has values outside the box [{lo}, {hi}]: min {x.min()}, max {x.max()}")
-  num_classes = _check_logits(apply_fn, params, x)
-  if np.any(target < 0) or np.any(target >= num_classes):
-    raise ValueError(f"target values must be in [0, {num_classes}), got min {target.min()}, "
-                     f"max {target.max()}")
-  return x.astype(np.float32), target.astype(np.int32)
-
-
-def _check_logits(apply_fn, params, x: np.ndarray) -> int:
-  """Evaluates apply_fn on the first examples of x: the input shape fits, logits are [B, K] and finite."""
   probe = jnp.asarray(x[:_PROBE], jnp.float32)
   try:
     logits = np.asarray(apply_fn(params, probe))
@@ -450,41 +425,35 @@ def _check_logits(apply_fn, params, x: np.ndarray) -> int:
   if np.any(bad):
     raise ValueError(f"apply_fn returned NaN/inf logits for {int(bad.sum())} of the first {len(bad)} "
                      f"examples (first: example {int(np.argmax(bad))}); are params finite?")
-  return logits.shape[1]
+  if np.any(target < 0) or np.any(target >= logits.shape[1]):
+    raise ValueError(f"target values must be in [0, {logits.shape[1]}), got min {target.min()}, "
+                     f"max {target.max()}")
+  return x.astype(np.float32), target.astype(np.int32)
 
 
 def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array, target: Array,
                  options: AttackOptions = AttackOptions(), *, shard: Optional[bool] = None) -> AttackResult:
   """Box-constrained L-BFGS adversarial search with a c search (paper.md §3, A1-A4), checked on the host.
 
-  Args:
-    apply_fn: ``apply_fn(params, x) -> logits`` [B, *input_shape] -> [B, num_classes]; hashable (a Flax
-      ``model.apply``: equal modules count as one, ``types.static_fn``); one compiled program per
-      (apply_fn, input shape, options).
-    params: its parameters, any pytree (traced: new parameters reuse the compiled program).
-    x: [B, *input_shape] float32 (or float64) images inside ``options.box``.
-    target: [B] int labels to reach; with ``options.untargeted`` the TRUE labels to move away from.
-    options: ``AttackOptions``.
-    shard: shard the batch over all devices (1-D data mesh, ragged batches padded, multi-host outputs
-      gathered on every process); None = when several devices exist.
+  ``apply_fn(params, x) -> logits`` maps [B, *input_shape] to [B, num_classes] and is hashable (a Flax
+  ``model.apply``: equal modules count as one, ``types.static_fn``): one compiled program per (apply_fn,
+  input shape, options); ``params``, any pytree, are traced (new parameters reuse it). ``x``: [B,
+  *input_shape] float32 (or float64) inside ``options.box``; ``target``: [B] int labels to reach (with
+  ``options.untargeted``: the TRUE labels to move away from). ``shard`` the batch over all devices (1-D data
+  mesh, ragged batches padded, multi-host outputs gathered on every process); None = when several exist.
 
-  Returns:
-    An AttackResult sized B: jax arrays (sharded when ``shard``); numpy arrays in a multi-process run.
-    Bad inputs (params None, dtype, NaN, box, target shape/range, an input shape the model does not take,
-    logits not [B, K] or not finite) raise TypeError/ValueError before anything is compiled.
+  Returns an AttackResult sized B: jax arrays (sharded when ``shard``); numpy arrays in a multi-process run.
+  Bad inputs (params None, dtype, NaN, box, target shape/range, an input shape the model does not take,
+  logits not [B, K] or not finite) raise TypeError/ValueError before anything is compiled.
   """
   if not isinstance(options, AttackOptions):
     raise TypeError(f"options must be an AttackOptions, got {type(options).__name__}")
   x, target = _check_inputs(apply_fn, params, x, target, options)
-  c_arr = np.asarray(options.c_grid, np.float32)
-  n = x.shape[0]
-  if shard is None:
-    shard = jax.device_count() > 1
-  if not (shard and jax.device_count() > 1):
+  c_arr, n = np.asarray(options.c_grid, np.float32), x.shape[0]
+  if jax.device_count() == 1 or not (shard is None or shard):   # shard=None: when several devices exist
     return _program(static_fn(apply_fn), options, params, jnp.asarray(x), jnp.asarray(target),
                     jnp.asarray(c_arr))
-  # The example axis sharded over every (global) device; parameters and the c grid replicated. A ragged
-  # batch is padded with copies of example 0 (valid, in-box inputs), the padding dropped afterwards.
+  # Examples sharded over every (global) device, padded with copies of example 0 (valid, in-box inputs).
   mesh = distributed.data_mesh()
   size = distributed.round_up(n, mesh.size)
   xs, ts = distributed.put_batch(distributed.pad_batch((x, target), size), mesh)
@@ -497,19 +466,13 @@ def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array,
 
 def make_attack(apply_fn: Callable[[Any, Array], Array],
                 options: AttackOptions = AttackOptions()) -> Callable[[Any, Array, Array], AttackResult]:
-  """The attack as a pure, traceable ``attack_fn(params, x, target) -> AttackResult``.
-
-  For use inside your own ``jit``/``scan`` (e.g. adversarial examples during training): no host-side
-  checks (NaN logits give failed examples, not an error), no sharding, no compile cache of its own::
-
-      attack_fn = attack.make_attack(model.apply, dataclasses.replace(attack.AttackOptions(), maxiter=10))
-      res = jax.jit(attack_fn)(variables, x, target)
-  """
+  """The attack as a pure, traceable ``attack_fn(params, x, target) -> AttackResult``, for your own
+  ``jit``/``scan`` (e.g. ``jax.jit(make_attack(model.apply, opts))(variables, x, target)`` in training): no
+  host-side checks (NaN logits give failed examples, not an error), no sharding, no compile cache."""
   if not isinstance(options, AttackOptions):
     raise TypeError(f"options must be an AttackOptions, got {type(options).__name__}")
 
   def attack_fn(params, x, target):
-    c_grid = jnp.asarray(options.c_grid, x.dtype)
-    return _attack_impl(apply_fn, options, params, x, jnp.asarray(target, jnp.int32), c_grid)
-
+    return _attack_impl(apply_fn, options, params, x, jnp.asarray(target, jnp.int32),
+                        jnp.asarray(options.c_grid, x.dtype))
   return attack_fn

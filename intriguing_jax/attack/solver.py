@@ -13,12 +13,12 @@ Usage::
 [lower, upper]^n; a driving loop can end one row's solve and start its next while the others go on.
 
 * ``"projected"`` (default): two-metric projected L-BFGS (Bertsekas 1982). Variables at a bound whose
-  gradient points outward are fixed for the step; the two-loop recursion (Nocedal & Wright, Alg. 7.4) gives
-  the step on the others; the projected step must satisfy Armijo's condition along the projection arc,
-  f(z') <= f(z) + 1e-4 g . (z' - z). One step is ONE objective evaluation per row: a rejected trial halves
-  the row's step for the next call. The memory is a ring buffer shared by the rows (one slot per call,
-  rho = 0 where a row keeps nothing). A failed line search clears the row's memory (steepest descent next,
-  as scipy restarts); a failure without memory ends the solve.
+  gradient points outward are fixed; the two-loop recursion (Nocedal & Wright, Alg. 7.4) gives the step on
+  the others, which must satisfy Armijo's condition along the projection arc, f(z') <= f(z) + 1e-4 g . (z'
+  - z). One step is ONE objective evaluation per row: a rejected trial halves the row's step for the next
+  call. The memory is a ring buffer shared by the rows (one slot per call, rho = 0 where a row keeps
+  nothing). A failed line search clears the row's memory (as scipy restarts); without memory it ends the
+  solve.
 * ``"jaxopt"``: ``jaxopt.LBFGSB`` (Byrd, Lu, Nocedal & Zhu 1995), one ``update`` per row and call, vmapped.
 
 Both end a row's solve when ||clip(z - g) - z||_inf <= tol, (f_prev - f) <= ftol * max(|f_prev|, |f|, 1)
@@ -94,10 +94,8 @@ def _stalled(f_prev: Array, f: Array, ftol: float) -> Array:
 
 def _rows_init(z0: Array, aux_like: Any, history_size: int) -> Rows:
   """All rows fresh at z0 [R, n] (evaluated by the first step). aux_like: pytree of [R, ...] shapes."""
-  r, n = z0.shape
-  dt = z0.dtype
-  zeros_r = jnp.zeros((r,), dt)
-  return Rows(z=z0, f=zeros_r, g=jnp.zeros_like(z0),
+  (r, n), dt = z0.shape, z0.dtype
+  return Rows(z=z0, f=jnp.zeros((r,), dt), g=jnp.zeros_like(z0),
               aux=jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), aux_like),
               s_hist=jnp.zeros((history_size, r, n), dt), y_hist=jnp.zeros((history_size, r, n), dt),
               rho=jnp.zeros((history_size, r), dt), gamma=jnp.ones((r,), dt), pos=jnp.zeros((), jnp.int32),
@@ -191,15 +189,12 @@ def _jaxopt_solver(fun, lower, upper, *, maxiter, history_size, tol, ftol) -> Ro
   lbfgsb = jaxopt.LBFGSB(fun=fun, has_aux=True, maxiter=maxiter, history_size=history_size, tol=tol,
                          unroll=False, implicit_diff=False, jit=True)
 
-  def bounds(z):
-    return jnp.full_like(z, lower), jnp.full_like(z, upper)
-
+  bounds = lambda z: (jnp.full_like(z, lower), jnp.full_like(z, upper))
   init_one = jax.vmap(lambda z, *a: lbfgsb.init_state(z, bounds(z), *a))
   update_one = jax.vmap(lambda z, s, *a: lbfgsb.update(z, s, bounds(z), *a))
 
   def init(z0, args):
-    like = jax.eval_shape(init_one, z0, *args)
-    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), like)
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(init_one, z0, *args))
     r = z0.shape[0]
     return JaxoptRows(z=z0, f=zeros.value, aux=zeros.aux, fresh=jnp.ones((r,), bool),
                       num_iter=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool), state=zeros)
@@ -231,18 +226,15 @@ def boundary_projection(jac_fn: Callable[[Array], Tuple[Array, Array]], x: Array
   """argmin ||y - x||^2 over the box s.t. the margin constraints, linearised at z, hold with kappa.
 
   For ONE example. ``jac_fn(z) -> (g, J)`` gives the constraint values g [k] (g_j = own - other_j,
-  targeted; +large for rows that do not constrain) and their Jacobian J [k, *shape] at z. The local QP
-  is solved through its dual (k variables, mu >= 0) by accelerated projected gradient ascent (FISTA
-  with gradient-based restart, O'Donoghue & Candes 2015), with y(mu) = clip(x + J^T mu / 2, lower, upper).
-  For a linear model the linearisation is exact, so this is the exact minimum-norm box-constrained point
-  (up to the iterations).
+  targeted; +large for rows that do not constrain) and their Jacobian J [k, *shape] at z. The local QP is
+  solved through its dual (k variables, mu >= 0) by FISTA with gradient-based restart (O'Donoghue & Candes
+  2015), y(mu) = clip(x + J^T mu / 2, lower, upper); exact for a linear model (up to the iterations).
   """
   g, jac = jac_fn(z)
   a = jac.reshape(jac.shape[0], -1)
   x_f, z_f = x.reshape(-1), z.reshape(-1)
   b = g - a @ z_f - kappa                   # constraint: a @ y + b >= 0
-  lip = 0.5 * jnp.max(jnp.linalg.eigvalsh(a @ a.T)) + 1e-12
-  step = 1.0 / lip
+  step = 1.0 / (0.5 * jnp.max(jnp.linalg.eigvalsh(a @ a.T)) + 1e-12)
   y_of = lambda mu: jnp.clip(x_f + 0.5 * (a.T @ mu), lower, upper)
 
   def body(_, carry):
