@@ -125,40 +125,59 @@ def aggregate_rows(per_seed: Sequence[Sequence[dict]], key: str) -> List[dict]:
   return out
 
 
+def _adv_captions(a: AdversarialSet, pred: np.ndarray, k: int) -> List[str]:
+  """Under each adversarial image: its true class, the attack's target and the source model's prediction."""
+  return [f"true {y} > target {t}\npred {p}" for y, t, p in zip(a.labels[:k], a.targets[:k], pred[:k])]
+
+
+def _pair_captions(first: Sequence[str], second: Sequence[str]) -> List[str]:
+  """Captions of :func:`plotting.pairs_grid`'s layout (3 pairs per row) from per-example captions."""
+  return [c for pair in zip(first, second) for c in pair]
+
+
 def _fig7(out_dir, adversarial, models, names, pair_models, prefix, k, noise_stddev, seed, batch_size):
   """Figure 7 analogues: k (original, adversarial) pairs per pair model, then Gaussian noise."""
   figs = []
   acc = lambda nm, xs, ys: 100 * (1 - metrics.error_rate(*models[nm], xs, ys, batch_size=batch_size))
   for label, nm in zip("ab", pair_models):
     a = adversarial[nm]
+    pred = metrics.predict(*models[nm], a.x_adv[:k], batch_size=batch_size)
     rel = os.path.join("figures", f"{prefix}_fig7{label}_{plotting.safe_name(nm)}.png")
     plotting.save_image_grid(plotting.pairs_grid(a.x[:k], a.x_adv[:k], ncols_pairs=3),
-                             os.path.join(out_dir, rel), titles=["original", "adversarial"] * 3)
+                             os.path.join(out_dir, rel), titles=["original", "adversarial"] * 3,
+                             captions=_pair_captions([f"true {y}" for y in a.labels[:k]],
+                                                     _adv_captions(a, pred, k)))
     figs.append((rel, f"Figure 7({label}) analogue: adversarial examples for {nm} (odd columns original, "
-                      f"even columns adversarial); av. distortion of these {k}: "
-                      f"{a.distortion[:k].mean():.3f}; "
+                      f"even columns adversarial; under each: true class > attack target, and {nm}'s "
+                      f"prediction); av. distortion of these {k}: {a.distortion[:k].mean():.3f}; "
                       f"accuracy of {nm} on them: {acc(nm, a.x_adv[:k], a.labels[:k]):.0f}%."))
   a = adversarial[names[0]]
   xn = tables.noisy(seed, 3000, a.x, float(noise_stddev))
   accs = ", ".join(f"{nm} {acc(nm, xn, a.labels):.0f}%" for nm in pair_models)
+  preds = {nm: metrics.predict(*models[nm], xn[:k], batch_size=batch_size) for nm in pair_models}
+  noisy = [f"true {y}\npred " + ", ".join(str(p[i]) for p in preds.values())
+           for i, y in enumerate(a.labels[:k])]
   rel = os.path.join("figures", f"{prefix}_fig7c_noise.png")
   plotting.save_image_grid(plotting.pairs_grid(a.x[:k], np.clip(xn[:k], 0.0, 1.0), ncols_pairs=3),
-                           os.path.join(out_dir, rel), titles=["original", "noisy"] * 3)
+                           os.path.join(out_dir, rel), titles=["original", "noisy"] * 3,
+                           captions=_pair_captions([f"true {y}" for y in a.labels[:k]], noisy))
   figs.append((rel, f"Figure 7(c) analogue: Gaussian noise with stddev={noise_stddev:g} (shown clipped to "
-                    f"[0,1]); accuracy on all {a.x.shape[0]} noisy examples (unclipped): {accs} "
+                    f"[0,1]; under each: true class and the prediction of {', '.join(pair_models)}, in "
+                    f"that order); accuracy on all {a.x.shape[0]} noisy examples (unclipped): {accs} "
                     "(paper: 51%)."))
   return figs
 
 
 def save_figures(out_dir: str, adversarial: Mapping[str, AdversarialSet], models: Mapping[str, Model], *,
                  prefix: str, pair_models: Optional[Sequence[str]] = None, noise_stddev: float = 1.0,
-                 seed: int = 0, num_pairs: int = 12, num_triplet_examples: int = 2, magnify: float = 10.0,
+                 seed: int = 0, num_pairs: int = 12, num_triplet_examples: int = 2,
                  batch_size: int = 1000) -> List[Tuple[str, str]]:
   """Writes the MNIST figures of one group of adversarial sets as PNGs under ``out_dir/figures``; returns
   (path relative to ``out_dir``, caption) for each: the Figure 7 analogue (per pair model, default the
-  first two, ``num_pairs`` (original, adversarial) pairs; and Gaussian noise of ``noise_stddev``, paper
-  1.0, with those models' accuracy on it), the Figure 5 analogue (per model, (original | ``magnify``x
-  difference on grey | adversarial) for ``num_triplet_examples`` examples), and the distortion histograms."""
+  first two, ``num_pairs`` (original, adversarial) pairs labelled with true class, target and the model's
+  prediction; and Gaussian noise of ``noise_stddev``, paper 1.0, with those models' accuracy on it), the
+  Figure 5 analogue (per model, (original | difference on a symmetric diverging scale | adversarial) for
+  ``num_triplet_examples`` examples), and the per-model CDFs of the distortion."""
   if num_pairs < 3:
     raise ValueError(f"num_pairs must be >= 3, got {num_pairs}")
   names = [n for n in models if n in adversarial]
@@ -171,19 +190,20 @@ def save_figures(out_dir: str, adversarial: Mapping[str, AdversarialSet], models
   figs = _fig7(out_dir, adversarial, models, names, pair_models, prefix, k, noise_stddev, seed,
                batch_size) if k >= 3 else []
   t = min(num_triplet_examples, n)
-  shape = (3 * t,) + adversarial[names[0]].x.shape[1:]
-  grid = np.stack([plotting.adversarial_triplets(adversarial[nm].x[:t], adversarial[nm].x_adv[:t],
-                                                 magnify=magnify).reshape(shape) for nm in names])
+  sets = [adversarial[nm] for nm in names]
+  captions = [c for nm, a in zip(names, sets)
+              for c in _adv_captions(a, metrics.predict(*models[nm], a.x_adv[:t], batch_size=batch_size), t)]
   rel = os.path.join("figures", f"{prefix}_fig5_triplets.png")
-  plotting.save_image_grid(grid, os.path.join(out_dir, rel), row_labels=names,
-                           titles=["original", f"{magnify:g}x diff", "adversarial"] * t)
-  figs.append((rel, f"Figure 5 analogue: per model, (original | difference magnified {magnify:g}x on grey | "
-                    "adversarial) for the same examples and targets."))
-  rel = os.path.join("figures", f"{prefix}_distortion_hist.png")
-  plotting.save_histograms({nm: adversarial[nm].distortion for nm in names}, os.path.join(out_dir, rel),
-                           xlabel="RMS distortion per example",
-                           title=f"{prefix}: minimum distortion per model")
-  figs.append((rel, "Distribution of the per-example minimum distortion of each model."))
+  plotting.save_difference_grid(np.stack([a.x[:t] for a in sets]), np.stack([a.x_adv[:t] for a in sets]),
+                                os.path.join(out_dir, rel), row_labels=names, captions=captions)
+  figs.append((rel, "Figure 5 analogue: per model, (original | difference x_adv - x | adversarial, with true "
+                    "class > target and the model's prediction) for the same examples and targets; the "
+                    "differences share one symmetric colour scale (blue darker, red brighter)."))
+  rel = os.path.join("figures", f"{prefix}_distortion_cdf.png")
+  plotting.save_cdfs({nm: adversarial[nm].distortion for nm in names}, os.path.join(out_dir, rel),
+                     xlabel="RMS distortion per example", title=f"{prefix}: minimum distortion per model")
+  figs.append((rel, "Empirical CDF of the per-example minimum distortion of each model (a curve further "
+                    "right: larger distortions needed)."))
   return figs
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from intriguing_jax import attack
 from intriguing_jax import data
+from intriguing_jax import metrics
+from intriguing_jax import plotting
 from intriguing_jax import reproduce
 from intriguing_jax import tables
 from intriguing_jax import tables_report
@@ -234,7 +236,7 @@ def test_aggregate_rows_over_seeds():
 
 
 @pytest.mark.slow
-def test_report_has_every_table_and_figures(tmp_path):
+def test_report_has_every_table_and_figures(tmp_path, monkeypatch):
   names = ["FC100-100-10", "FC123-456-10", "FC100-100-10'"]
   models = dict(zip(names, _models(3).values()))
   x, y = _data(24)
@@ -243,10 +245,21 @@ def test_report_has_every_table_and_figures(tmp_path):
              "table3": tables.table3(models, adv, (x, y), (x, y), (x, y)),
              "table4": tables.table4(models, adv), "config": {"seeds": [0]}, "timings": {"total": 1.0}}
   results["claims"] = tables_report.qualitative_claims(results)
+  drawn, save = [], plotting._save_figure
+  monkeypatch.setattr(plotting, "_save_figure", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
   figs = tables_report.save_figures(str(tmp_path), adv, models, prefix="t", num_pairs=12)
-  assert len(figs) == 5  # fig7 a, b, c; triplets; histogram
+  assert len(figs) == 5 and len(drawn) == 5  # fig7 a, b, c; triplets; distortion CDFs
   for rel, _ in figs:
     assert open(tmp_path / rel, "rb").read(4) == b"\x89PNG"
+  a, nm = adv[names[0]], names[0]
+  pred = metrics.predict(*models[nm], a.x_adv[:12])
+  under = [ax.get_xlabel() for ax in drawn[0].axes]  # Figure 7(a): one label under each of the 12 pairs
+  assert under[1::2] == [f"true {y} > target {t}\npred {p}" for y, t, p in zip(a.labels, a.targets, pred)]
+  assert under[0::2] == [f"true {y}" for y in a.labels[:12]]
+  diffs = [ax.images[0] for ax in drawn[3].axes if ax.images and ax.images[0].get_cmap().name == "RdBu_r"]
+  vmax = max(float(np.abs(adv[n].x_adv[:2] - adv[n].x[:2]).max()) for n in names)
+  assert len(diffs) == 6 and all(im.norm.vmin == -im.norm.vmax == pytest.approx(-vmax) for im in diffs)
+  assert len(drawn[4].axes[0].lines) == 3 and drawn[4].axes[0].get_legend() is not None
   md, html = tables_report.build_report(results, figures=figs).write(str(tmp_path), "report")
   text = open(md).read()
   for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "qualitative claims", "Readings", "Figures"):
