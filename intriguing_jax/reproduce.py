@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -49,7 +49,7 @@ TABLE1_MODELS = (("FC10(10^-4)", "fc10-1e-4", "train", 0), ("FC10(10^-2)", "fc10
 TABLE3_MODELS = (("FC100-100-10", "fc100-100-10", "p1", 0), ("FC123-456-10", "fc123-456-10", "p1", 0),
                  ("FC100-100-10'", "fc100-100-10", "p2", 1))
 CONFIG_FIELDS = ("seeds", "tables", "num_examples", "num_train", "epochs", "chunk_size", "models_dir",
-                 "figures", "synthetic_data", "attack")
+                 "figures", "synthetic_data", "attack", "unrefined")
 
 
 class AttackRecord(NamedTuple):
@@ -164,6 +164,8 @@ def validate(config: Any) -> attack.AttackOptions:
     if (config[field] is not None or field == "chunk_size") and not (isinstance(config[field], int)
                                                                       and config[field] >= low):
       raise ValueError(f"config.{field} must be an integer >= {low}, got {config[field]!r}")
+  if not isinstance(config.unrefined, bool):
+    raise ValueError(f"config.unrefined must be True or False, got {config.unrefined!r}")
   try:
     return attack.AttackOptions(**config.attack.to_dict())
   except (TypeError, ValueError) as e:
@@ -186,7 +188,9 @@ def _load_data(config: Any, seed: int, data_dir: Optional[str]) -> Tuple[ArrayPa
 
 
 def _attack_group(config, options, specs, parts, attacked, seed, workdir, group, timings):
-  """Trains/restores the models of ``specs`` and attacks the same examples of ``attacked`` on each."""
+  """Trains/restores the models of ``specs`` and attacks the same examples of ``attacked`` on each: (models,
+  adversarial sets, and the sets of the paper's method alone, ``refine=False``, when ``config.unrefined``
+  asks for them and the options refine; else None)."""
   data_tag = "_".join((["synthetic"] if config.synthetic_data else [])
                       + ([f"first{config.num_train}"] if config.num_train is not None else []))
   with progress.Timer() as t:
@@ -201,16 +205,34 @@ def _attack_group(config, options, specs, parts, attacked, seed, workdir, group,
     adv = adversarial_sets(models, x[idx], y[idx], targets, options=options, chunk_size=config.chunk_size,
                            cache_dir=os.path.join(workdir, "attacks", f"seed{seed}", group))
   timings[f"seed{seed}: attacks on {len(idx)} {group} images x {len(models)} models"] = t.seconds
-  return models, adv
+  unrefined = None
+  if config.unrefined and options.refine:
+    with progress.Timer() as t:
+      sub = os.path.join(workdir, "attacks", f"seed{seed}", f"{group}_unrefined")
+      unrefined = adversarial_sets(models, x[idx], y[idx], targets, chunk_size=config.chunk_size,
+                                   options=dataclasses.replace(options, refine=False), cache_dir=sub)
+    timings[f"seed{seed}: refine=False attacks on {group} images"] = t.seconds
+  return models, adv, unrefined
+
+
+def _with_unrefined(rows: Sequence[dict], unrefined: Optional[Mapping[str, tables.AdversarialSet]],
+                    distortion_key: str) -> List[dict]:
+  """Table 1/3 rows with ``<distortion_key>_unrefined`` and ``success_rate_unrefined`` (the paper's method
+  alone, ``refine=False``) beside the refined attack's, when ``unrefined`` sets are given."""
+  if unrefined is None:
+    return list(rows)
+  return [dict(r, **{f"{distortion_key}_unrefined": float(np.mean(unrefined[r["model"]].distortion)),
+                     "success_rate_unrefined": float(np.mean(unrefined[r["model"]].success))}) for r in rows]
 
 
 def _run_seed(config, options, seed, train, test, workdir, timings):
   """The requested tables of one seed: (name -> rows, figures)."""
   out, figures, wanted = {}, [], set(config.tables)
   if wanted & {1, 2}:
-    models, adv = _attack_group(config, options, TABLE1_MODELS, {"train": train}, train, seed, workdir,
-                                "train", timings)
-    out.update({f"table{k}": f() for k, f in ((1, lambda: tables.table1(models, adv, train, test)),
+    models, adv, unref = _attack_group(config, options, TABLE1_MODELS, {"train": train}, train, seed, workdir,
+                                       "train", timings)
+    t1 = lambda: _with_unrefined(tables.table1(models, adv, train, test), unref, "av_min_distortion")
+    out.update({f"table{k}": f() for k, f in ((1, t1),
                                               (2, lambda: tables.table2(models, adv, seed=seed)))
                 if k in wanted})
     if config.figures:
@@ -219,11 +241,13 @@ def _run_seed(config, options, seed, train, test, workdir, timings):
                                             pair_models=pair, seed=seed)
   if wanted & {3, 4}:
     p1, p2 = data.split_p1_p2(*train)
-    models, adv = _attack_group(config, options, TABLE3_MODELS, {"p1": p1, "p2": p2}, test, seed, workdir,
-                                "test", timings)
-    out.update({f"table{k}": f() for k, f in ((3, lambda: tables.table3(models, adv, p1, p2, test)),
-                                              (4, lambda: tables.table4(models, adv, seed=seed)))
+    models, adv, unref = _attack_group(config, options, TABLE3_MODELS, {"p1": p1, "p2": p2}, test, seed,
+                                       workdir, "test", timings)
+    t3 = lambda: _with_unrefined(tables.table3(models, adv, p1, p2, test), unref, "min_av_distortion")
+    out.update({f"table{k}": f() for k, f in ((3, t3), (4, lambda: tables.table4(models, adv, seed=seed)))
                 if k in wanted})
+    if 4 in wanted:
+      out["table4_diagonal"] = tables.magnified_diagonal(models, adv)
     if config.figures:
       figures += tables_report.save_figures(workdir, adv, models, prefix=f"seed{seed}_test", seed=seed)
   logging.info("seed %d: tables %s done", seed, ", ".join(sorted(out)))
@@ -248,7 +272,7 @@ def run_experiment(config: Any, workdir: str, data_dir: Optional[str] = None) ->
     per_seed[seed], figs = _run_seed(config, options, seed, train, test, workdir, timings)
     figures = figures or figs
   first = per_seed[config.seeds[0]]
-  keys = {"table1": "model", "table2": "row", "table3": "model", "table4": "row"}
+  keys = {"table1": "model", "table2": "row", "table3": "model", "table4": "row", "table4_diagonal": "row"}
   results = {name: tables_report.aggregate_rows([per_seed[s][name] for s in config.seeds], key)
              for name, key in keys.items() if name in first}
   results["claims"] = tables_report.qualitative_claims(results, lambda_order=paper.LAMBDA_ORDER)

@@ -92,17 +92,30 @@ def test_run_experiment_on_synthetic_data_and_resume(tmp_path, monkeypatch):
          for _, rcp, part, off in reproduce.TABLE3_MODELS])
   assert [r[4] for r in runs] == [300] * 6 + [150] * 3 and runs[0][5] == os.path.join(workdir, "models")
   assert [r["model"] for r in res["table1"]] == [n for n, *_ in reproduce.TABLE1_MODELS]
-  assert len(res["table2"]) == 8 and len(res["table3"]) == 3 and len(res["table4"]) == 8
+  assert len(res["table2"]) == 8 and len(res["table3"]) == 3 and len(res["table4"]) == 11
+  assert len(res["table4_diagonal"]) == 3 * 2 * 2  # models x readings x clipping
+  assert "av_min_distortion_unrefined" not in res["table1"][0]  # the smoke attack does not refine
   assert all(r["num_attacked"] == 12 for r in res["table1"])
   assert res["claims"] and res["readings"] and res["timings"]["total"] > 0
   assert res["config"]["attack"] == {"maxiter": 10, "num_bisection": 2, "refine": False}
   saved = json.load(open(os.path.join(workdir, "results.json")))
   assert json.dumps(saved["table4"]) == json.dumps(res["table4"])  # (NaN != NaN: compare the texts)
   text = open(os.path.join(workdir, "report.md")).read()
-  assert all(heading in text for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Readings"))
+  assert all(heading in text for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Readings",
+                                             "Table 4's magnified diagonal", "one factor per set"))
+  assert "Transfer between the two P1 models in both directions (ours / paper): at the original distortion: " \
+         "FC100-100-10 -> FC123-456-10 " in text and "(ours / paper)" in text
   # Rerun: every attack chunk is reused.
   again = reproduce.run_experiment(_smoke_config(figures=False), workdir)
   assert len(calls) == 18 and json.dumps(again["table4"]) == json.dumps(res["table4"])
+  # A refining attack: every set attacked again with refine=False (the paper's method alone), reported beside.
+  config = _smoke_config(figures=False, tables=(1, 3))
+  config.attack.refine = True
+  both = reproduce.run_experiment(config, str(tmp_path / "both"))
+  assert [c.refine for c in calls[18:]] == [True] * 12 + [False] * 12 + [True] * 6 + [False] * 6
+  for t, key in (("table1", "av_min_distortion"), ("table3", "min_av_distortion")):
+    assert all(np.isfinite(r[key + "_unrefined"]) and 0 <= r["success_rate_unrefined"] <= 1 for r in both[t])
+  assert "paper's method (refine=False)" in open(tmp_path / "both" / "report.md").read()
 
 
 def test_equal_modules_of_train_models_share_one_compiled_attack(monkeypatch, tmp_path):

@@ -193,16 +193,64 @@ def test_table3_and_table4():
   assert [r["model"] for r in rows3] == list(models)
   assert all(set(r) >= {"error_p1", "error_p2", "error_test", "min_av_distortion"} for r in rows3)
   rows4 = tables.table4(models, adv, magnify_to=0.1, seed=0)
-  assert [(r["kind"], r["block"]) for r in rows4] == ([("adversarial", "upper")] * 3 + [("noise", "upper")]
-                                                     + [("magnified", "lower")] * 3 + [("noise", "lower")])
+  assert [(r["kind"], r["block"], r.get("reading")) for r in rows4] == (
+      [("adversarial", "upper", None)] * 3 + [("noise", "upper", None)] + [("magnified", "lower", "per_example")] * 3
+      + [("magnified", "lower", "per_set")] * 3 + [("noise", "lower", None)])
   mean_d = np.mean([r["av_distortion"] for r in rows4[:3]])
   assert rows4[3]["stddev"] == pytest.approx(mean_d)  # noise at the measured mean stddev (paper: 0.06)
   for r in rows4[4:7]:
-    nz = adv[r["source"]].distortion > 0
-    assert r["av_distortion"] == pytest.approx(0.1 * nz.mean(), rel=1e-4)  # rescaled to RMS 0.1 (A11)
-    assert r["magnification"] == pytest.approx(0.1 / adv[r["source"]].distortion.mean())
-  assert rows4[7]["stddev"] == 0.1
+    d = adv[r["source"]].distortion
+    assert r["av_distortion"] == pytest.approx(0.1 * (d > 0).mean(), rel=1e-4)  # each rescaled to RMS 0.1 (A11)
+    assert r["magnification"] == pytest.approx(0.1 / d.mean())
+    assert r["shrunk_fraction"] == pytest.approx((d > 0.1).mean())
+  for r in rows4[7:10]:
+    assert r["av_distortion"] == pytest.approx(0.1, rel=1e-4)  # one factor: the set's mean RMS becomes 0.1
+  assert rows4[10]["stddev"] == 0.1
   assert tables.table4(models, adv, noise_stddev=0.06)[3]["stddev"] == 0.06
+  only = tables.table4(models, adv, readings=("per_set",))
+  assert [r.get("reading") for r in only if r["kind"] == "magnified"] == ["per_set"] * 3
+  with pytest.raises(ValueError, match="readings"):
+    tables.table4(models, adv, readings=("both",))
+
+
+def test_magnify_readings():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(5, 6, 6, 1)).astype(np.float32)
+  r = rng.normal(size=x.shape).astype(np.float32) * np.array([0.01, 0.03, 0.05, 0.2, 0.3])[:, None, None, None]
+  d = tables.rms(x, x + r)
+  each = tables.magnify(x, x + r, 0.1, "per_example")
+  np.testing.assert_allclose(tables.rms(x, each), 0.1, rtol=1e-4)
+  one = tables.magnify(x, x + r, 0.1, "per_set")
+  np.testing.assert_allclose(one - x, r * (0.1 / d.mean()), atol=1e-5)   # the same factor for every example
+  assert tables.rms(x, one).mean() == pytest.approx(0.1, rel=1e-4)
+  clipped = tables.magnify(x, x + r, 0.1, "per_set", clip=True)
+  assert clipped.min() >= 0.0 and clipped.max() <= 1.0 and not np.array_equal(clipped, one)
+  with pytest.raises(ValueError, match="reading"):
+    tables.magnify(x, x + r, 0.1, "average")
+  with pytest.raises(ValueError, match="magnify_to"):
+    tables.magnify(x, x + r, 0.0, "per_set")
+
+
+def test_magnified_diagonal_splits_shrunk_and_grown_examples():
+  """A linear model attacked to just past its boundary: rescaling a perturbation below its attack size
+  undoes the attack; growing it keeps it (linear logits). The breakdown must show exactly that."""
+  models = _models(1)
+  adv = _adv(models, n=24)
+  a = adv["m0"]
+  rows = tables.magnified_diagonal(models, adv, magnify_to=float(np.median(a.distortion)),
+                                   readings=("per_example",), clips=(False,))
+  (r,) = rows
+  shrunk = a.distortion > np.median(a.distortion)
+  assert r["shrunk_fraction"] == pytest.approx(shrunk.mean())
+  pred = metrics.predict(models["m0"].apply_fn, models["m0"].params,
+                         tables.magnify(a.x, a.x_adv, float(np.median(a.distortion)), "per_example"))
+  wrong = pred != a.labels
+  assert r["error"] == pytest.approx(wrong.mean())
+  assert r["error_shrunk"] == pytest.approx(wrong[shrunk].mean())
+  assert r["error_grown"] == pytest.approx(wrong[~shrunk].mean())
+  assert r["error_grown"] == 1.0 and r["error_shrunk"] < 1.0
+  assert r["pred_true"] == pytest.approx(1.0 - r["error"])
+  assert len(tables.magnified_diagonal(models, adv)) == 4   # 2 readings x 2 clips x 1 model
 
 
 def test_qualitative_claims_detect_holding_and_failing():

@@ -6,7 +6,9 @@ training image attacked for Tables 1-2, every test image for 3-4, the recipes' e
 ``smoke``, 300 synthetic images, 1 epoch, 12 examples, 10 iterations without refinement (the script's test).
 None in ``num_examples`` / ``num_train`` / ``epochs`` / ``models_dir`` means all examples / all training
 images / the recipes' epochs / ``<workdir>/models``; ``synthetic_data=N`` replaces MNIST by N synthetic
-images; ``attack`` holds every ``attack.AttackOptions`` field (``--config.attack.maxiter=50``).
+images; ``attack`` holds every ``attack.AttackOptions`` field (``--config.attack.maxiter=50``);
+``unrefined`` also attacks every set with ``refine=False`` (the paper's method alone) and reports its
+distortion beside the refined attack's in Tables 1 and 3 (skipped when ``attack.refine`` is False).
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ def get_config(arg=None):
   c.figures = True
   c.synthetic_data = 0
   c.attack = ml_collections.ConfigDict(dataclasses.asdict(attack.AttackOptions()))
+  c.unrefined = True
   if arg == "quick":
     c.num_examples, c.num_train, c.epochs = 100, 10000, 2
     c.attack.maxiter, c.attack.num_bisection = 50, 5
