@@ -36,6 +36,7 @@ _SUBMODULES = (
     "cli",
     "units",
     "spectral",
+    "certify",
     "plotting",
     "report",
     "adversarial_training",

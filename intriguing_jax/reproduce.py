@@ -23,10 +23,12 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
+from flax import linen as nn
 import jax
 import numpy as np
 
 from intriguing_jax import attack
+from intriguing_jax import certify
 from intriguing_jax import checkpoint
 from intriguing_jax import data
 from intriguing_jax import distributed
@@ -225,12 +227,25 @@ def _with_unrefined(rows: Sequence[dict], unrefined: Optional[Mapping[str, table
                      "success_rate_unrefined": float(np.mean(unrefined[r["model"]].success))}) for r in rows]
 
 
+def lipschitz_matrices(models: Mapping[str, Model], input_shape: Sequence[int]) -> Dict[str, Any]:
+  """Name -> ``certify.lipschitz_matrix`` of each model, whose ``apply_fn`` must be a Flax ``model.apply``."""
+  out = {}
+  for name, m in models.items():
+    module = getattr(m.apply_fn, "__self__", None)
+    if not isinstance(module, nn.Module):
+      raise ValueError(f"lipschitz_matrices: the apply_fn of {name!r} is not a Flax module's apply, so its "
+                       "layers (and Lipschitz bounds) are unknown")
+    out[name] = certify.lipschitz_matrix(module, m.params, input_shape)
+  return out
+
+
 def _run_seed(config, options, seed, train, test, workdir, timings):
   """The requested tables of one seed: (name -> rows, figures)."""
   out, figures, wanted = {}, [], set(config.tables)
   if wanted & {1, 2}:
     models, adv, unref = _attack_group(config, options, TABLE1_MODELS, {"train": train}, train, seed, workdir,
                                        "train", timings)
+    out["bracket_train"] = certify.bracket(models, adv, lipschitz_matrices(models, train[0].shape[1:]))
     t1 = lambda: _with_unrefined(tables.table1(models, adv, train, test), unref, "av_min_distortion")
     out.update({f"table{k}": f() for k, f in ((1, t1),
                                               (2, lambda: tables.table2(models, adv, seed=seed)))
@@ -243,6 +258,7 @@ def _run_seed(config, options, seed, train, test, workdir, timings):
     p1, p2 = data.split_p1_p2(*train)
     models, adv, unref = _attack_group(config, options, TABLE3_MODELS, {"p1": p1, "p2": p2}, test, seed,
                                        workdir, "test", timings)
+    out["bracket_test"] = certify.bracket(models, adv, lipschitz_matrices(models, test[0].shape[1:]))
     t3 = lambda: _with_unrefined(tables.table3(models, adv, p1, p2, test), unref, "min_av_distortion")
     out.update({f"table{k}": f() for k, f in ((3, t3), (4, lambda: tables.table4(models, adv, seed=seed)))
                 if k in wanted})
@@ -272,7 +288,8 @@ def run_experiment(config: Any, workdir: str, data_dir: Optional[str] = None) ->
     per_seed[seed], figs = _run_seed(config, options, seed, train, test, workdir, timings)
     figures = figures or figs
   first = per_seed[config.seeds[0]]
-  keys = {"table1": "model", "table2": "row", "table3": "model", "table4": "row", "table4_diagonal": "row"}
+  keys = {"table1": "model", "table2": "row", "table3": "model", "table4": "row", "table4_diagonal": "row",
+          "bracket_train": "model", "bracket_test": "model"}
   results = {name: tables_report.aggregate_rows([per_seed[s][name] for s in config.seeds], key)
              for name, key in keys.items() if name in first}
   results["claims"] = tables_report.qualitative_claims(results, lambda_order=paper.LAMBDA_ORDER)
