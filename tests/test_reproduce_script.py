@@ -163,7 +163,8 @@ def test_script_smoke_end_to_end(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.load(open(os.path.join(workdir, "results.json")))
   assert [r["model"] for r in res["table3"]] == [n for n, *_ in reproduce.TABLE3_MODELS]
-  assert len(res["table4"]) == 8
+  assert len(res["table4"]) == 11 and len(res["bracket_test"]) == 3
+  assert all(r["violations"] == 0 for r in res["bracket_test"])  # the real attack never beats the certificate
   assert all(r["success_rate"] > 0 for r in res["table3"]), res["table3"]
   assert len(os.listdir(os.path.join(workdir, "models"))) == 3  # trained and saved
   assert "config:" not in proc.stderr  # the config is logged at --v=1 only
