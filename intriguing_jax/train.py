@@ -8,8 +8,13 @@ Usage::
     sweep = train.train_sweep(models.get_model("fc10"), images, labels, config,     # ONE compiled program
                               weight_decays=[1e-4, 1e-2, 1.0], seeds=[0])           # sweep.variables[2]: λ=1
 
+    config = train.TrainConfig(lipschitz_penalty="hinge", lipschitz_strength=1e-2)  # + μ Σ_l max(σ_l - 1, 0)²
+    sweep = train.train_sweep(model, images, labels, config, lipschitz_strengths=[0.0, 1e-2, 1e-1])  # μ traced
+
 Loss: ``mean_i CE(x_i, y_i) + Σ_l ½ λ_l Σ w_l²`` over the dense/conv kernels (``models.weight_layer_paths``,
-λ listed input -> output), biases not decayed. Epoch loop, resume, sweeps and checkpoints: ``driver``.
+λ listed input -> output), biases not decayed, plus with ``lipschitz_penalty`` a penalty of strength μ on
+each such layer's exact operator norm σ_l (:func:`lipschitz_penalty`; notes/lipschitz.md). Epoch loop,
+resume, sweeps and checkpoints: ``driver``.
 """
 
 from __future__ import annotations
@@ -45,10 +50,13 @@ __all__ = [
     "RECIPES", "recipe", "weight_decay_penalty", "decay_layer_paths", "make_optimizer", "evaluate",
     "make_evaluate", "data_fingerprint", "check_data", "load_run", "unstack", "default_run_name",
     "sweep_members", "count_errors_fn", "run_experiment", "Program", "program_parts", "fit",
+    "Hyper", "PenaltyLayer", "penalty_layers", "layer_norms", "lipschitz_penalty", "make_penalty",
+    "static_config",
 ]
 
 _CHOICES = {"optimizer": ("adam", "sgd", "momentum"), "schedule": ("constant", "cosine"),
-            "task": ("classify", "autoencode"), "recon_loss": ("bce", "mse")}
+            "task": ("classify", "autoencode"), "recon_loss": ("bce", "mse"),
+            "lipschitz_penalty": ("none", "sum", "hinge", "log", "parseval")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,9 @@ class TrainConfig:
   (``recon_loss`` "bce" summed over pixels or "mse" ½ Σ squared error, batch mean, + β KL(ρ || mean code)
   with ρ, β = ``sparsity_target``, ``sparsity_weight``; decays encoder and decoder). ``trainable``:
   top-level param names to train (others frozen; None = all). The last epoch is always checkpointed.
+  ``lipschitz_penalty``: the form of the penalty on the weight layers' exact operator norms σ_l
+  (:func:`lipschitz_penalty`; "none": off, nothing compiled in), ``lipschitz_strength``: its μ (each sweep
+  member's default, traced like λ), ``lipschitz_target``: the threshold of the "hinge" form.
   """
   epochs: int = 20
   batch_size: int = 128
@@ -79,6 +90,9 @@ class TrainConfig:
   trainable: Optional[Tuple[str, ...]] = None
   checkpoint_every: int = 1
   eval_batch_size: int = 2000
+  lipschitz_penalty: str = "none"
+  lipschitz_strength: float = 0.0
+  lipschitz_target: float = 1.0
 
   def __post_init__(self):
     wd = np.atleast_1d(np.asarray(self.weight_decay, np.float64))
@@ -98,20 +112,39 @@ class TrainConfig:
               ("warmup_epochs", 0.0 <= self.warmup_epochs < self.epochs, "in [0, epochs)"),
               ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
               ("sparsity_target", 0.0 < self.sparsity_target < 1.0, "in (0, 1)"),
-              ("sparsity_weight", self.sparsity_weight >= 0, ">= 0"))
+              ("sparsity_weight", self.sparsity_weight >= 0, ">= 0"),
+              ("lipschitz_target", math.isfinite(self.lipschitz_target) and self.lipschitz_target > 0,
+               "finite and > 0"))
     for name, ok, what in checks:
       if not ok:
         raise ValueError(f"TrainConfig.{name} must be {what}, got {getattr(self, name)!r}")
     _check_decays("TrainConfig.weight_decay", self.weight_decay)
+    _check_strengths("TrainConfig.lipschitz_strength", [self.lipschitz_strength], self.lipschitz_penalty)
+    if self.lipschitz_penalty != "none" and self.task != "classify":
+      raise ValueError("TrainConfig.lipschitz_penalty needs task 'classify'")
 
   def to_dict(self) -> Dict[str, Any]:
     return checkpoint.jsonable(dataclasses.asdict(self))
+
+
+def static_config(config: TrainConfig) -> TrainConfig:
+  """``config`` with the traced hyper-parameters (λ, μ) zeroed: the key of a compiled program."""
+  return dataclasses.replace(config, weight_decay=(0.0,), lipschitz_strength=0.0)
 
 
 def _check_decays(name, values):
   for v in values:
     if not (math.isfinite(v) and v >= 0):
       raise ValueError(f"{name}: every λ must be finite and >= 0, got {tuple(values)}")
+
+
+def _check_strengths(name, values, form):
+  for v in values:
+    if not (math.isfinite(v) and v >= 0):
+      raise ValueError(f"{name}: every μ must be finite and >= 0, got {tuple(values)}")
+    if v and form == "none":
+      raise ValueError(f"{name}: μ = {v} > 0 needs TrainConfig.lipschitz_penalty (one of "
+                       f"{_CHOICES['lipschitz_penalty'][1:]}), not 'none'")
 
 
 class TrainResult(NamedTuple):
@@ -125,13 +158,32 @@ class TrainResult(NamedTuple):
 class SweepResult(NamedTuple):
   """Output of :func:`train_sweep` (and ``adversarial_training.train_with_pool_sweep``): the k members'
   ``variables`` in sweep order, the same ``stacked_variables`` (leading [k] axis), ``weight_decays``
-  [k, num_layers], init ``seeds`` [k], the stacked ``state`` and ``history`` (lists of k values)."""
+  [k, num_layers], init ``seeds`` [k], the stacked ``state`` and ``history`` (lists of k values),
+  ``lipschitz_strengths`` μ [k]."""
   variables: List[Params]
   stacked_variables: Params
   weight_decays: np.ndarray
   seeds: np.ndarray
   state: TrainState
   history: List[Dict[str, Any]]
+  lipschitz_strengths: Optional[np.ndarray] = None
+
+
+class Hyper(NamedTuple):
+  """The traced per-member hyper-parameters (``driver``'s ``hyper``; a leading [k] axis in a sweep):
+  ``weight_decay`` λ [num_layers], ``lipschitz_strength`` μ [] (unused unless ``lipschitz_penalty``)."""
+  weight_decay: Array
+  lipschitz_strength: Array
+
+
+class PenaltyLayer(NamedTuple):
+  """A weight layer as the Lipschitz penalty sees it: param ``path``, ``kind`` "dense" or "conv"; for a conv
+  the circular ``grid`` (M_h, M_w) whose exact norm bounds the layer (``spectral.circular_conv_norm``) and
+  its ``strides``."""
+  path: Tuple[str, ...]
+  kind: str
+  grid: Optional[Tuple[int, int]] = None
+  strides: Optional[Tuple[int, int]] = None
 
 
 class Program(NamedTuple):
@@ -168,6 +220,89 @@ def weight_decay_penalty(params: Params, decays: Array, paths: Sequence[Tuple[st
     if trainable is None or path[0] in trainable:
       total = total + decays[l] * 0.5 * jnp.sum(jnp.square(models_lib.get_param(params, path)["kernel"]))
   return total
+
+
+def penalty_layers(model, input_shape: Sequence[int]) -> Tuple[PenaltyLayer, ...]:
+  """The Dense/Conv layers of ``model`` on [*input_shape] inputs, forward order (= λ order), with the grid of
+  each conv: ``M = ⌈(N + pad_lo + pad_hi)/s⌉`` per axis (N its input side), so that the circular norm on
+  s·M is the exact norm of a circular layer and a certified upper bound on a zero-padded one (VALID with
+  s | N: M = N/s, the value ``spectral.lipschitz_table`` reports). ValueError on grouped/dilated convs."""
+  from intriguing_jax import spectral  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  shape = tuple(int(v) for v in input_shape)
+  out = []
+  for call in models_lib.trace_layers(model, _template(model, shape), shape):
+    m = call.module
+    if isinstance(m, nn.Dense):
+      out.append(PenaltyLayer(call.path, "dense"))
+    elif isinstance(m, nn.Conv):
+      name = "/".join(call.path)
+      if m.feature_group_count != 1 or any(d not in (None, 1) and tuple(np.ravel(d)) != (1, 1)
+                                           for d in (m.input_dilation, m.kernel_dilation)):
+        raise ValueError(f"lipschitz penalty: {name}: grouped or dilated convolutions are not supported")
+      strides = spectral._pair(m.strides or 1, f"{name}.strides")  # pylint: disable=protected-access
+      padding = ((m.padding, m.padding),) * 2 if isinstance(m.padding, int) else m.padding
+      hw, window = call.input_shape[:2], tuple(m.kernel_size)
+      pads = spectral.resolve_padding(padding, hw, window, strides)
+      if pads == "CIRCULAR":
+        spectral._check_divisible(hw, strides)  # pylint: disable=protected-access
+        pads = ((0, 0), (0, 0))
+      grid = tuple(-(-(n + lo + hi) // s) for n, (lo, hi), s in zip(hw, pads, strides))
+      out.append(PenaltyLayer(call.path, "conv", grid, strides))
+  return tuple(out)
+
+
+def layer_norms(params: Params, layers: Sequence[PenaltyLayer]) -> Array:
+  """σ_l [num_layers]: each layer's exact operator norm (dense: σ_max of the kernel; conv: the exact FFT norm
+  on its grid, ``spectral.circular_conv_norm``), differentiable (``spectral.top_singular_value``)."""
+  from intriguing_jax import spectral  # pylint: disable=g-import-not-at-top
+  norms = []
+  for layer in layers:
+    kernel = models_lib.get_param(params, layer.path)["kernel"]
+    norms.append(spectral.top_singular_value(kernel) if layer.kind == "dense"
+                 else spectral.circular_conv_norm(kernel, layer.grid, layer.strides))
+  return jnp.stack(norms)
+
+
+def _parseval(kernel: Array) -> Array:
+  """``‖G − I‖²_F`` of the smaller Gram matrix of the kernel reshaped to [fan_in, out] (Cissé et al. 2017)."""
+  w = kernel.reshape(-1, kernel.shape[-1])
+  g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+  return jnp.sum(jnp.square(g - jnp.eye(g.shape[0], dtype=g.dtype)))
+
+
+def lipschitz_penalty(params: Params, strength: Array, layers: Sequence[PenaltyLayer], form: str, *,
+                      target: float = 1.0, trainable: Optional[Sequence[str]] = None) -> Array:
+  """μ · Σ_l f(layer l) over the layers (frozen ones skipped), ``strength`` μ a traced scalar; ``form``:
+
+  * "sum":      f = σ_l                    (the exact operator norm, ``layer_norms``)
+  * "hinge":    f = max(σ_l − target, 0)²  (only norms above ``target`` cost)
+  * "log":      f = log σ_l                (Σ = log of the product of the linear layers' bounds)
+  * "parseval": f = ‖WᵀW − I‖²_F of the kernel reshaped to [fan_in, out] (smaller Gram side; no norm)
+  """
+  layers = [l for l in layers if trainable is None or l.path[0] in trainable]
+  if not layers or form == "none":
+    return jnp.zeros((), jnp.float32)
+  if form == "parseval":
+    return strength * sum(_parseval(models_lib.get_param(params, l.path)["kernel"]) for l in layers)
+  sigma = layer_norms(params, layers)
+  terms = {"sum": lambda: sigma, "hinge": lambda: jnp.square(jnp.maximum(sigma - target, 0.0)),
+           "log": lambda: jnp.log(sigma)}[form]()
+  return strength * jnp.sum(terms)
+
+
+def make_penalty(model, config: TrainConfig, input_shape: Sequence[int],
+                 paths: Sequence[Tuple[str, ...]]) -> Callable[[Params, Hyper], Array]:
+  """``penalty(params, hyper) -> scalar``: weight decay (λ = ``hyper.weight_decay``) plus, unless
+  ``config.lipschitz_penalty`` is "none", the Lipschitz penalty (μ = ``hyper.lipschitz_strength``)."""
+  if config.lipschitz_penalty == "none":  # exactly the loss of before the penalty existed
+    return lambda p, hyper: weight_decay_penalty(p, hyper.weight_decay, paths, config.trainable)
+  layers = penalty_layers(model, input_shape)
+  if [l.path for l in layers] != list(paths):
+    raise ValueError(f"lipschitz penalty: layers {[l.path for l in layers]} differ from the decayed {paths}")
+  return lambda p, hyper: (weight_decay_penalty(p, hyper.weight_decay, paths, config.trainable) +
+                           lipschitz_penalty(p, hyper.lipschitz_strength, layers, config.lipschitz_penalty,
+                                             target=config.lipschitz_target, trainable=config.trainable))
 
 
 def _data_loss(model, config: TrainConfig, params, x, y, dropout_key):
@@ -223,19 +358,20 @@ def program_parts(model, config: TrainConfig, input_shape: Tuple[int, ...], num_
 
 @functools.lru_cache(maxsize=32)
 def _compiled(model, config: TrainConfig, input_shape: Tuple[int, ...], num_train: int, stacked: bool):
-  """The :class:`Program` of ``config``, which must have ``weight_decay=(0.0,)`` (λ is the driver's traced
-  ``hyper``); cached, so runs differing only in λ, seeds or data values reuse one compiled program."""
+  """The :class:`Program` of ``config``, which must be :func:`static_config` (λ and μ are the driver's
+  traced ``hyper``); cached, so runs differing only in λ, μ, seeds or data values reuse one program."""
   paths, tx, init = program_parts(model, config, input_shape, num_train)
+  penalty = make_penalty(model, config, input_shape, paths)
 
-  def loss_fn(params, x, y, decays, key):
+  def loss_fn(params, x, y, hyper, key):
     data_loss, error = _data_loss(model, config, params, x, y, key)
-    return data_loss + weight_decay_penalty(params, decays, paths, config.trainable), (data_loss, error)
+    return data_loss + penalty(params, hyper), (data_loss, error)
 
-  def step_fn(state, t, x, y, images, labels, decays):
+  def step_fn(state, t, x, y, images, labels, hyper):
     del t, images, labels
     key = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (data_loss, err)), grads = grad_fn(state.params, x, y, decays, key)
+    (loss, (data_loss, err)), grads = grad_fn(state.params, x, y, hyper, key)
     return driver.apply_gradients(state, grads, tx), jnp.stack([loss, data_loss, err])
 
   epoch_fn = driver.make_epoch_fn(step_fn, num_train=num_train, batch_size=config.batch_size, stacked=stacked)
@@ -343,15 +479,19 @@ def data_fingerprint(images, labels) -> str:
 
 
 def sweep_members(num_layers: int, config: TrainConfig, weight_decays: Sequence[Any], seeds: Sequence[int],
-                  who: str) -> Tuple[np.ndarray, List[int]]:
-  """The k members of a sweep: (per-layer λ [k, num_layers] float32, k seeds). ``weight_decays`` entries
-  are scalars, per-layer lists or None (``config.weight_decay``); a length-1 ``weight_decays`` or ``seeds``
-  is broadcast. ValueError (starting with ``who``) on empty or mismatched lengths or a bad λ list."""
-  weight_decays, seeds = list(weight_decays), [int(s) for s in seeds]
-  k = max(len(weight_decays), len(seeds))
-  if len(weight_decays) not in (1, k) or len(seeds) not in (1, k) or k == 0:
-    raise ValueError(f"{who}: weight_decays ({len(weight_decays)}) and seeds ({len(seeds)}) must have "
-                     "the same length, or one of them length 1")
+                  who: str, lipschitz_strengths: Sequence[Optional[float]] = (None,)
+                  ) -> Tuple[Hyper, List[int]]:
+  """The k members of a sweep: (:class:`Hyper` of numpy float32 λ [k, num_layers] and μ [k], k seeds).
+  ``weight_decays`` entries are scalars, per-layer lists or None (``config.weight_decay``);
+  ``lipschitz_strengths`` entries scalars or None (``config.lipschitz_strength``); a length-1 list is
+  broadcast. ValueError (starting with ``who``) on empty or mismatched lengths or a bad λ or μ."""
+  weight_decays, seeds, mus = list(weight_decays), [int(s) for s in seeds], list(lipschitz_strengths)
+  k = max(len(weight_decays), len(seeds), len(mus))
+  if any(len(v) not in (1, k) for v in (weight_decays, seeds, mus)) or k == 0:
+    raise ValueError(f"{who}: weight_decays ({len(weight_decays)}) and seeds ({len(seeds)}) and "
+                     f"lipschitz_strengths ({len(mus)}) must have the same length, or length 1")
+  mus = [float(config.lipschitz_strength if m is None else m) for m in (mus * k if len(mus) == 1 else mus)]
+  _check_strengths(f"{who}: lipschitz_strengths", mus, config.lipschitz_penalty)
   weight_decays = weight_decays * k if len(weight_decays) == 1 else weight_decays
   decays = []
   for i, w in enumerate(weight_decays):
@@ -362,7 +502,7 @@ def sweep_members(num_layers: int, config: TrainConfig, weight_decays: Sequence[
                        f"{num_layers} weight layers")
     _check_decays(f"{who}: weight_decays[{i}]", values.tolist())
     decays.append(values.astype(np.float32))
-  return np.stack(decays), seeds * k if len(seeds) == 1 else seeds
+  return Hyper(np.stack(decays), np.asarray(mus, np.float32)), seeds * k if len(seeds) == 1 else seeds
 
 
 def unstack(tree: Any, k: int) -> List[Any]:
@@ -372,38 +512,43 @@ def unstack(tree: Any, k: int) -> List[Any]:
 
 def fit(model, images, labels, config: TrainConfig, program: Program, *, stacked: bool, weight_decays, seeds,
         data_seed: int, workdir, eval_data, stop_after_epoch, mesh, who: str, prefix: str = "",
-        init_params: Optional[Params] = None, run_info: Optional[Dict[str, Any]] = None):
-  """Every trainer's run on checked data: members' λ (:func:`sweep_members`), keys ``split(PRNGKey(seed))``
-  (init, rng), fresh states, ``driver.run``. Returns a :class:`TrainResult`, or (``stacked``) a
-  :class:`SweepResult`; ``run_info`` adds entries to the settings guarded in the workdir."""
-  decays, seeds = sweep_members(program.num_layers, config, weight_decays, seeds, who)
+        init_params: Optional[Params] = None, run_info: Optional[Dict[str, Any]] = None,
+        lipschitz_strengths: Sequence[Optional[float]] = (None,)):
+  """Every trainer's run on checked data: members' λ and μ (:func:`sweep_members`), keys
+  ``split(PRNGKey(seed))`` (init, rng), fresh states, ``driver.run``. Returns a :class:`TrainResult`, or
+  (``stacked``) a :class:`SweepResult`; ``run_info`` adds entries to the settings guarded in the workdir."""
+  hyper, seeds = sweep_members(program.num_layers, config, weight_decays, seeds, who, lipschitz_strengths)
+  decays, mus = hyper
   keys = jnp.stack([jax.random.split(jax.random.PRNGKey(s)) for s in seeds])  # [k, 2 (init, rng), 2]
   if stacked:
     state = jax.vmap(program.make_state)(program.init(keys[:, 0]), keys[:, 1])
   else:
     params = jax.tree.map(jnp.copy, init_params["params"]) if init_params else program.init(keys[0, 0])
-    state, decays = program.make_state(params, keys[0, 1]), decays[0]
+    state, decays, mus = program.make_state(params, keys[0, 1]), decays[0], mus[0]
   members = len(seeds) if stacked else None
   run_info = {"config": config.to_dict(), "seeds": seeds, "data_seed": int(data_seed),
               "weight_decays": decays.tolist(), "num_train": int(images.shape[0]),
-              "data_fingerprint": data_fingerprint(images, labels), "model": repr(model), **(run_info or {})}
+              "data_fingerprint": data_fingerprint(images, labels), "model": repr(model),
+              **({"lipschitz_strengths": mus.tolist()} if config.lipschitz_penalty != "none" else {}),
+              **(run_info or {})}
   evaluate_fn = make_evaluate(model, eval_data, config.eval_batch_size, members, mesh) \
       if config.task == "classify" else None
   state, history = driver.run(
-      state, program.epoch_fn, images, labels, jnp.asarray(decays), epochs=config.epochs, data_seed=data_seed,
+      state, program.epoch_fn, images, labels, Hyper(jnp.asarray(decays), jnp.asarray(mus)),
+      epochs=config.epochs, data_seed=data_seed,
       summarise=program.summarise, evaluate=evaluate_fn, checkpoint_every=config.checkpoint_every,
       workdir=workdir, run_info=run_info, stop_after_epoch=stop_after_epoch, members=members, mesh=mesh,
       prefix=prefix)
   variables = {"params": state.params}
   if not stacked:
     return TrainResult(variables, state, history)
-  return SweepResult(unstack(variables, len(seeds)), variables, decays, np.asarray(seeds), state, history)
+  return SweepResult(unstack(variables, len(seeds)), variables, decays, np.asarray(seeds), state, history,
+                     mus)
 
 
 def _train(model, images, labels, config: TrainConfig, stacked: bool, **kw):
   images, labels = check_data(images, labels)
-  program = _compiled(model, dataclasses.replace(config, weight_decay=(0.0,)), tuple(images.shape[1:]),
-                      images.shape[0], stacked)
+  program = _compiled(model, static_config(config), tuple(images.shape[1:]), images.shape[0], stacked)
   return fit(model, images, labels, config, program, stacked=stacked, **kw)
 
 
@@ -426,15 +571,17 @@ def train_model(model, images, labels, config: TrainConfig, *, seed: int = 0, da
 def train_sweep(model, images, labels, config: TrainConfig, *, weight_decays: Sequence[Any] = (None,),
                 seeds: Sequence[int] = (0,), data_seed: int = 0, workdir: Optional[str] = None,
                 eval_data: Optional[Tuple[Any, Any]] = None, stop_after_epoch: Optional[int] = None,
-                mesh: Optional[Mesh] = None) -> SweepResult:
-  """Trains k models that differ only in λ and/or init seed (:func:`sweep_members`) as ONE program: the
-  step vmapped over states stacked on a leading [k] axis, the same batches for all (``data_seed``); member
-  i ends where ``train_model(..., weight_decay=λ_i, seed=seeds[i], data_seed=data_seed)`` does, up to float
+                mesh: Optional[Mesh] = None,
+                lipschitz_strengths: Sequence[Optional[float]] = (None,)) -> SweepResult:
+  """Trains k models that differ only in λ, μ (``lipschitz_strengths``, with ``config.lipschitz_penalty``)
+  and/or init seed (:func:`sweep_members`) as ONE program: the step vmapped over states stacked on a
+  leading [k] axis, the same batches for all (``data_seed``); member i ends where ``train_model(...,
+  weight_decay=λ_i, lipschitz_strength=μ_i, seed=seeds[i], data_seed=data_seed)`` does, up to float
   rounding. Members are sharded over the 1-D ``mesh`` (default all devices; padded with copies of member 0,
   dropped from all outputs). Other arguments as in :func:`train_model`."""
   return _train(model, images, labels, config, True, weight_decays=weight_decays, seeds=seeds,
                 data_seed=data_seed, workdir=workdir, eval_data=eval_data, stop_after_epoch=stop_after_epoch,
-                mesh=mesh, who="train_sweep", prefix="[sweep] ")
+                mesh=mesh, who="train_sweep", prefix="[sweep] ", lipschitz_strengths=lipschitz_strengths)
 
 
 # ----------------------------------------------------------------------------------------------------

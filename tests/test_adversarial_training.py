@@ -118,8 +118,13 @@ def test_pool_layers_are_the_network_above_the_layer(tiny):
       variables["params"])
   assert not np.any(np.asarray(grads["hidden_0"]["kernel"])) and not np.any(np.asarray(grads["hidden_1"]["kernel"]))
   assert np.any(np.asarray(grads["output"]["kernel"]))
+  conv = models.get_model("mnist_conv")   # no head/features: only an input pool, through model.apply
   with pytest.raises(ValueError, match="head"):
-    at.model_pool_layers(models.get_model("mnist_conv"), ("input",))
+    at.model_pool_layers(conv, ("input", "hidden_0"))
+  (layer,) = at.model_pool_layers(conv, ("input",))
+  conv_vars = conv.init(jax.random.PRNGKey(0), x[:2])
+  np.testing.assert_allclose(layer.head_fn(conv_vars["params"], layer.feature_fn(conv_vars["params"], x[:2])),
+                             conv.apply(conv_vars, x[:2]), rtol=1e-5, atol=1e-5)
 
 
 def test_pool_schedule():
@@ -457,10 +462,11 @@ def test_sweep_refresh_stays_a_branch_taken_on_refresh_steps_only(tiny):
   # on every step. The stacked epoch keeps one cond (on the shared step) and every L-BFGS loop inside it.
   x, y, _, _ = tiny
   program = at._compiled(  # pylint: disable=protected-access
-      _model(), dataclasses.replace(CONFIG, weight_decay=(0.0,)), POOL, x.shape[1:], NUM_TRAIN, 10, True)
+      _model(), train.static_config(CONFIG), POOL, x.shape[1:], NUM_TRAIN, 10, True)
   params = program.init(jax.random.split(jax.random.PRNGKey(0), 2))
   state = jax.vmap(program.make_state)(params, jax.random.split(jax.random.PRNGKey(1), 2))
-  jaxpr = jax.make_jaxpr(program.epoch_fn)(state, x, y, jax.random.PRNGKey(0), jnp.int32(0), jnp.ones((2, 3)) * 1e-4).jaxpr
+  hyper = train.Hyper(jnp.ones((2, 3)) * 1e-4, jnp.zeros((2,)))
+  jaxpr = jax.make_jaxpr(program.epoch_fn)(state, x, y, jax.random.PRNGKey(0), jnp.int32(0), hyper).jaxpr
   body = _scan_body(jaxpr)
   assert body is not None, "no scan in the epoch"
   top = [e.primitive.name for e in body.eqns]
@@ -498,6 +504,7 @@ def _experiment_config():
                 warmup_epochs=POOL.warmup_steps / STEPS, perturbation_rms=0.0)
   c.pool.attack.update(untargeted=False, maxiter=5, refine=False)
   c.eval_attack.update(maxiter=5, num_bisection=1, refine=False)
+  c.lipschitz.strengths = (0.5,)
   return c
 
 
@@ -523,6 +530,13 @@ def test_experiment_config_is_checked_before_any_work(tmp_path):
     with pytest.raises((flags.Error, AttributeError, KeyError), match="bogus"):
       parse(bad)
   config = _experiment_config()
+  config.lipschitz.penalty = "spectral"
+  with pytest.raises(ValueError, match="lipschitz_penalty"):
+    at.run_experiment(config, str(tmp_path), data_dir=str(tmp_path / "missing"))
+  config.lipschitz.update(penalty="log", strengths=(0.1, 0.1))
+  with pytest.raises(ValueError, match="strengths"):
+    at.run_experiment(config, str(tmp_path), data_dir=str(tmp_path / "missing"))
+  config = _experiment_config()
   config.runs = ("weight_decay", "nope")
   with pytest.raises(ValueError, match="runs"):
     at.run_experiment(config, str(tmp_path), data_dir=str(tmp_path / "missing"))
@@ -537,12 +551,23 @@ def test_experiment_config_is_checked_before_any_work(tmp_path):
 def test_run_experiment_trains_attacks_restores_and_sweeps(full_run, sweep_run, synthetic_idx_dir, tmp_path):
   config = _experiment_config()
   out = at.run_experiment(config, str(tmp_path / "one"), synthetic_idx_dir)
-  assert set(out["per_seed"]) == set(at.RUNS) and out["seeds"] == [0] and out["num_attacked"] == 4
+  runs = ["weight_decay", "dropout", "adversarial", "lipschitz_0.5"]
+  assert list(out["per_seed"]) == runs and out["seeds"] == [0] and out["num_attacked"] == 4
   for (row,) in out["per_seed"].values():
     assert 0 <= row["eval_error"] <= 1 and row["attack_success"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert row["attack_success"] == 0 or row["av_min_distortion"] > 0
+    assert row["bracket_violations"] == 0 and 0 <= row["certified_over_attack"] <= 1
+    assert 0 <= row["certified_accuracy_1"] <= row["certified_accuracy_0.3"] <= 1 - row["eval_error"] + 1e-9
+  # The penalty lowers the product of the layer bounds (mu = 0.5 on log sigma; else the same run).
+  assert out["per_seed"]["lipschitz_0.5"][0]["lipschitz_product"] < 0.5 * out["per_seed"]["weight_decay"][0][
+      "lipschitz_product"]
+  lip = json.load(open(tmp_path / "one" / "lipschitz_0.5" / "result.json"))["settings"]["train_config"]
+  assert lip["lipschitz_penalty"] == "log" and lip["lipschitz_strength"] == 0.5
   assert set(out["claims"]) == {"adversarial_error_at_most_1.2%", "adversarial_error_below_both_baselines",
-                                "adversarial_distortion_above_weight_decay"}
+                                "adversarial_distortion_above_weight_decay", "lipschitz_0.5_meets_the_goal",
+                                "lipschitz_0.5_error_below_weight_decay",
+                                "lipschitz_0.5_distortion_at_least_1.5x_weight_decay",
+                                "lipschitz_0.5_certified_accuracy_0.3_at_least_90%"}
   adv = json.load(open(tmp_path / "one" / "adversarial" / "result.json"))
   assert len(adv["history"]) == EPOCHS and adv["history"][-1]["num_refreshes"] > 0
   assert adv["settings"]["pool_config"]["warmup_steps"] == POOL.warmup_steps
