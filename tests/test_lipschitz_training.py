@@ -58,13 +58,17 @@ def test_layer_norms_equal_the_exact_norms_dense_and_strided_conv():
     op = _dense_matrix(lambda x: spectral.conv_apply(kernel, jnp.asarray(x), (2, 2), "CIRCULAR"), shape)
     want = [np.linalg.svd(op, compute_uv=False)[0], np.linalg.svd(np.asarray(w), compute_uv=False)[0]]
     np.testing.assert_allclose(np.asarray(train.layer_norms(params, layers)), want, rtol=1e-10)
-  # VALID (zero-padded) strided conv: σ equals the certified upper bound spectral.py reports (float32).
-  model = _StridedNet(padding="VALID")
-  params = _init(model, shape, seed=1)
-  got = train.layer_norms(params, train.penalty_layers(model, shape))
-  conv = spectral.conv_operator_norm(params["conv"]["kernel"], input_shape=shape, strides=2, padding="VALID")
-  want = [conv.upper, spectral.dense_operator_norm(params["output"]["kernel"])]
-  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5)  # float32 Gram vs float32 SVD
+  # Zero-padded strided convs: σ equals the certified upper bound spectral.py reports (float32); SAME pads
+  # 8 -> 9 here, so its grid is 5, not 4.
+  for padding, grid in (("VALID", (4, 4)), ("SAME", (5, 5))):
+    model = _StridedNet(padding=padding)
+    params = _init(model, shape, seed=1)
+    layers = train.penalty_layers(model, shape)
+    assert layers[0].grid == grid
+    got = train.layer_norms(params, layers)
+    conv = spectral.conv_operator_norm(params["conv"]["kernel"], input_shape=shape, strides=2, padding=padding)
+    want = [conv.upper, spectral.dense_operator_norm(params["output"]["kernel"])]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5)  # float32 Gram vs float32 SVD
 
 
 def test_penalty_forms_values():
