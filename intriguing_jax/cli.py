@@ -17,6 +17,8 @@ Usage (a whole script)::
 field (unknown fields and wrong types are refused while the flags are parsed, before any work). ``--data_dir``
 is the MNIST IDX directory; without it ``data.load_mnist`` reads ``$INTRIGUING_JAX_MNIST_DIR``, else tfds.
 A benchmark prints its figures and, given ``--workdir``, writes them with :func:`write_figures`.
+:func:`run` turns on JAX's persistent compilation cache (:func:`enable_compilation_cache`), so a second
+invocation of a script with the same shapes loads its programs instead of compiling them.
 """
 
 from __future__ import annotations
@@ -116,6 +118,23 @@ def write_figures(workdir: Optional[str], name: str, figures: Dict[str, Any], co
     checkpoint.atomic_write_json(path, dict(figures, config=config.to_dict()))
 
 
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "intriguing_jax", "jax_cache")
+
+
+def enable_compilation_cache() -> Optional[str]:
+  """Points JAX's persistent compilation cache at ``$JAX_COMPILATION_CACHE_DIR`` if that is set (empty:
+  the cache stays off), else at ``~/.cache/intriguing_jax/jax_cache``; returns the directory (None: off).
+  Programs that took under ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` (JAX's default 1 s) to compile
+  are not stored."""
+  import jax  # pylint: disable=g-import-not-at-top  (cli itself needs no jax)
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  path = os.path.expanduser(DEFAULT_CACHE_DIR) if path is None else path
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+  return path or None
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
-  """``app.run(main)`` with :func:`parse_flags`."""
+  """``app.run(main)`` with :func:`parse_flags`, after :func:`enable_compilation_cache`."""
+  enable_compilation_cache()
   app.run(main, flags_parser=parse_flags)

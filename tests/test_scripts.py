@@ -74,3 +74,33 @@ def test_misspelt_config_field_is_refused_before_any_work(config):
   assert proc.returncode != 0
   assert "unknown config field 'bogus' among ['--config.bogus']" in proc.stderr, proc.stderr[-2000:]
   assert "MNIST from" not in proc.stdout   # main never started
+
+
+_CACHE_PROBE = r"""
+import sys, jax, jax.numpy as jnp
+from intriguing_jax import cli
+def main(argv):
+  del argv
+  jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()
+  print("CACHE", jax.config.jax_compilation_cache_dir)
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("setting", ["default", "env", "off"])
+def test_scripts_turn_on_the_persistent_compilation_cache(tmp_path, setting):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(HOME=str(tmp_path), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  want = {"default": tmp_path / ".cache" / "intriguing_jax" / "jax_cache", "env": tmp_path / "mine",
+          "off": None}[setting]
+  if setting != "default":
+    env["JAX_COMPILATION_CACHE_DIR"] = str(want or "")
+  proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE], cwd=_REPO, capture_output=True, text=True,
+                        env=env, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("CACHE")][-1]
+  if want is None:
+    assert line.strip() in ("CACHE", "CACHE None") and not (tmp_path / ".cache").exists()
+  else:
+    assert line == f"CACHE {want}"
+    assert any(want.iterdir())   # the compiled program was stored
