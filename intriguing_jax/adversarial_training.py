@@ -50,7 +50,7 @@ __all__ = [
     "PoolConfig", "PoolLayer", "PoolTrainState", "POOL_ATTACK", "model_pool_layers", "generate_adversarial",
     "place_at_rms", "make_generate_fn", "init_state", "mixed_batch_sizes", "sample_mixed_batch",
     "make_epoch_fn", "train_with_pool", "train_with_pool_sweep",
-    "validate", "run_experiment", "STEP_STATS", "POOL_STATS",
+    "validate", "run_experiment", "STEP_STATS", "POOL_STATS", "RUNS", "lipschitz_run", "lipschitz_verdict",
 ]
 
 INPUT = "input"
@@ -620,6 +620,42 @@ def _summarise_runs(per_seed: Dict[str, List[Dict[str, float]]], results, exp, t
   return mean, claims
 
 
+def lipschitz_verdict(mean: Dict[str, Dict[str, float]]) -> List[str]:
+  """§4.3's suggestion measured: per Lipschitz run, its test error, mean minimum distortion, certified
+  accuracy at L2 0.3, product of the layer bounds and training time beside the weight-decay run's (``mean``
+  as in ``results.json``), then whether any strength lowered the error or raised the distortion. Empty
+  without the weight-decay run or a Lipschitz run."""
+  wd = mean.get("weight_decay")
+  lips = {n: m for n, m in mean.items() if _run_kind(n) == "lipschitz"}
+  if not wd or not lips:
+    return []
+  def pct(m, k):
+    sd = m.get(f"{k}_sd")
+    return f"{100 * m[k]:.2f} %" + (f" ± {100 * sd:.2f}" if sd else "")
+  lines = []
+  for name, m in lips.items():
+    parts = [f"test error {pct(m, 'eval_error')} (weight decay {pct(wd, 'eval_error')})"]
+    if "av_min_distortion" in m and "av_min_distortion" in wd:
+      parts.append(f"mean minimum distortion {m['av_min_distortion']:.4f} = "
+                   f"{m['av_min_distortion'] / wd['av_min_distortion']:.2f}x weight decay's")
+    parts += [f"certified accuracy at L2 0.3 {pct(m, 'certified_accuracy_0.3')} "
+              f"(weight decay {pct(wd, 'certified_accuracy_0.3')})",
+              f"product of layer bounds {m['lipschitz_product']:.3g} "
+              f"(weight decay {wd['lipschitz_product']:.3g})",
+              f"training time {m['train_seconds'] / wd['train_seconds']:.2f}x"]
+    lines.append(f"{name}: " + "; ".join(parts))
+  best = min(lips, key=lambda n: lips[n]["eval_error"])
+  lower = lips[best]["eval_error"] < wd["eval_error"]
+  lines.append(f"Lower test error than weight decay: {'yes' if lower else 'no'} (best strength {best}: "
+               f"{pct(lips[best], 'eval_error')} vs {pct(wd, 'eval_error')}).")
+  if all("av_min_distortion" in m for m in lips.values()) and "av_min_distortion" in wd:
+    far = max(lips, key=lambda n: lips[n]["av_min_distortion"])
+    ratio = lips[far]["av_min_distortion"] / wd["av_min_distortion"]
+    lines.append(f"Larger minimum distortion than weight decay: {'yes' if ratio > 1 else 'no'} (largest: "
+                 f"{far}, {ratio:.2f}x, at test error {pct(lips[far], 'eval_error')}).")
+  return lines
+
+
 def _write_report(workdir, out):
   rep = report.Report("Regularisers against adversarial examples: weight decay, dropout, adversarial pools "
                       "(paper §4.2), Lipschitz penalties (§4.3)")
@@ -638,6 +674,10 @@ def _write_report(workdir, out):
   rep.table(rows, list(rows[0]), floatfmt=".4g", caption="Per seed")
   means = [{"run": n, **m} for n, m in out["mean"].items()]
   rep.table(means, list(means[0]), floatfmt=".4g", caption="Over the seeds (sd: sample standard deviation)")
+  verdict = lipschitz_verdict(out["mean"])
+  if verdict:
+    rep.heading("Does penalising the Lipschitz bounds help? (§4.3)")
+    rep.bullets(verdict)
   rep.heading("Claims checked")
   rep.bullets([f"{k}: {v}" for k, v in out["claims"].items()] or ["(needs the adversarial run)"])
   rep.heading("Settings")

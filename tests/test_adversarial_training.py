@@ -547,6 +547,24 @@ def test_experiment_config_is_checked_before_any_work(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_lipschitz_verdict_compares_each_strength_with_weight_decay():
+  row = lambda err, dist, cert, prod, secs: {
+      "eval_error": err, "eval_error_sd": 0.001, "av_min_distortion": dist, "certified_accuracy_0.3": cert,
+      "lipschitz_product": prod, "train_seconds": secs}
+  mean = {"weight_decay": row(0.017, 0.06, 0.0, 120.0, 100.0), "dropout": row(0.014, 0.07, 0.0, 90.0, 100.0),
+          "lipschitz_0.01": row(0.018, 0.09, 0.2, 40.0, 130.0),
+          "lipschitz_0.1": row(0.022, 0.12, 0.86, 7.0, 130.0)}
+  lines = at.lipschitz_verdict(mean)
+  assert len(lines) == 4 and lines[0].startswith("lipschitz_0.01: test error 1.80 % ± 0.10 (weight decay 1.70 %")
+  assert "= 2.00x weight decay's" in lines[1] and "certified accuracy at L2 0.3 86.00 %" in lines[1]
+  assert "product of layer bounds 7 (weight decay 120)" in lines[1] and "training time 1.30x" in lines[1]
+  assert lines[2].startswith("Lower test error than weight decay: no (best strength lipschitz_0.01: 1.80 %")
+  assert lines[3].startswith("Larger minimum distortion than weight decay: yes (largest: lipschitz_0.1, 2.00x")
+  mean["lipschitz_0.01"]["eval_error"] = 0.015
+  assert at.lipschitz_verdict(mean)[2].startswith("Lower test error than weight decay: yes")
+  assert at.lipschitz_verdict({"weight_decay": mean["weight_decay"]}) == []
+
+
 @pytest.mark.slow
 def test_run_experiment_trains_attacks_restores_and_sweeps(full_run, sweep_run, synthetic_idx_dir, tmp_path):
   config = _experiment_config()
@@ -572,6 +590,7 @@ def test_run_experiment_trains_attacks_restores_and_sweeps(full_run, sweep_run, 
   assert len(adv["history"]) == EPOCHS and adv["history"][-1]["num_refreshes"] > 0
   assert adv["settings"]["pool_config"]["warmup_steps"] == POOL.warmup_steps
   assert (tmp_path / "one" / "report.md").is_file() and (tmp_path / "one" / "report.html").is_file()
+  assert "Does penalising the Lipschitz bounds help?" in (tmp_path / "one" / "report.md").read_text()
   # Rerun: restored, the same figures; a finished run with other settings is refused, naming them.
   again = at.run_experiment(config, str(tmp_path / "one"), synthetic_idx_dir)["per_seed"]
   assert json.dumps(again) == json.dumps(out["per_seed"])
