@@ -169,7 +169,8 @@ def top_singular_value(m: Array) -> Array:
   Computed on the smaller Gram matrix ``G`` (``mᴴm`` or ``m mᴴ``, n = min(a, b)): ``v`` = top eigenvector of
   ``G`` (``eigh``, held constant), ``σ = √(vᴴ G v)``. Its value is σ_max and, by Hellmann-Feynman, its
   gradient the exact ``Re(u vᴴ)`` (the terms in dv vanish at an eigenvector; a subgradient when σ_max is
-  repeated). 10-20x cheaper than differentiating ``jnp.linalg.svd`` on CPU (notes/lipschitz.md)."""
+  repeated). Cheaper to differentiate than ``jnp.linalg.svd`` (``scripts/bench/lipschitz_penalty.py``
+  times both; notes/lipschitz.md)."""
   mh = jnp.conj(jnp.swapaxes(m, -1, -2))
   g = mh @ m if m.shape[-2] >= m.shape[-1] else m @ mh
   v = jnp.linalg.eigh(lax.stop_gradient(g))[1][..., -1]
