@@ -508,6 +508,15 @@ def _experiment_config():
   return c
 
 
+@pytest.mark.parametrize("preset", [None, "smoke", "paper", "conv"])
+def test_every_preset_validates(preset):
+  from intriguing_jax.configs import adversarial_training as configs  # pylint: disable=g-import-not-at-top
+  exp = at.validate(configs.get_config(preset))
+  assert list(exp.train) == ["weight_decay", "dropout", "adversarial", "lipschitz_0.03", "lipschitz_0.1"]
+  assert exp.train["lipschitz_0.1"].lipschitz_penalty == "log" and exp.model_kwargs["lipschitz_0.1"] == {}
+  assert exp.train["weight_decay"].lipschitz_penalty == "none"
+
+
 def test_experiment_config_is_checked_before_any_work(tmp_path):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
