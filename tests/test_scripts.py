@@ -83,22 +83,24 @@ def main(argv):
   del argv
   jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()
   print("CACHE", jax.config.jax_compilation_cache_dir)
+  import os; print("OPENBLAS", os.environ.get("OPENBLAS_NUM_THREADS"))
 cli.run(main)
 """
 
 
 @pytest.mark.parametrize("setting", ["default", "env", "off"])
-def test_scripts_turn_on_the_persistent_compilation_cache(tmp_path, setting):
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+def test_scripts_turn_on_the_compilation_cache_and_limit_openblas(tmp_path, setting):
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "OPENBLAS_NUM_THREADS")}
   env.update(HOME=str(tmp_path), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   want = {"default": tmp_path / ".cache" / "intriguing_jax" / "jax_cache", "env": tmp_path / "mine",
           "off": None}[setting]
-  if setting != "default":
-    env["JAX_COMPILATION_CACHE_DIR"] = str(want or "")
+  if setting != "default":   # and a user's own OpenBLAS thread count is kept
+    env.update(JAX_COMPILATION_CACHE_DIR=str(want or ""), OPENBLAS_NUM_THREADS="2")
   proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE], cwd=_REPO, capture_output=True, text=True,
                         env=env, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("CACHE")][-1]
+  assert f"OPENBLAS {1 if setting == 'default' else 2}" in proc.stdout.splitlines()
   if want is None:
     assert line.strip() in ("CACHE", "CACHE None") and not (tmp_path / ".cache").exists()
   else:
