@@ -11,9 +11,9 @@ Presets, chosen with ``--config=intriguing_jax/configs/adversarial_training.py:<
   exact operator norm of weight layer l, so μ times the log of the product of the layer bounds) for each μ
   of ``lipschitz.strengths``.
 * ``conv``: the same comparison on the MNIST ConvNet (``models.MnistConvNet``), shortened to fit 2 CPU
-  cores (a 3-seed sweep step took ~1 s there, 79 s per epoch): the first 10000 training images, 2 epochs of Adam 1e-3
-  (cosine), λ = 1e-5, dropout 0.5 before the last layer, the pool (input layer, through the ConvNet) from
-  half an epoch on, 50 attacked test images.
+  cores (a 3-seed sweep step took ~1 s there, 79 s per epoch): the first 10000 training images, 2 epochs
+  of Adam 1e-3 (cosine), λ = 1e-5, dropout 0.5 before the last layer, the pool (input layer, through the
+  ConvNet) from half an epoch on, 50 attacked test images.
 * ``smoke``: 2000 training images, 2 epochs, a pool of 200 refreshed every 5 steps, 20 attacked images.
 * ``paper``: the earlier paper-like setting (no dropout in the adversarial run, pools on the input and both
   hidden layers at the decision boundary, 40 epochs at lr 1e-3); 1.9-3.3 % test error.
