@@ -27,7 +27,7 @@ Both end a row's solve when ||clip(z - g) - z||_inf <= tol, (f_prev - f) <= ftol
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ class RowSolver(NamedTuple):
   """The pure functions of a row solver (see the module docstring). States are ``Rows`` or ``JaxoptRows``."""
   init: Callable[[Array, Tuple[Array, ...]], Any]
   step: Callable[[Any, Tuple[Array, ...]], Any]
-  restart: Callable[[Any, Array, Array], Any]
+  restart: Callable[..., Any]
 
 
 class Rows(NamedTuple):
@@ -53,7 +53,8 @@ class Rows(NamedTuple):
   s_hist: Array     # [m, R, n] ring buffer of steps
   y_hist: Array     # [m, R, n] ring buffer of gradient changes
   rho: Array        # [m, R] 1 / s.y of each slot; 0 = empty / skipped
-  gamma: Array      # [R] initial Hessian scaling s.y / y.y of the newest kept pair
+  gamma: Array      # [R] initial Hessian scaling s.y / y.y of the newest kept pair (0: none known)
+  pair: Array       # [3, R] s.s, s.y, y.y of the newest kept pair (for a restart with a Hessian shift)
   pos: Array        # [] int32, next ring slot
   alpha: Array      # [R] step multiplier (halved after each rejected trial)
   nback: Array      # [R] int32 consecutive rejected trials
@@ -98,15 +99,29 @@ def _rows_init(z0: Array, aux_like: Any, history_size: int) -> Rows:
   return Rows(z=z0, f=jnp.zeros((r,), dt), g=jnp.zeros_like(z0),
               aux=jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), aux_like),
               s_hist=jnp.zeros((history_size, r, n), dt), y_hist=jnp.zeros((history_size, r, n), dt),
-              rho=jnp.zeros((history_size, r), dt), gamma=jnp.ones((r,), dt), pos=jnp.zeros((), jnp.int32),
+              rho=jnp.zeros((history_size, r), dt), gamma=jnp.zeros((r,), dt), pair=jnp.zeros((3, r), dt),
+              pos=jnp.zeros((), jnp.int32),
               alpha=jnp.ones((r,), dt), nback=jnp.zeros((r,), jnp.int32), fresh=jnp.ones((r,), bool),
               num_iter=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool))
 
 
-def _rows_restart(st: Rows, mask: Array, z_start: Array) -> Rows:
-  """Starts a new solve at z_start [R, n] on the rows where mask [R] is set (memory cleared)."""
+def _rows_restart(st: Rows, mask: Array, z_start: Array, shift: Optional[Array] = None,
+                  scale: Optional[Array] = None) -> Rows:
+  """Starts a new solve at z_start [R, n] on the rows where mask [R] is set (memory cleared).
+
+  The first step of a solve without memory is -gamma g, at most box-sized (inf-norm <= upper - lower).
+  shift [R]: the new objective is the old one plus a quadratic whose Hessian is shift * I (e.g. a new
+  penalty weight c of c ||z - x||^2: shift = 2 (c_new - c_old)); gamma is then the newest pair's
+  s.y' / y'.y' with y' = y + shift s. Where that is not known (NaN shift, no pair, s.y' <= 0): scale [R]
+  (e.g. 1 / the objective's least curvature 2 c); where neither is known, 1."""
+  ss, sy, yy = st.pair
+  gamma = jnp.zeros_like(st.gamma) if scale is None else jnp.where(scale > 0, scale, 0.0)
+  if shift is not None:
+    sy2, yy2 = sy + shift * ss, yy + 2.0 * shift * sy + shift * shift * ss
+    known = (st.gamma > 0) & jnp.isfinite(shift) & (sy2 > 1e-10 * jnp.maximum(yy2, 1e-30))
+    gamma = jnp.where(known, sy2 / jnp.where(known, yy2, 1.0), gamma)
   return st._replace(z=jnp.where(mask[:, None], z_start, st.z), rho=jnp.where(mask[None, :], 0.0, st.rho),
-                     gamma=jnp.where(mask, 1.0, st.gamma), alpha=jnp.where(mask, 1.0, st.alpha),
+                     gamma=jnp.where(mask, gamma, st.gamma), alpha=jnp.where(mask, 1.0, st.alpha),
                      nback=jnp.where(mask, 0, st.nback), fresh=st.fresh | mask,
                      num_iter=jnp.where(mask, 0, st.num_iter), done=st.done & ~mask)
 
@@ -121,7 +136,7 @@ def _two_loop(st: Rows, q: Array) -> Array:
     al = rho * jnp.sum(s * q, axis=1)
     q = q - al[:, None] * y
     alphas.append((j, al))
-  r = st.gamma[:, None] * q
+  r = jnp.where(st.gamma > 0, st.gamma, 1.0)[:, None] * q
   for j, al in reversed(alphas):
     s, y, rho = st.s_hist[j], st.y_hist[j], st.rho[j]
     be = rho * jnp.sum(y * r, axis=1)
@@ -138,8 +153,9 @@ def _trial(st: Rows, lower, upper) -> Tuple[Array, Array]:
   descent = jnp.sum(d * g, axis=1) < 0
   d = jnp.where(descent[:, None], d, -gf)
   no_mem = jnp.all(st.rho == 0, axis=0)
-  # Without memory (first step, or after a reset) a unit step on -g can be huge: a box-sized step instead.
-  scale = jnp.where(no_mem, 1.0 / jnp.maximum(jnp.max(jnp.abs(d), axis=1), 1e-12), 1.0)
+  # Without memory or a known scale (first step, or after a reset) a unit step on -g can be huge: a
+  # box-sized step instead.
+  scale = jnp.where(no_mem, (upper - lower) / jnp.maximum(jnp.max(jnp.abs(d), axis=1), 1e-12), 1.0)
   idle = st.fresh | st.done
   d = jnp.where(idle[:, None], 0.0, d * (jnp.minimum(scale, 1.0) * st.alpha)[:, None])
   return jnp.clip(z + d, lower, upper), no_mem
@@ -167,6 +183,7 @@ def _rows_step(st: Rows, value_and_grad: Callable[[Array], Tuple[Tuple[Array, An
   put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, st.pos, 0)
   rho = put(st.rho, jnp.where(keep, 1.0 / jnp.where(keep, sy, 1.0), 0.0))
   gamma = jnp.where(keep, sy / jnp.where(keep, yy, 1.0), st.gamma)
+  pair = jnp.where(keep[None, :], jnp.stack([jnp.sum(s_v * s_v, axis=1), sy, yy]), st.pair)
   # Backtracking across calls; a failure with memory clears the memory, one without ends the solve.
   rejected = ~idle & ~moved
   nback = jnp.where(rejected, st.nback + 1, 0)
@@ -178,7 +195,8 @@ def _rows_step(st: Rows, value_and_grad: Callable[[Array], Tuple[Tuple[Array, An
   done = (st.done | ((moved | st.fresh) & (pg <= tol)) | (moved & _stalled(f, f_new, ftol))
           | (failed & no_mem) | (num_iter >= maxiter) | ~jnp.isfinite(f_new))
   return Rows(z=z_new, f=f_new, g=g_new, aux=aux_new, s_hist=put(st.s_hist, s_v), y_hist=put(st.y_hist, y_v),
-              rho=jnp.where(reset[None, :], 0.0, rho), gamma=gamma, pos=(st.pos + 1) % m,
+              rho=jnp.where(reset[None, :], 0.0, rho), gamma=jnp.where(reset, 0.0, gamma), pair=pair,
+              pos=(st.pos + 1) % m,
               alpha=jnp.where(reset, 1.0, alpha), nback=jnp.where(reset, 0, nback),
               fresh=jnp.zeros_like(st.fresh), num_iter=num_iter, done=done)
 
@@ -214,7 +232,7 @@ def _jaxopt_solver(fun, lower, upper, *, maxiter, history_size, tol, ftol) -> Ro
     return JaxoptRows(z=z, f=f, aux=state.aux, fresh=jnp.zeros_like(st.fresh), num_iter=num_iter,
                       done=done, state=state)
 
-  def restart(st, mask, z_start):
+  def restart(st, mask, z_start, shift=None, scale=None):  # pylint: disable=unused-argument
     return st._replace(z=jnp.where(mask[:, None], z_start, st.z), fresh=st.fresh | mask,
                        num_iter=jnp.where(mask, 0, st.num_iter), done=st.done & ~mask)
 
