@@ -291,7 +291,7 @@ def test_bad_input_raises_before_compiling(bad, error, match):
 
 @pytest.mark.parametrize("field, value", [
     ("maxiter", 0), ("c_grid", ()), ("c_grid", (1.0, -1.0)), ("penalty", "l1"), ("loss", "hinge"),
-    ("box", (1.0, 0.0)), ("box", (0.0,)), ("num_slots", -1), ("precision", "fastest"), ("solver", "adam"),
+    ("box", (1.0, 0.0)), ("box", (0.0,)), ("num_slots", -1), ("num_workers", -1), ("precision", "fastest"), ("solver", "adam"),
     ("tol", 0.0), ("ftol", float("nan")), ("success_margin", -1.0)])
 def test_options_are_validated_when_built(field, value):
   with pytest.raises(ValueError, match=field):
@@ -341,3 +341,52 @@ def test_random_targets_never_equal_labels_and_refuse_bad_labels():
       attack.random_targets(jax.random.PRNGKey(0), np.asarray(bad))
   traced = jax.jit(lambda lb: attack.random_targets(jax.random.PRNGKey(0), lb))(labels)   # no host check
   np.testing.assert_array_equal(np.asarray(traced), np.asarray(t))
+
+
+def test_workers_return_what_one_program_returns(linear_problem):
+  # Two programs at once on shares of the batch (7 examples: the second share padded) give every example
+  # the result of one program over the whole batch, in order, with the padding dropped.
+  params, x, target, _ = linear_problem
+  x7, t7 = np.concatenate([x, x[:1]]), np.concatenate([target, target[:1]])
+  one = attack.lbfgs_attack(linear_apply, params, x7, t7, dataclasses.replace(FAST, num_workers=1))
+  two = attack.lbfgs_attack(linear_apply, params, x7, t7, dataclasses.replace(FAST, num_workers=2))
+  assert two.x_adv.shape == x7.shape and two.num_evals.shape == (7,)
+  np.testing.assert_array_equal(np.asarray(two.success), np.asarray(one.success))
+  np.testing.assert_array_equal(np.asarray(two.num_evals), np.asarray(one.num_evals))
+  np.testing.assert_allclose(np.asarray(two.x_adv), np.asarray(one.x_adv), atol=1e-5)
+
+
+def test_num_evals_counts_every_solve_start_and_step(linear_problem):
+  # Every solve starts with one evaluation and every accepted step is one: at least
+  # num_iter + (grid solves >= 1) + num_bisection of them, and at most the loop's trips.
+  params, x, target, _ = linear_problem
+  res = attack.lbfgs_attack(linear_apply, params, x, target, dataclasses.replace(FAST, num_workers=1))
+  evals, iters = np.asarray(res.num_evals), np.asarray(res.num_iter)
+  assert np.all(evals >= iters + 1 + FAST.num_bisection), (evals, iters)
+  assert np.all(evals <= (len(FAST.c_grid) + FAST.num_bisection) * (FAST.maxiter + 31))
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_restart_carries_the_step_scale_across_a_hessian_shift(carry):
+  # f1 = 0.5 a ||z - b||^2 builds pairs with s.y / y.y = 1 / a. Restarted on f2 = f1 + 0.5 d ||z||^2
+  # (Hessian shift d), the first step -g / (a + d) is Newton's: it lands on f2's minimiser at once. Without
+  # the shift (NaN) the scale given instead (1 / a) is used, and one step falls short.
+  n, a, d = 6, 2.0, 3.0
+  b = jnp.linspace(0.2, 0.8, n)[None]
+
+  def fun(z, bb, dd):
+    f = 0.5 * a * jnp.sum((z - bb) ** 2) + 0.5 * dd * jnp.sum(z * z)
+    return f, f
+
+  rs = solver.row_solver(fun, -10.0, 10.0, solver="projected", maxiter=100, history_size=3, tol=1e-9,
+                         ftol=0.0)
+  st = rs.init(jnp.zeros((1, n)), (b, jnp.zeros((1,))))
+  for _ in range(3):
+    st = rs.step(st, (b, jnp.zeros((1,))))
+  shift = jnp.asarray([d if carry else jnp.nan])
+  st = rs.restart(st, jnp.ones((1,), bool), jnp.zeros((1, n)), shift, jnp.asarray([1.0 / a]))
+  args = (b, jnp.full((1,), d))
+  st = rs.step(rs.step(st, args), args)       # the start's evaluation, then the first step
+  z_star = a * b / (a + d)
+  err = float(jnp.max(jnp.abs(st.z - z_star)))
+  assert (err < 1e-5) if carry else (err > 1e-2), err

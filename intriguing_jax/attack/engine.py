@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
@@ -22,6 +24,7 @@ LOSSES = ("cross_entropy", "margin")
 SOLVERS = solver_lib.SOLVERS
 DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 DEFAULT_CPU_SLOTS = 32
+_CPU_EXAMPLES_PER_SLOT = 12   # auto rows on one CPU device: a worker's share / 12 (notes/attack.md)
 _PROJECTION_BLOCK = 8  # examples per block of the refinement's projections (their Jacobians stay in cache)
 _PROBE = 128  # examples whose logits are checked on the host before compiling
 
@@ -59,8 +62,12 @@ class AttackOptions:
       segment searches; linearised-boundary projections (3a; 0: none); FISTA steps of each projection.
     solver: "projected" (two-metric projected L-BFGS) or "jaxopt" (``jaxopt.LBFGSB``); ``attack.solver``.
     success_margin, margin_kappa: logits by which the target must win; confidence of the "margin" loss.
-    num_slots: examples in flight (batched solver rows); 0 = all examples on accelerators or several
-      devices, at most ``DEFAULT_CPU_SLOTS`` on one CPU device (fed from a queue).
+    num_slots: examples in flight (batched solver rows) per program; 0 = all examples on accelerators or
+      several devices; on one CPU device a worker's share / 12, clipped to [8, ``DEFAULT_CPU_SLOTS``]
+      (fed from a queue).
+    num_workers: ``lbfgs_attack`` on one CPU device runs this many programs at once, each on a
+      contiguous share of the batch (one compiled program, in threads); 0 = the cores available to the
+      process. XLA runs one program's small operations on one core better than on several.
     precision: ``jax.default_matmul_precision`` of the trace ("highest": float32 matmuls on every
       backend; None: the ambient setting, e.g. TF32 on GPUs).
   """
@@ -83,6 +90,7 @@ class AttackOptions:
   success_margin: float = 1e-3
   margin_kappa: float = 0.0
   num_slots: int = 0
+  num_workers: int = 0
   precision: Optional[str] = "highest"
 
   def __post_init__(self):
@@ -99,7 +107,7 @@ class AttackOptions:
     lo, hi = self.box if len(self.box) == 2 else (math.nan, math.nan)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
       raise ValueError(f"box must be (lower, upper), finite with lower < upper, got {self.box}")
-    for name, least in (("maxiter", 1), ("history_size", 1), ("num_bisection", 0), ("num_slots", 0),
+    for name, least in (("maxiter", 1), ("history_size", 1), ("num_bisection", 0), ("num_slots", 0), ("num_workers", 0),
                         ("refine_steps", 0), ("refine_rounds", 0), ("projection_steps", 0)):
       if int(getattr(self, name)) < least:
         raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
@@ -152,9 +160,21 @@ def _num_slots(opts: AttackOptions, batch: int) -> int:
   """Rows of the c search (``AttackOptions.num_slots``; why on CPU: notes/attack.md)."""
   if opts.num_slots:
     return min(opts.num_slots, batch)
-  if jax.default_backend() == "cpu" and jax.device_count() == 1:
-    return min(DEFAULT_CPU_SLOTS, batch)
+  if _one_cpu():
+    return min(max(8, batch // _CPU_EXAMPLES_PER_SLOT), DEFAULT_CPU_SLOTS, batch)
   return batch
+
+
+def _one_cpu() -> bool:
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def _num_workers(opts: AttackOptions, batch: int) -> int:
+  """Concurrent programs of ``lbfgs_attack`` (``AttackOptions.num_workers``): 1 unless on one CPU device."""
+  if not _one_cpu():
+    return 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return max(1, min(opts.num_workers or cores, batch))
 
 
 def _refine_margin(opts: AttackOptions) -> float:
@@ -387,6 +407,7 @@ def _attack_impl(apply_fn, opts: AttackOptions, params, x: Array, label: Array, 
                  ) -> AttackResult:
   """x: [B, *s]; label: [B] int32; c_grid: [G]. Traced under ``precision_lib.scope(opts.precision)``."""
   logging.vlog(1, "attack: tracing the program for %s, x %s, %s", apply_fn, x.shape, opts)
+  apply_fn = jax.jit(apply_fn)   # traced once per input shape in this program, not at every call site
   with precision_lib.scope(opts.precision):
     best = _c_search(apply_fn, opts, params, x, label, c_grid)
     margin_of = lambda z: _margin(apply_fn(params, z), label, opts.untargeted)
@@ -471,8 +492,7 @@ def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array,
   x, target = _check_inputs(apply_fn, params, x, target, options)
   c_arr, n = np.asarray(options.c_grid, np.float32), x.shape[0]
   if jax.device_count() == 1 or not (shard is None or shard):   # shard=None: when several devices exist
-    return _program(static_fn(apply_fn), options, params, jnp.asarray(x), jnp.asarray(target),
-                    jnp.asarray(c_arr))
+    return _run_workers(static_fn(apply_fn), options, params, x, target, jnp.asarray(c_arr))
   # Examples sharded over every (global) device, padded with copies of example 0 (valid, in-box inputs).
   mesh = distributed.data_mesh()
   size = distributed.round_up(n, mesh.size)
@@ -481,6 +501,31 @@ def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array,
   res = _program(static_fn(apply_fn), options, params, xs, ts, c_arr)
   if jax.process_count() > 1:
     res = distributed.gather(res)
+  return distributed.unpad(res, n) if size != n else res
+
+
+def _run_workers(apply_fn, options: AttackOptions, params, x: np.ndarray, target: np.ndarray, c_arr: Array
+                 ) -> AttackResult:
+  """The program on ``_num_workers`` contiguous shares of the batch at once (padded with copies of example
+  0 to equal shares: one compiled program), results concatenated in order."""
+  n = x.shape[0]
+  workers = _num_workers(options, n)
+  if workers == 1:
+    return _program(apply_fn, options, params, jnp.asarray(x), jnp.asarray(target), c_arr)
+  size = distributed.round_up(n, workers)
+  xs, ts = distributed.pad_batch((x, target), size)
+  share = size // workers
+
+  def run(i):
+    part = slice(i * share, (i + 1) * share)
+    return jax.block_until_ready(_program(apply_fn, options, params, jnp.asarray(xs[part]),
+                                          jnp.asarray(ts[part]), c_arr))
+
+  # Compiled once here (cached by jit), not by every thread at once.
+  _program.lower(apply_fn, options, params, jnp.asarray(xs[:share]), jnp.asarray(ts[:share]), c_arr).compile()
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    parts = list(pool.map(run, range(workers)))
+  res = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
   return distributed.unpad(res, n) if size != n else res
 
 
