@@ -291,7 +291,8 @@ def test_bad_input_raises_before_compiling(bad, error, match):
 
 @pytest.mark.parametrize("field, value", [
     ("maxiter", 0), ("c_grid", ()), ("c_grid", (1.0, -1.0)), ("penalty", "l1"), ("loss", "hinge"),
-    ("box", (1.0, 0.0)), ("box", (0.0,)), ("num_slots", -1), ("num_workers", -1), ("precision", "fastest"), ("solver", "adam"),
+    ("box", (1.0, 0.0)), ("box", (0.0,)), ("num_slots", -1), ("num_workers", -1),
+    ("precision", "fastest"), ("solver", "adam"),
     ("tol", 0.0), ("ftol", float("nan")), ("success_margin", -1.0)])
 def test_options_are_validated_when_built(field, value):
   with pytest.raises(ValueError, match=field):

@@ -21,8 +21,10 @@ minimiser is classified l. One jit-compiled program does all of it:
 1. c search: each example scans the geometric ``c_grid`` from the largest c down to its first success,
    then bisects c in log-space ``num_bisection`` times between it and the failing grid value above (no
    success on the grid: it walks below it, one grid ratio per solve); solves after the first are
-   warm-started. They run on the rows of a batched, restartable L-BFGS (``attack.solver``), a row taking
-   the next queued example when its example is done, so no example waits for another.
+   warm-started, and (``penalty="l2_squared"``) start with a step scaled by the last solve's curvature,
+   corrected for the Hessian's change 2 (c_new - c_old) I (the first solve: by 1 / 2c). They run on the
+   rows of a batched, restartable L-BFGS (``attack.solver``), a row taking the next queued example when
+   its example is done, so no example waits for another.
 2. (``refine=True``) refinement toward the decision boundary. With cross-entropy the loss gradient at the
    boundary is sum_j p_j (w_j - w_l), which mixes in every class with p_j > 0, so the penalty minimisers
    cross the boundary away from the closest boundary point. (a) ``refine_rounds`` times: project x onto
@@ -33,7 +35,8 @@ minimiser is classified l. One jit-compiled program does all of it:
 3. success: the target beats every other class by ``success_margin`` logits on exactly the returned
    point (untargeted: another class beats the label by it).
 
-``lbfgs_attack`` checks its inputs on the host before compiling and shards the batch over the devices;
+``lbfgs_attack`` checks its inputs on the host before compiling and shards the batch over the devices
+(on one CPU device: ``num_workers`` programs at once, one per core, each on a share of the batch);
 ``make_attack`` is the same program as a pure function. Evidence and measurements: notes/attack.md.
 """
 

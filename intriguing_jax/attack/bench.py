@@ -3,15 +3,19 @@
 Parts (``config.parts``): ``convex``, FC10(1e-4) on the first ``num_convex`` test images toward seeded
 random targets, the attack with ``config.attack`` and with ``refine=False`` (the paper's method alone) vs
 the exact optimum (``exact.linear_min_norm``); ``compare``, FC100-100-10 on the first ``num_compare`` test
-images, the attack (median of ``repeats`` warm calls) vs ``scipy_attack`` on the first ``num_baseline``
-(0: none). Throughput against the rows in flight: rerun with ``--config.attack.num_slots=...``.
+images, the attack (median of ``repeats`` warm calls) vs another checkout's engine at its defaults on the
+same inputs (``reference``: a path; "" = none) and vs ``scipy_attack`` on the first ``num_baseline`` (0:
+none); ``budgets``, the same inputs under every ``budgets`` entry (option overrides): evaluations,
+time and distortion of each, the Pareto front; ``batch``, throughput against the batch (``batches``).
+Every speed figure comes with the evaluations per example it took (``AttackResult.num_evals``, plus the
+refinement's fixed forward passes and Jacobians, :func:`refinement_evals`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +25,7 @@ from intriguing_jax import data, exact, train
 from intriguing_jax.attack.engine import AttackOptions, lbfgs_attack
 from intriguing_jax.attack.perturbations import random_targets
 
-PARTS = ("convex", "compare")
+PARTS = ("convex", "compare", "budgets", "batch")
 
 
 def scipy_attack(apply_fn, params, x, target, opts: AttackOptions):
@@ -74,6 +78,39 @@ def _timed(fn: Callable[[], Any]):
   return out, time.perf_counter() - t0
 
 
+def refinement_evals(opts: AttackOptions) -> Dict[str, int]:
+  """Model evaluations per example of the refinement (fixed by the options): forward passes, and
+  Jacobians of the k constraints (each about k backward passes)."""
+  if not opts.refine:
+    return dict(forward=1, jacobians=0)
+  forward = opts.refine_rounds * (opts.refine_steps + 2) + (opts.refine_steps + 1 if opts.refine_steps else 0)
+  return dict(forward=forward + 1, jacobians=opts.refine_rounds)
+
+
+def pareto(points: Sequence[Tuple[str, float, float]]) -> List[str]:
+  """Names of the (name, cost, distortion) points no other point dominates (at most the cost and the
+  distortion, strictly less of one)."""
+  return [n for n, c, d in points
+          if not any(c2 <= c and d2 <= d and (c2 < c or d2 < d) for _, c2, d2 in points)]
+
+
+def measure(apply_fn, params, x, target, opts: AttackOptions, repeats: int) -> Dict[str, Any]:
+  """The attack on (x, target): first call (compile included) and the median of ``repeats`` warm calls.
+
+  Returns s_per_example (warm), examples_per_s, time_first_s, success, mean_rms, evals_per_example (the c
+  search's value-and-gradient evaluations, ``AttackResult.num_evals``), refinement_evals, and the result
+  arrays distortion / success_mask / x_adv (numpy) for re-scoring."""
+  run = lambda: lbfgs_attack(apply_fn, params, x, target, opts)
+  res, t1 = _timed(run)
+  t2 = float(np.median([_timed(run)[1] for _ in range(repeats)]))
+  d, ok = np.asarray(res.distortion), np.asarray(res.success)
+  return dict(s_per_example=t2 / len(x), examples_per_s=len(x) / t2, time_first_s=t1,
+              success=float(ok.mean()), mean_rms=float(d.mean()),
+              evals_per_example=float(np.mean(res.num_evals)),
+              refinement_evals=refinement_evals(opts), distortion=d, success_mask=ok,
+              x_adv=np.asarray(res.x_adv))
+
+
 def _part_convex(config, opts, model_fn, x, y) -> Dict[str, Any]:
   model, variables = model_fn("fc10-1e-4")
   x, y = x[:config.num_convex], y[:config.num_convex]
@@ -84,48 +121,149 @@ def _part_convex(config, opts, model_fn, x, y) -> Dict[str, Any]:
         f"RMS {sol.distortion.mean():.5f}, max duality gap {np.max(sol.distortion - sol.lower_bound):.2e}")
   figures = {}
   for name, o in (("default", opts), ("refine=False", dataclasses.replace(opts, refine=False))):
-    _, t1 = _timed(lambda: lbfgs_attack(model.apply, variables, x, target, o))
-    res, t2 = _timed(lambda: lbfgs_attack(model.apply, variables, x, target, o))
-    d, ok = np.asarray(res.distortion), np.asarray(res.success)
+    m = measure(model.apply, variables, x, target, o, 1)
+    d, ok = m["distortion"], m["success_mask"]
     per = d[keep] / sol.distortion[keep]
-    f = figures[name] = dict(success=float(ok.mean()), mean_rms=float(d.mean()), time_first_s=t1,
-                             ratio=float(d.mean() / sol.distortion.mean()),
+    f = figures[name] = dict(_scalars(m), ratio=float(d.mean() / sol.distortion.mean()),
                              per_example=(float(per.min()), float(per.max())),
-                             below_lower_bound=int(np.sum(d < sol.lower_bound * (1 - 1e-6))),
-                             time_second_s=t2)
+                             below_lower_bound=int(np.sum(d < sol.lower_bound * (1 - 1e-6))))
     print(f"[convex] {name}: success {ok.mean():.1%}, mean RMS {d.mean():.5f}, ratio to exact "
           f"{f['ratio']:.5f} (per example {per.min():.5f}..{per.max():.5f}), below the certified lower "
-          f"bound: {f['below_lower_bound']}; {t1:.1f} s first call, {t2:.2f} s second")
+          f"bound: {f['below_lower_bound']}; {m['time_first_s']:.1f} s first call, "
+          f"{m['s_per_example'] * len(x):.2f} s second; c-search evaluations per example "
+          f"{m['evals_per_example']:.1f}")
   return figures
 
 
-def _part_compare(config, opts, model_fn, x, y) -> Dict[str, Any]:
+def _compare_inputs(config, model_fn, x, y, n):
   model, variables = model_fn("fc100-100-10")
-  n, nb = config.num_compare, min(config.num_baseline, config.num_compare)
-  x, target = x[:n], np.asarray(random_targets(jax.random.PRNGKey(config.seed), y[:n]))
-  run = lambda: lbfgs_attack(model.apply, variables, x, target, opts)
-  res, t1 = _timed(run)
-  t2 = float(np.median([_timed(run)[1] for _ in range(config.repeats)]))
-  d, ok = np.asarray(res.distortion), np.asarray(res.success)
-  print(f"[compare] attack, FC100-100-10, {n} images: {n / t2:.1f} examples/s warm (median of "
-        f"{config.repeats}: {t2:.2f} s; first call {t1:.1f} s incl. compile), success {ok.mean():.1%}, "
-        f"mean RMS {d.mean():.5f}")
-  f = dict(n=n, examples_per_s=n / t2, examples_per_s_with_compile=n / t1, success=float(ok.mean()),
-           mean_rms=float(d.mean()))
+  return model, variables, x[:n], np.asarray(random_targets(jax.random.PRNGKey(config.seed), y[:n]))
+
+
+def _print_measure(tag: str, name: str, m: Dict[str, Any], n: int, repeats: int) -> None:
+  ref = m["refinement_evals"]
+  print(f"[{tag}] {name}, {n} images: {m['examples_per_s']:.1f} examples/s warm (median of {repeats}; first "
+        f"call {m['time_first_s']:.2f} s incl. compile), success {m['success']:.1%}, mean RMS "
+        f"{m['mean_rms']:.5f}, evaluations per example: c search {m['evals_per_example']:.1f} + "
+        f"refinement {ref['forward']} forward, {ref['jacobians']} Jacobians")
+
+
+def _scalars(m: Dict[str, Any]) -> Dict[str, Any]:
+  return {k: v for k, v in m.items() if not isinstance(v, np.ndarray)}
+
+
+def _part_compare(config, opts, model_fn, x, y) -> Dict[str, Any]:
+  model, variables, x, target = _compare_inputs(config, model_fn, x, y, config.num_compare)
+  n, nb = len(x), min(config.num_baseline, config.num_compare)
+  m = measure(model.apply, variables, x, target, opts, config.repeats)
+  _print_measure("compare", "attack, FC100-100-10", m, n, config.repeats)
+  d, ok = m["distortion"], m["success_mask"]
+  f = dict(n=n, **_scalars(m))
+  if config.reference:
+    r = reference_attack(config.reference, "fc100-100-10", variables, x, target, config.repeats)
+    both = r["success"] & ok
+    f["reference"] = dict(tree=config.reference, examples_per_s=n / r["time_warm"],
+                          time_first_s=r["time_first"],
+                          success=float(r["success"].mean()), mean_rms=float(r["distortion"].mean()),
+                          throughput_ratio=float(r["time_warm"] / (m["s_per_example"] * n)),
+                          rms_ratio=float(d[both].mean() / r["distortion"][both].mean()))
+    print(f"[compare] reference engine ({config.reference}, its defaults), same inputs: "
+          f"{n / r['time_warm']:.1f} examples/s warm (first call {r['time_first']:.2f} s), success "
+          f"{r['success'].mean():.1%}, mean RMS {r['distortion'].mean():.5f}; ratios: throughput "
+          f"{f['reference']['throughput_ratio']:.2f}x, mean RMS {f['reference']['rms_ratio']:.5f} (on "
+          f"{int(both.sum())})")
   if nb:
     (_, bok, bd), tb = _timed(lambda: scipy_attack(model.apply, variables, x[:nb], target[:nb], opts))
     both = bok & ok[:nb]
     f.update(n_baseline=nb, baseline_examples_per_s=nb / tb, baseline_success=float(bok.mean()),
-             throughput_ratio=(n / t2) / (nb / tb), rms_ratio=float(d[:nb][both].mean() / bd[both].mean()))
+             throughput_ratio=m["examples_per_s"] / (nb / tb),
+             rms_ratio=float(d[:nb][both].mean() / bd[both].mean()))
     print(f"[compare] scipy baseline, first {nb}: {nb / tb:.2f} examples/s, success {bok.mean():.1%}; "
           f"ratios: throughput {f['throughput_ratio']:.1f}x warm, mean RMS {f['rms_ratio']:.4f} (on "
           f"{int(both.sum())})")
   return f
 
 
+def _part_budgets(config, opts, model_fn, x, y) -> Dict[str, Any]:
+  """Distortion against evaluations: every ``config.budgets`` entry (option overrides) on the compare
+  inputs, its ratio to the first entry's mean RMS, and whether it is on the Pareto front (s/example, RMS)."""
+  model, variables, x, target = _compare_inputs(config, model_fn, x, y, config.num_compare)
+  figures = {}
+  for name, overrides in config.budgets.items():
+    m = measure(model.apply, variables, x, target, dataclasses.replace(opts, **overrides), config.repeats)
+    _print_measure("budgets", name, m, len(x), config.repeats)
+    figures[name] = _scalars(m)
+  first = next(iter(figures.values()))
+  front = pareto([(k, v["s_per_example"], v["mean_rms"]) for k, v in figures.items()])
+  for name, v in figures.items():
+    v.update(rms_ratio=v["mean_rms"] / first["mean_rms"], pareto=name in front)
+    print(f"[budgets] {name:28s} evals/example {v['evals_per_example']:6.1f}  ms/example "
+          f"{1e3 * v['s_per_example']:6.3f}  mean RMS ratio {v['rms_ratio']:.5f}  success {v['success']:.1%}"
+          f"{'  (Pareto front)' if v['pareto'] else ''}")
+  return figures
+
+
+def _part_batch(config, opts, model_fn, x, y) -> Dict[str, Any]:
+  """Throughput against the batch (``config.batches``) with the options' programs in flight."""
+  model, variables, xs, target = _compare_inputs(config, model_fn, x, y, max(config.batches))
+  figures = {}
+  for b in config.batches:
+    m = measure(model.apply, variables, xs[:b], target[:b], opts, config.repeats)
+    _print_measure("batch", f"batch {b}", m, b, config.repeats)
+    figures[str(b)] = _scalars(m)
+  return figures
+
+
+_REFERENCE_SCRIPT = """
+import sys, time
+import jax, numpy as np
+from flax import serialization
+from intriguing_jax import models
+from intriguing_jax.attack import lbfgs_attack
+d = np.load(sys.argv[1])
+model = models.get_model(sys.argv[2])
+with open(sys.argv[3], "rb") as f:
+  v = serialization.from_bytes(model.init(jax.random.PRNGKey(0), d["x"][:1]), f.read())
+run = lambda: jax.block_until_ready(lbfgs_attack(model.apply, v, d["x"], d["target"]))
+t0 = time.perf_counter(); r = run(); first = time.perf_counter() - t0
+ts = []
+for _ in range(int(sys.argv[5])):
+  t0 = time.perf_counter(); r = run(); ts.append(time.perf_counter() - t0)
+np.savez(sys.argv[4], distortion=np.asarray(r.distortion), success=np.asarray(r.success),
+         time_first=first, time_warm=float(np.median(ts)))
+"""
+
+
+def reference_attack(tree: str, model_name: str, variables, x, target, repeats: int) -> Dict[str, Any]:
+  """``lbfgs_attack`` at ITS defaults from another checkout ``tree`` of this repository (e.g. a git worktree
+  of an older commit), in a subprocess on the same inputs and weights: distortion, success, time_first,
+  time_warm (median of ``repeats``)."""
+  import os, subprocess, sys, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(tree, "intriguing_jax")):
+    raise ValueError(f"reference: {tree!r} is not a checkout of intriguing_jax")
+  with tempfile.TemporaryDirectory() as tmp:
+    inp, weights, out = (os.path.join(tmp, f) for f in ("in.npz", "weights.msgpack", "out.npz"))
+    np.savez(inp, x=np.asarray(x), target=np.asarray(target))
+    with open(weights, "wb") as f:
+      f.write(serialization.to_bytes(variables))
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+    subprocess.run([sys.executable, "-c", _REFERENCE_SCRIPT, inp, model_name, weights, out, str(repeats)],
+                   env=env, check=True, cwd=tmp)
+    with np.load(out) as r:
+      return {k: r[k] for k in r.files}
+
+
 def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
   """Runs ``config.parts`` (the config validated before any data is read); returns the figures."""
   opts = AttackOptions(**config.attack)
+  for name, overrides in config.budgets.items():
+    try:
+      dataclasses.replace(opts, **overrides)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"bench_attack config: budget {name!r}: {e}") from e
+  if not config.batches or min(config.batches) < 1:
+    raise ValueError(f"bench_attack config: batches must be sizes >= 1, got {config.batches}")
   bad = [p for p in config.parts if p not in PARTS]
   if bad or min(config.num_convex, config.num_compare, config.repeats) < 1:
     raise ValueError(f"bench_attack config: parts must be among {PARTS} (got {bad}); num_convex, "
@@ -138,7 +276,7 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
     return train.get_or_train(name, x_train[:n], y_train[:n], workdir=workdir, epochs=config.epochs or None,
                               run_name=None if n == len(x_train) else f"{name}-n{n}")
 
-  parts = {"convex": _part_convex, "compare": _part_compare}
+  parts = {"convex": _part_convex, "compare": _part_compare, "budgets": _part_budgets, "batch": _part_batch}
   figures = {"devices": [str(d) for d in jax.devices()]}
   for part in config.parts:
     figures[part] = parts[part](config, opts, model_fn, x_test, y_test)

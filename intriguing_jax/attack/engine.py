@@ -107,8 +107,9 @@ class AttackOptions:
     lo, hi = self.box if len(self.box) == 2 else (math.nan, math.nan)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
       raise ValueError(f"box must be (lower, upper), finite with lower < upper, got {self.box}")
-    for name, least in (("maxiter", 1), ("history_size", 1), ("num_bisection", 0), ("num_slots", 0), ("num_workers", 0),
-                        ("refine_steps", 0), ("refine_rounds", 0), ("projection_steps", 0)):
+    for name, least in (("maxiter", 1), ("history_size", 1), ("num_bisection", 0), ("num_slots", 0),
+                        ("num_workers", 0), ("refine_steps", 0), ("refine_rounds", 0),
+                        ("projection_steps", 0)):
       if int(getattr(self, name)) < least:
         raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
     for name in ("ftol", "success_margin", "margin_kappa"):

@@ -3,11 +3,12 @@
 Usage::
 
     from intriguing_jax.attack import solver
-    rs = solver.row_solver(fun, 0.0, 1.0, solver="projected", maxiter=100, history_size=10, tol=1e-4,
-                           ftol=1e-6)
+    rs = solver.row_solver(fun, 0.0, 1.0, solver="projected", maxiter=100, history_size=5, tol=1e-4,
+                           ftol=1e-5)
     st = rs.init(z0, args)                 # z0 [R, n]; args: tuple of per-row arrays [R, ...]
     st = rs.step(st, args)                 # one step of every row; st.done [R] marks ended solves
     st = rs.restart(st, mask, z_start)     # new solves on the rows of mask [R], started at z_start
+    st = rs.restart(st, mask, z_start, shift, scale)   # ... with the first step's scale carried over
 
 ``fun(z [n], *args_row) -> (f, aux)`` is ONE row's objective (aux: e.g. logits), minimised over the box
 [lower, upper]^n; a driving loop can end one row's solve and start its next while the others go on.
@@ -18,7 +19,8 @@ Usage::
   - z). One step is ONE objective evaluation per row: a rejected trial halves the row's step for the next
   call. The memory is a ring buffer shared by the rows (one slot per call, rho = 0 where a row keeps
   nothing). A failed line search clears the row's memory (as scipy restarts); without memory it ends the
-  solve.
+  solve. A step without memory is -gamma g, at most box-sized: gamma carried over by ``restart`` (the
+  previous objective's newest pair, corrected for a known Hessian shift, or a given scale), else 1.
 * ``"jaxopt"``: ``jaxopt.LBFGSB`` (Byrd, Lu, Nocedal & Zhu 1995), one ``update`` per row and call, vmapped.
 
 Both end a row's solve when ||clip(z - g) - z||_inf <= tol, (f_prev - f) <= ftol * max(|f_prev|, |f|, 1)

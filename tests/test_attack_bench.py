@@ -1,0 +1,50 @@
+"""Tests of the attack benchmark's pieces (intriguing_jax.attack.bench) that its figures rest on."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from intriguing_jax import models
+from intriguing_jax.attack import bench
+from intriguing_jax.attack.engine import AttackOptions, lbfgs_attack
+from intriguing_jax.configs import bench_attack
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_pareto_keeps_exactly_the_undominated_points():
+  points = [("a", 1.0, 5.0), ("b", 2.0, 4.0), ("c", 2.0, 6.0), ("d", 3.0, 4.0), ("e", 0.5, 9.0),
+            ("f", 1.0, 5.0)]
+  # c is dominated by a and b; d by b (same distortion, slower); a and f tie, neither dominates the other.
+  assert bench.pareto(points) == ["a", "b", "e", "f"]
+
+
+def test_a_bad_budget_is_refused_before_any_work(tmp_path):
+  config = bench_attack.get_config("tiny")
+  config.budgets = {"defaults": {}, "broken": {"num_bisection": -1}}
+  with pytest.raises(ValueError, match="budget 'broken'.*num_bisection"):
+    bench.run(config, str(tmp_path), data_dir=str(tmp_path / "no_data_here"))
+
+
+def test_refinement_evals_follow_the_options():
+  opts = AttackOptions(refine_rounds=3, refine_steps=10)
+  assert bench.refinement_evals(opts) == dict(forward=3 * 12 + 11 + 1, jacobians=3)
+  assert bench.refinement_evals(AttackOptions(refine=False)) == dict(forward=1, jacobians=0)
+
+
+@pytest.mark.slow
+def test_reference_engine_runs_on_the_same_inputs_and_weights():
+  # This checkout as its own reference: the subprocess gets the same weights and inputs, so it returns
+  # what the attack returns here.
+  model = models.get_model("fc100-100-10")
+  x = np.random.RandomState(0).uniform(0, 1, size=(6, 28, 28, 1)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(3), jnp.asarray(x[:1]))
+  target = (np.argmax(np.asarray(model.apply(variables, x)), -1) + 1) % 10
+  here = lbfgs_attack(model.apply, variables, x, target)
+  ref = bench.reference_attack(_REPO, "fc100-100-10", variables, x, target, repeats=1)
+  np.testing.assert_array_equal(ref["success"], np.asarray(here.success))
+  np.testing.assert_allclose(ref["distortion"], np.asarray(here.distortion), rtol=1e-4)
+  assert ref["time_warm"] > 0
