@@ -391,3 +391,22 @@ def test_restart_carries_the_step_scale_across_a_hessian_shift(carry):
   z_star = a * b / (a + d)
   err = float(jnp.max(jnp.abs(st.z - z_star)))
   assert (err < 1e-5) if carry else (err > 1e-2), err
+
+
+def test_a_success_short_of_the_margin_on_the_batch_is_pushed_out():
+  # The batch evaluation (B > 1) gives class 0 0.05 logits less than a row's: the c search's successes
+  # toward class 0 (refine=False: returned as found) fall short on the final, batched check, and are moved
+  # outward along x -> x_adv (t > 1) until they clear it.
+  def skewed_apply(params, x):
+    return linear_apply(params, x) - (0.05 if x.shape[0] > 1 else 0.0) * (jnp.arange(K) == 0)[None, :]
+
+  params, x = _linear_params(), _data(8)
+  x = x[np.argmax(np.asarray(linear_apply(params, x)), -1) != 0]
+  target = np.zeros(len(x), np.int32)
+  opts = dataclasses.replace(FAST, refine=False, num_workers=1)
+  res = attack.lbfgs_attack(skewed_apply, params, x, target, opts)
+  plain = attack.lbfgs_attack(linear_apply, params, x, target, opts)
+  assert np.all(np.asarray(res.success)) and np.all(np.asarray(res.t) > 1.0)
+  # The same search (rows see the same model), then the push (up to clipping at the box).
+  np.testing.assert_allclose(np.asarray(res.distortion), np.asarray(res.t) * np.asarray(plain.distortion),
+                             rtol=2e-3)

@@ -20,6 +20,10 @@ def test_pareto_keeps_exactly_the_undominated_points():
             ("f", 1.0, 5.0)]
   # c is dominated by a and b; d by b (same distortion, slower); a and f tie, neither dominates the other.
   assert bench.pareto(points) == ["a", "b", "e", "f"]
+  # A method without successes (mean distortion nan) is never on the front and dominates nothing.
+  assert bench.pareto(points + [("no_success", 0.1, float("nan"))]) == ["a", "b", "e", "f"]
+  assert bench.reference_budget({"b": 1, "default": 2}) == "default"
+  assert bench.reference_budget({"b": 1}) == "b"
 
 
 def test_a_bad_budget_is_refused_before_any_work(tmp_path):

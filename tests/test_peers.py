@@ -1,6 +1,6 @@
 """Tests of intriguing_jax.attack.peers (the Foolbox comparison) and its config.
 
-The config, ``pareto`` and ``rescore`` need neither torch nor foolbox; the torch copy of a SigmoidMLP and a
+The config and ``rescore`` need neither torch nor foolbox; the torch copy of a SigmoidMLP and a
 Foolbox call are skipped where those optional packages are absent (scripts/bench/peers.py says how to make
 the environment that has them).
 """
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from intriguing_jax import models
-from intriguing_jax.attack import peers
+from intriguing_jax.attack import bench, peers
 from intriguing_jax.configs import bench_peers
 
 
 def test_config_presets_validate_and_tiny_drops_the_long_peers():
   full, tiny = bench_peers.get_config(), bench_peers.get_config("tiny")
   peers.validate(full)
-  assert next(iter(full.budgets)) == "default"
+  assert bench.reference_budget(full.budgets) == "default" and set(full.budgets) == {
+      "default", "refine=False", "num_bisection=0", "num_bisection=6", "maxiter=30"}
   assert (tiny.num_examples, tiny.repeats) == (10, 1)
   assert set(tiny.peers) == {"ddn (defaults)", "fmn (defaults)"}
   assert {"ddn 1000 steps", "cw 9x1000"} <= set(full.peers)
@@ -52,15 +53,6 @@ def test_validate_refuses_a_model_without_a_torch_copy_and_empty_counts():
   c.num_examples = 0
   with pytest.raises(ValueError, match="num_examples"):
     peers.validate(c)
-
-
-def test_pareto_keeps_the_undominated_points_in_order():
-  points = [("slow_good", 3.0, 0.10), ("dominated", 2.0, 0.30), ("fast_bad", 1.0, 0.50),
-            ("mid", 2.0, 0.20), ("tie_a", 1.5, 0.25), ("tie_b", 1.5, 0.25), ("worse_same_time", 1.0, 0.60),
-            ("no_success", 0.1, float("nan"))]
-  assert peers.pareto(points) == ["slow_good", "fast_bad", "mid", "tie_a", "tie_b"]
-  assert peers.pareto([("only", 1.0, 1.0)]) == ["only"]
-  assert peers.pareto([("a", 1.0, 1.0), ("b", 1.0, 0.5)]) == ["b"]   # as slow, strictly less distorted
 
 
 def _linear_apply(params, x):
@@ -131,3 +123,11 @@ def test_run_foolbox_returns_rescorable_points_and_the_budget():
   assert peers.gradient_evals("ddn", steps=20) == 20
   assert peers.gradient_evals("cw", binary_search_steps=3, steps=7) == 21
   assert peers.gradient_evals("fmn") == peers.make_attack("fmn").steps   # Foolbox's default
+
+
+def test_get_config_validates_its_preset(monkeypatch):
+  def refuse(config):
+    raise ValueError(f"validated {config.num_examples}")
+  monkeypatch.setattr(peers, "validate", refuse)
+  with pytest.raises(ValueError, match="validated 10"):
+    bench_peers.get_config("tiny")

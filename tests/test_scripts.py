@@ -2,7 +2,7 @@
 flags; a misspelt config field is refused while the flags are parsed, before any work.
 
 The scripts' experiments are tested elsewhere (test_reproduce_script.py, test_adversarial_training_script.py,
-test_scale.py, ...). ``--help`` of all thirteen runs in one subprocess (the imports are paid once): each
+test_scale.py, ...). ``--help`` of all fourteen runs in one subprocess (the imports are paid once): each
 script is executed with ``runpy`` as ``__main__``; the absl flags it defined are deleted before the next.
 """
 
@@ -51,8 +51,8 @@ def helps():
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_thirteen_scripts():
-  assert len(SCRIPTS) == 13, SCRIPTS
+def test_fourteen_scripts():
+  assert len(SCRIPTS) == 14, SCRIPTS
 
 
 @pytest.mark.slow

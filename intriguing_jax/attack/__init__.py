@@ -31,7 +31,9 @@ minimiser is classified l. One jit-compiled program does all of it:
    the target region's boundary linearised at the best point (a k-variable dual QP; exact for a linear
    model), then bisect back toward the best point until the model agrees; (b) bisect t in [0, 1] for the
    smallest t with f(x + t (x_adv - x)) = l. A refined point is kept only if it succeeds and is closer.
-   The refinement keeps a margin of max(2 success_margin, success_margin + 1e-4) logits.
+   The refinement keeps a margin of max(2 success_margin, success_margin + 1e-4) logits. (c) A search
+   success that the batched model call finds short of ``success_margin`` (round-off at the margin) is
+   moved outward along x -> x_adv until it clears it.
 3. success: the target beats every other class by ``success_margin`` logits on exactly the returned
    point (untargeted: another class beats the label by it).
 

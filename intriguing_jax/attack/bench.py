@@ -88,10 +88,19 @@ def refinement_evals(opts: AttackOptions) -> Dict[str, int]:
 
 
 def pareto(points: Sequence[Tuple[str, float, float]]) -> List[str]:
-  """Names of the (name, cost, distortion) points no other point dominates (at most the cost and the
-  distortion, strictly less of one)."""
-  return [n for n, c, d in points
-          if not any(c2 <= c and d2 <= d and (c2 < c or d2 < d) for _, c2, d2 in points)]
+  """Names of the points (name, seconds_per_example, mean_distortion) that no other point dominates (at
+  most as slow and at most as distorted, strictly better in one), in the given order. A point with a
+  non-finite coordinate is never on the front and dominates nothing."""
+  pts = [(n, float(c), float(d)) for n, c, d in points]
+  finite = [(n, s, d) for n, s, d in pts if np.isfinite(s) and np.isfinite(d)]
+  return [n for n, s, d in finite
+          if not any(s2 <= s and d2 <= d and (s2 < s or d2 < d) for _, s2, d2 in finite)]
+
+
+def reference_budget(budgets) -> str:
+  """The budget the others' distortions are compared with: "default" if ``budgets`` has it, else its
+  first entry (a ConfigDict keeps its keys sorted, not in the order written)."""
+  return "default" if "default" in budgets else next(iter(budgets))
 
 
 def measure(apply_fn, params, x, target, opts: AttackOptions, repeats: int) -> Dict[str, Any]:
@@ -186,14 +195,15 @@ def _part_compare(config, opts, model_fn, x, y) -> Dict[str, Any]:
 
 def _part_budgets(config, opts, model_fn, x, y) -> Dict[str, Any]:
   """Distortion against evaluations: every ``config.budgets`` entry (option overrides) on the compare
-  inputs, its ratio to the first entry's mean RMS, and whether it is on the Pareto front (s/example, RMS)."""
+  inputs, its ratio to :func:`reference_budget`'s mean RMS, and whether it is on the Pareto front
+  (s/example, RMS)."""
   model, variables, x, target = _compare_inputs(config, model_fn, x, y, config.num_compare)
   figures = {}
   for name, overrides in config.budgets.items():
     m = measure(model.apply, variables, x, target, dataclasses.replace(opts, **overrides), config.repeats)
     _print_measure("budgets", name, m, len(x), config.repeats)
     figures[name] = _scalars(m)
-  first = next(iter(figures.values()))
+  first = figures[reference_budget(figures)]
   front = pareto([(k, v["s_per_example"], v["mean_rms"]) for k, v in figures.items()])
   for name, v in figures.items():
     v.update(rms_ratio=v["mean_rms"] / first["mean_rms"], pareto=name in front)

@@ -37,7 +37,7 @@ class AttackResult(NamedTuple):
   c: Array           # [B] penalty weight of the returned solution (nan when no c succeeded)
   distortion: Array  # [B] RMS distortion sqrt(mean((x_adv - x)^2)) (paper.md §4.2)
   pred: Array        # [B] int32 argmax of the logits on x_adv
-  t: Array           # [B] refinement scale: x_adv = x + t (x_c - x), x_c the c search's minimiser
+  t: Array           # [B] x_adv = x + t (x_c - x), x_c the refined point (> 1: pushed out, step 3c)
   num_iter: Array    # [B] int32 L-BFGS steps accepted on the example (all c values)
   num_evals: Array   # [B] int32 value-and-gradient evaluations of the c search spent on the example
 
@@ -372,6 +372,22 @@ def _bisect_segment(ok_fn, p0: Array, p1: Array, steps: int, box) -> Tuple[Array
   return seg(t_hi), t_hi
 
 
+def _push_out(ok_fn, x: Array, z: Array, mask: Array, box, steps: int = 10) -> Tuple[Array, Array]:
+  """For the examples of mask [B]: the first point x + s (z - x), s = 1 + 1e-3 2^j (j < steps), that
+  ok_fn accepts (else z). Returns (points [B, ...], s [B]; 1 where unchanged)."""
+  bshape = (-1,) + (1,) * (x.ndim - 1)
+  at = lambda s: jnp.clip(x + s.reshape(bshape) * (z - x), *box)
+
+  def body(j, carry):
+    found, s = carry
+    s_j = jnp.full(s.shape, 1.0 + 1e-3 * jnp.exp2(j.astype(s.dtype)), s.dtype)
+    new = mask & ~found & ok_fn(at(s_j))
+    return found | new, jnp.where(new, s_j, s)
+
+  found, s = jax.lax.fori_loop(0, steps, body, (jnp.zeros(mask.shape, bool), jnp.ones(mask.shape, z.dtype)))
+  return jnp.where(found.reshape(bshape), at(s), z), s
+
+
 def _boundary_rounds(apply_fn, opts: AttackOptions, params, x, label, best: Best, ok_fn) -> Best:
   """Step 3a: ``refine_rounds`` times, project x onto the target region's boundary linearised at the
   current point (exact for a linear model), then bisect back toward the current point until it succeeds;
@@ -420,6 +436,11 @@ def _attack_impl(apply_fn, opts: AttackOptions, params, x: Array, label: Array, 
       x_seg, t_seg = _bisect_segment(ok_fn, x, best.z, opts.refine_steps, opts.box)
       t = jnp.where(best.ok, t_seg, 1.0)
       x_adv = jnp.where(best.ok.reshape((-1,) + (1,) * (x.ndim - 1)), x_seg, best.z)
+    # 3c: a search success that falls short of the margin on the batch's evaluation (round-off at the
+    # margin: the solver met it on its own row) moves outward along x -> x_adv until it clears it.
+    short = best.ok & ~(margin_of(x_adv) > opts.success_margin)
+    x_adv, scale = _push_out(ok_fn, x, x_adv, short, opts.box)
+    t = t * scale
     logits = apply_fn(params, x_adv)   # 4. the final, authoritative check on the returned points
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   success = (_margin(logits, label, opts.untargeted) > opts.success_margin) & (

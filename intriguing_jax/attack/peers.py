@@ -6,7 +6,6 @@ module imports without them and neither is a dependency of the package)::
     net = peers.torch_mlp(variables)                 # torch copy of a models.SigmoidMLP (FC100-100-10 etc.)
     x_adv, seconds = peers.run_foolbox(net, x, target, "ddn", steps=1000)
     ok, rms = peers.rescore(model.apply, variables, x, target, x_adv)   # judged by the JAX model
-    peers.pareto([("a", 0.01, 0.05), ("b", 0.02, 0.04)])                # -> ["a", "b"]
 
 Methods (``METHODS``): "ddn" (``foolbox.attacks.DDNAttack``), "fmn" (``L2FMNAttack``), "cw"
 (``L2CarliniWagnerAttack``), each targeted (``TargetedMisclassification``), bounds (0, 1), minimisation
@@ -69,7 +68,7 @@ def validate(config) -> None:
   if min(config.num_examples, config.repeats) < 1:
     raise ValueError("bench_peers config: num_examples and repeats must be >= 1")
   if not config.budgets:
-    raise ValueError("bench_peers config: budgets is empty (its first entry is the reference)")
+    raise ValueError("bench_peers config: budgets is empty (one is the reference)")
   for name, overrides in config.budgets.items():
     try:
       AttackOptions(**_plain(overrides))
@@ -98,7 +97,7 @@ def torch_mlp(variables) -> Any:
     linear = torch.nn.Linear(*kernel.shape)
     with torch.no_grad():
       linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.T)))
-      linear.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"], np.float32)))
+      linear.bias.copy_(torch.from_numpy(np.array(params[name]["bias"], np.float32)))
     layers += [linear] + ([torch.nn.Sigmoid()] if name != "output" else [])
   net = torch.nn.Sequential(*layers).float().eval()
   net.requires_grad_(False)
@@ -143,9 +142,9 @@ def run_foolbox(torch_model, x, target, method: str, **kw: Any) -> Tuple[np.ndar
   torch_model.eval()
   device = next(torch_model.parameters()).device
   fmodel = foolbox.PyTorchModel(torch_model, bounds=(0, 1), device=device)
-  xt = torch.as_tensor(np.asarray(x, np.float32), device=device)
+  xt = torch.as_tensor(np.array(x, np.float32), device=device)
   criterion = foolbox.criteria.TargetedMisclassification(
-      torch.as_tensor(np.asarray(target), dtype=torch.long, device=device))
+      torch.as_tensor(np.array(target), dtype=torch.long, device=device))
   t0 = time.perf_counter()
   _, x_adv, _ = attack(fmodel, xt, criterion, epsilons=None)
   seconds = time.perf_counter() - t0
@@ -182,16 +181,6 @@ def rescore(apply_fn, params, x, target, x_adv, success_margin: float = 1e-3,
   return success, np.sqrt(np.mean(np.square(diff), axis=1))
 
 
-def pareto(points: Sequence[Tuple[str, float, float]]) -> List[str]:
-  """Names of the points (name, seconds_per_example, mean_distortion) that no other point dominates (at
-  most as slow and at most as distorted, strictly better in one), in the given order. A point with a
-  non-finite coordinate is never on the front and dominates nothing."""
-  pts = [(n, float(s), float(d)) for n, s, d in points]
-  finite = [(n, s, d) for n, s, d in pts if np.isfinite(s) and np.isfinite(d)]
-  return [n for n, s, d in finite
-          if not any(s2 <= s and d2 <= d and (s2 < s or d2 < d) for _, s2, d2 in finite)]
-
-
 def _mean(v: np.ndarray) -> float:
   return float(np.mean(v)) if len(v) else float("nan")
 
@@ -205,14 +194,18 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
   The model is ``train.get_or_train(config.model)`` in ``workdir``; its torch copy must reproduce the JAX
   logits to ``LOGIT_TOLERANCE`` (RuntimeError otherwise). Timing: ours, the median of ``config.repeats``
   warm calls (``bench.measure``); a peer, one call after an untimed warm-up on ``WARMUP_EXAMPLES`` images.
-  Per method: success (:func:`rescore`), mean RMS over its successes, the ratio of the first budget's
-  (the reference, "default") mean RMS to the method's on the examples where both succeeded, gradient
+  Per method: success (:func:`rescore`), mean RMS over its successes, the ratio of the reference budget's
+  (``bench.reference_budget``) mean RMS to the method's on the examples where both succeeded, gradient
   evaluations per example (ours: the c search's ``evals_per_example``, the refinement's fixed forward
   passes and Jacobians given apart), and the Pareto front of (seconds per example, mean RMS).
   """
   validate(config)
-  import foolbox  # pylint: disable=g-import-not-at-top  (optional)
-  import torch  # pylint: disable=g-import-not-at-top  (optional)
+  try:
+    import foolbox  # pylint: disable=g-import-not-at-top  (optional)
+    import torch  # pylint: disable=g-import-not-at-top  (optional)
+  except ImportError as e:
+    raise ImportError(f"bench_peers needs torch and foolbox, which live in an optional environment "
+                      f"(scripts/bench/peers.py says how to make it): {e}") from e
   x_train, y_train = data.load_mnist("train", data_dir)
   x_test, y_test = data.load_mnist("test", data_dir)
   model, variables = train.get_or_train(config.model, x_train, y_train, workdir=workdir)
@@ -257,15 +250,15 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
     ok_argmax, _ = rescore(model.apply, variables, x, target, outputs[name], success_margin=0.0)
     masks[name] = (ok, d)
     f.update(success=float(ok.mean()), success_argmax=float(ok_argmax.mean()), mean_rms=_mean(d[ok]))
-  ref = next(iter(config.budgets))
+  ref = bench.reference_budget(config.budgets)
   ref_ok, ref_d = masks[ref]
   for name, f in methods.items():
     both = ref_ok & masks[name][0]
     f.update(rms_ratio_vs_reference=_mean(ref_d[both]) / _mean(masks[name][1][both]), n_both=int(both.sum()))
-  front = pareto([(k, v["s_per_example"], v["mean_rms"]) for k, v in methods.items()])
+  front = bench.pareto([(k, v["s_per_example"], v["mean_rms"]) for k, v in methods.items()])
   print(f"[peers] success: the target wins by > 1e-3 logits in the JAX model, inside [0, 1]; mean RMS over "
         f"each method's successes; ratio: {ref}'s mean RMS / the method's on the examples both solved; "
-        f"time: ours the median of {config.repeats} warm calls, a peer one call after a warm-up")
+        f"time: ours the median of {config.repeats} warm call(s), a peer one call after a warm-up")
   print(f"{'method':22s} {'s/example':>10s} {'examples/s':>10s} {'success':>8s} {'mean RMS':>9s} "
         f"{'ratio':>16s} {'grad evals/ex':>13s}  Pareto")
   for name, f in methods.items():

@@ -8,7 +8,7 @@ Fields: ``parts`` (convex, compare, budgets, batch); ``seed`` (random targets); 
 ``num_compare``; ``num_baseline`` (compare images the scipy baseline attacks; 0 = none); ``reference`` (a
 checkout of another commit whose engine, at its defaults, the compare part runs on the same inputs; "" =
 none); ``repeats`` (warm calls, median); ``budgets`` (name -> ``AttackOptions`` overrides, the budgets
-part's points; the first is the ratios' reference); ``batches`` (the batch part's sizes);
+part's points; "default" is the ratios' reference); ``batches`` (the batch part's sizes);
 ``train_examples`` (0 = all) and ``epochs`` (0 = the recipe's) of the models trained by
 ``train.get_or_train`` in the workdir; ``attack`` (every ``AttackOptions`` field, e.g.
 ``--config.attack.num_workers=1``).
@@ -26,7 +26,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict(dict(parts=("convex", "compare"), seed=0, num_convex=100, num_compare=200,
                                      num_baseline=200, repeats=3, train_examples=0, epochs=0, reference="",
                                      batches=(25, 100, 200, 1000, 4000)))
-  c.budgets = {"defaults": {}, "refine=False": dict(refine=False), "num_bisection=0": dict(num_bisection=0),
+  c.budgets = {"default": {}, "refine=False": dict(refine=False), "num_bisection=0": dict(num_bisection=0),
                "num_bisection=1": dict(num_bisection=1), "num_bisection=6": dict(num_bisection=6),
                "refine_rounds=2": dict(refine_rounds=2), "maxiter=30": dict(maxiter=30),
                "ftol=1e-6": dict(ftol=1e-6), "history_size=10": dict(history_size=10),
@@ -35,7 +35,7 @@ def get_config(arg=None):
   if arg == "tiny":
     c.num_convex, c.num_compare, c.num_baseline, c.repeats = 10, 20, 5, 1
     c.train_examples, c.epochs, c.batches = 2000, 1, (5, 20)
-    c.budgets = {"defaults": {}, "refine=False": dict(refine=False)}
+    c.budgets = {"default": {}, "refine=False": dict(refine=False)}
   elif arg is not None:
     raise ValueError(f"bench_attack config: unknown preset {arg!r} (tiny)")
   return c

@@ -6,10 +6,11 @@ defaults only (checks the wiring; no figures to quote).
 
 Fields: ``model`` (a ``models.SigmoidMLP`` name, trained by ``train.get_or_train`` in the workdir with its
 recipe); ``seed`` (random targets); ``num_examples`` (the first correctly classified test images);
-``repeats`` (warm calls of our attack, median); ``budgets`` (name -> ``AttackOptions`` overrides; the first
-entry is the reference of the distortion ratios); ``peers`` (name -> ``method``, one of
-``attack.peers.METHODS`` ("ddn", "fmn", "cw"), plus the attack's keyword arguments). The config is
-validated (``attack.peers.validate``, ValueError naming the entry) here and again before any work.
+``repeats`` (warm calls of our attack, median); ``budgets`` (name -> ``AttackOptions`` overrides;
+"default" is the reference of the distortion ratios, ``attack.peers.reference_budget``); ``peers``
+(name -> ``method``, one of ``attack.peers.METHODS`` ("ddn", "fmn", "cw"), plus the attack's keyword
+arguments). The config is validated (``attack.peers.validate``, ValueError naming the entry) here and
+again before any work.
 """
 
 import ml_collections
