@@ -4,15 +4,12 @@ Commands (2 CPU cores; models trained by ``train.get_or_train`` in --workdir on 
 
     python scripts/bench/attack.py --workdir=runs/models --data_dir=../shared/data/mnist
     python scripts/bench/attack.py --workdir=/tmp/tiny --config=intriguing_jax/configs/bench_attack.py:tiny
-    python scripts/bench/attack.py --workdir=runs/models --config.parts=compare --config.num_baseline=0 \
-        --config.num_compare=1000 --config.attack.num_slots=16      # throughput vs rows in flight
+    git worktree add /tmp/ref <older commit>          # side by side with an older engine, same inputs:
+    python scripts/bench/attack.py --workdir=runs/models --data_dir=../shared/data/mnist \
+        --config.parts="('convex','compare','budgets','batch')" --config.reference=/tmp/ref
 
-The default setting (models already trained) took about a minute on an idle 2-core machine and printed:
-convex, the default attack at 1.00024x the exact optimum with 100 % success (refine=False, the paper's
-method alone: 1.028x); compare, the attack at 261-286 examples/s against the scipy baseline's 19-20, 100 %
-success for both, mean RMS ratio 0.991. Those figures were measured with the code before the redesign,
-whose default path this one reproduces bit for bit (notes/attack.md, "Redesign"). The ``tiny`` preset
-(models trained 1 epoch on 2,000 images) checks the wiring in under a minute (15 s once its models exist).
+Figures and their commands: BUILD_NOTES.md, "The attack at the machine's limit (issue 20)". The ``tiny``
+preset (models trained 1 epoch on 2,000 images) checks the wiring in under a minute.
 Parts and fields: intriguing_jax/configs/bench_attack.py.
 """
 
