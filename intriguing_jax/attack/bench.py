@@ -14,6 +14,10 @@ refinement's fixed forward passes and Jacobians, :func:`refinement_evals`).
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
@@ -248,7 +252,6 @@ def reference_attack(tree: str, model_name: str, variables, x, target, repeats: 
   """``lbfgs_attack`` at ITS defaults from another checkout ``tree`` of this repository (e.g. a git worktree
   of an older commit), in a subprocess on the same inputs and weights: distortion, success, time_first,
   time_warm (median of ``repeats``)."""
-  import os, subprocess, sys, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
   from flax import serialization  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(tree, "intriguing_jax")):
     raise ValueError(f"reference: {tree!r} is not a checkout of intriguing_jax")

@@ -206,6 +206,30 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
   except ImportError as e:
     raise ImportError(f"bench_peers needs torch and foolbox, which live in an optional environment "
                       f"(scripts/bench/peers.py says how to make it): {e}") from e
+  model, variables, x, target = _inputs(config, workdir, data_dir)
+  net, logit_diff = _checked_torch_copy(model, variables, x)
+  n = len(x)
+  print(f"[peers] {config.model}, first {n} correctly classified test images, random targets (seed "
+        f"{config.seed}); torch {torch.__version__} ({torch.get_num_threads()} threads), foolbox "
+        f"{foolbox.__version__}; torch vs JAX logits max |diff| {logit_diff:.1e}")
+  methods, outputs = {}, {}
+  _run_ours(config, model, variables, x, target, methods, outputs)
+  _run_peers(config, net, x, target, methods, outputs)
+  ref = bench.reference_budget(config.budgets)
+  _score(model, variables, x, target, outputs, methods, ref)
+  front = bench.pareto([(k, v["s_per_example"], v["mean_rms"]) for k, v in methods.items()])
+  for name, f in methods.items():
+    f["pareto"] = name in front
+  _print_table(methods, ref, config.repeats)
+  return dict(model=config.model, n=n, seed=config.seed, reference=ref, methods=methods, pareto_front=front,
+              logit_max_abs_diff=logit_diff, torch=torch.__version__, foolbox=foolbox.__version__,
+              torch_num_threads=torch.get_num_threads(), jax=jax.__version__,
+              devices=[str(d) for d in jax.devices()])
+
+
+def _inputs(config, workdir: str, data_dir) -> Tuple[Any, Any, np.ndarray, np.ndarray]:
+  """The model (trained or restored in workdir), the first ``num_examples`` correctly classified test
+  images and their seeded random targets."""
   x_train, y_train = data.load_mnist("train", data_dir)
   x_test, y_test = data.load_mnist("test", data_dir)
   model, variables = train.get_or_train(config.model, x_train, y_train, workdir=workdir)
@@ -214,7 +238,12 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
   if len(idx) < config.num_examples:
     raise ValueError(f"bench_peers: only {len(idx)} correctly classified test images")
   x, labels = np.asarray(x_test[idx], np.float32), np.asarray(y_test[idx])
-  target = np.asarray(random_targets(jax.random.PRNGKey(config.seed), labels))
+  return model, variables, x, np.asarray(random_targets(jax.random.PRNGKey(config.seed), labels))
+
+
+def _checked_torch_copy(model, variables, x: np.ndarray) -> Tuple[Any, float]:
+  """The torch copy of the model and its largest logit difference on x (RuntimeError past the tolerance)."""
+  import torch  # pylint: disable=g-import-not-at-top  (optional)
   net = torch_mlp(variables)
   with torch.no_grad():
     logits_torch = net(torch.from_numpy(x)).numpy()
@@ -222,11 +251,11 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
   if not logit_diff <= LOGIT_TOLERANCE:
     raise RuntimeError(f"bench_peers: the torch copy's logits differ from the JAX model's by "
                        f"{logit_diff:.2e} (> {LOGIT_TOLERANCE})")
-  n = len(x)
-  print(f"[peers] {config.model}, first {n} correctly classified test images, random targets (seed "
-        f"{config.seed}); torch {torch.__version__} ({torch.get_num_threads()} threads), foolbox "
-        f"{foolbox.__version__}; torch vs JAX logits max |diff| {logit_diff:.1e}")
-  methods, outputs = {}, {}
+  return net, logit_diff
+
+
+def _run_ours(config, model, variables, x, target, methods: Dict[str, Any], outputs: Dict[str, Any]) -> None:
+  """Our attack under every budget: timings and evaluations into methods, points into outputs."""
   for name, overrides in config.budgets.items():
     opts = AttackOptions(**_plain(overrides))
     m = bench.measure(model.apply, variables, x, target, opts, config.repeats)
@@ -236,6 +265,11 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
                          timed_calls=config.repeats,
                          engine_success=m["success"], grad_evals_per_example=m["evals_per_example"],
                          refinement_evals=m["refinement_evals"])
+
+
+def _run_peers(config, net, x, target, methods: Dict[str, Any], outputs: Dict[str, Any]) -> None:
+  """Every Foolbox peer, timed once after a warm-up on ``WARMUP_EXAMPLES`` images."""
+  n = len(x)
   for name, spec in config.peers.items():
     method, kw = _check_peer(name, _plain(spec))
     warm = min(WARMUP_EXAMPLES, n)
@@ -244,25 +278,29 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
     methods[name] = dict(kind="foolbox", method=method, kwargs=kw, s_per_example=seconds / n,
                          examples_per_s=n / seconds, timed_calls=1,
                          grad_evals_per_example=gradient_evals(method, **kw))
+
+
+def _score(model, variables, x, target, outputs, methods: Dict[str, Any], ref: str) -> None:
+  """Re-scores every method's points with the JAX model; the distortion ratio to the reference budget's."""
   masks = {}
   for name, f in methods.items():
     ok, d = rescore(model.apply, variables, x, target, outputs[name])
     ok_argmax, _ = rescore(model.apply, variables, x, target, outputs[name], success_margin=0.0)
     masks[name] = (ok, d)
     f.update(success=float(ok.mean()), success_argmax=float(ok_argmax.mean()), mean_rms=_mean(d[ok]))
-  ref = bench.reference_budget(config.budgets)
   ref_ok, ref_d = masks[ref]
   for name, f in methods.items():
     both = ref_ok & masks[name][0]
     f.update(rms_ratio_vs_reference=_mean(ref_d[both]) / _mean(masks[name][1][both]), n_both=int(both.sum()))
-  front = bench.pareto([(k, v["s_per_example"], v["mean_rms"]) for k, v in methods.items()])
+
+
+def _print_table(methods: Dict[str, Any], ref: str, repeats: int) -> None:
   print(f"[peers] success: the target wins by > 1e-3 logits in the JAX model, inside [0, 1]; mean RMS over "
         f"each method's successes; ratio: {ref}'s mean RMS / the method's on the examples both solved; "
-        f"time: ours the median of {config.repeats} warm call(s), a peer one call after a warm-up")
+        f"time: ours the median of {repeats} warm call(s), a peer one call after a warm-up")
   print(f"{'method':22s} {'s/example':>10s} {'examples/s':>10s} {'success':>8s} {'mean RMS':>9s} "
         f"{'ratio':>16s} {'grad evals/ex':>13s}  Pareto")
   for name, f in methods.items():
-    f["pareto"] = name in front
     extra = ""
     if f["kind"] == "ours" and f["refinement_evals"]["jacobians"]:
       extra = (f"  (+ refinement {f['refinement_evals']['forward']} forward, "
@@ -271,7 +309,3 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
     print(f"{name:22s} {f['s_per_example']:10.5f} {f['examples_per_s']:10.1f} {f['success']:8.1%} "
           f"{f['mean_rms']:9.5f} {ratio:>16s} {f['grad_evals_per_example']:13.1f}  "
           f"{'yes' if f['pareto'] else 'no':6s}{extra}")
-  return dict(model=config.model, n=n, seed=config.seed, reference=ref, methods=methods, pareto_front=front,
-              logit_max_abs_diff=logit_diff, torch=torch.__version__, foolbox=foolbox.__version__,
-              torch_num_threads=torch.get_num_threads(), jax=jax.__version__,
-              devices=[str(d) for d in jax.devices()])
