@@ -292,8 +292,8 @@ def trace_layers(model: nn.Module, variables: Params, input_shape: Sequence[int]
 
   x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
   try:
-    with nn.intercept_methods(record):
-      jax.eval_shape(model.apply, variables, x)
+    with nn.intercept_methods(record):   # a new function: jax's trace cache must not skip the interceptor
+      jax.eval_shape(lambda v, z: model.apply(v, z), variables, x)
   except (ValueError, TypeError, flax.errors.FlaxError) as e:
     raise ValueError(f"{type(model).__name__} cannot take an input of shape {shape}: {e}") from e
   return calls

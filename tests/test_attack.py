@@ -13,7 +13,7 @@ import pytest
 
 from conftest import dot_precisions
 from intriguing_jax import attack, exact
-from intriguing_jax.attack import solver
+from intriguing_jax.attack import engine, solver
 
 M, K = 24, 4  # input dimension and classes of the synthetic problems
 # Cheaper options than the defaults, same algorithm.
@@ -259,7 +259,6 @@ def _closure_apply(x):   # the old logits_fn(x) convention
     (dict(x_1d=True), ValueError, "x must be"),
     (dict(x_width=M + 1), ValueError, r"fails on x of shape \(4, 25\)"),
     (dict(params_none=True), TypeError, "params is None"),
-    (dict(apply_fn=_nan_apply), ValueError, "NaN/inf logits for 4 of the first 4"),
     (dict(apply_fn=_closure_apply), ValueError, "apply_fn\\(params, x\\) fails"),
     (dict(apply_fn=lambda p, z: jnp.sum(z, axis=1)), ValueError, "num_classes"),
 ])
@@ -283,10 +282,30 @@ def test_bad_input_raises_before_compiling(bad, error, match):
     target = target + 0.5
   if bad.get("x_1d"):
     x = x[0]
-  n = len(TRACES)
+  n = engine._program._cache_size()
   with pytest.raises(error, match=match):
     attack.lbfgs_attack(bad.get("apply_fn", linear_apply), params, x, target, FAST)
-  assert len(TRACES) == n, "the attack was traced before the input was checked"
+  assert engine._program._cache_size() == n, "the attack was traced before the input was checked"
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_non_finite_logits_are_named_after_the_run(num_workers):
+  # The logits' finiteness is read off the program's output (no probe call before compiling).
+  x = _data(4, seed=3)
+  with pytest.raises(ValueError, match="NaN/inf logits on x for 4 of 4 examples"):
+    attack.lbfgs_attack(_nan_apply, _linear_params(), x, np.zeros(4, np.int32),
+                        dataclasses.replace(FAST, num_workers=num_workers))
+
+
+@pytest.mark.parametrize("k, rank", [(10, 10), (10, 1), (3, 2), (1, 1)])
+def test_top_eigenvalue_bound_brackets_the_largest_eigenvalue(k, rank):
+  a = np.random.RandomState(k + rank).randn(rank, 50).astype(np.float32)
+  a = np.concatenate([a, a[:1].repeat(k - rank, 0) * 0.5])      # rows of a logit-difference Jacobian
+  gram = a @ a.T
+  top = float(np.linalg.eigvalsh(gram.astype(np.float64))[-1])
+  bound = float(solver.top_eigenvalue_bound(jnp.asarray(gram)))
+  assert top * (1 - 1e-5) <= bound <= top * k ** (2.0 ** -6) * (1 + 1e-5), (top, bound)
+  assert float(solver.top_eigenvalue_bound(jnp.zeros((k, k)))) == 0.0
 
 
 @pytest.mark.parametrize("field, value", [

@@ -19,7 +19,7 @@ def test_config_presets_validate_and_tiny_drops_the_long_peers():
   full, tiny = bench_peers.get_config(), bench_peers.get_config("tiny")
   peers.validate(full)
   assert bench.reference_budget(full.budgets) == "default" and set(full.budgets) == {
-      "default", "refine=False", "num_bisection=0", "num_bisection=6", "maxiter=30"}
+      "default", "refine=False", "num_bisection=0", "num_bisection=6", "maxiter=20"}
   assert (tiny.num_examples, tiny.repeats) == (10, 1)
   assert set(tiny.peers) == {"ddn (defaults)", "fmn (defaults)"}
   assert {"ddn 1000 steps", "cw 9x1000"} <= set(full.peers)

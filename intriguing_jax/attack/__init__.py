@@ -37,7 +37,8 @@ minimiser is classified l. One jit-compiled program does all of it:
 3. success: the target beats every other class by ``success_margin`` logits on exactly the returned
    point (untargeted: another class beats the label by it).
 
-``lbfgs_attack`` checks its inputs on the host before compiling and shards the batch over the devices
+``lbfgs_attack`` checks its inputs on the host before compiling (the model is traced, not run; whether
+its logits on x are finite is read off the program's output) and shards the batch over the devices
 (on one CPU device: ``num_workers`` programs at once, one per core, each on a share of the batch);
 ``make_attack`` is the same program as a pure function. Evidence and measurements: notes/attack.md.
 """

@@ -26,7 +26,6 @@ DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 DEFAULT_CPU_SLOTS = 32
 _CPU_EXAMPLES_PER_SLOT = 12   # auto rows on one CPU device: a worker's share / 12 (notes/attack.md)
 _PROJECTION_BLOCK = 8  # examples per block of the refinement's projections (their Jacobians stay in cache)
-_PROBE = 128  # examples whose logits are checked on the host before compiling
 
 
 class AttackResult(NamedTuple):
@@ -75,7 +74,7 @@ class AttackOptions:
   penalty: str = "l2_squared"
   loss: str = "cross_entropy"
   box: Tuple[float, float] = (0.0, 1.0)
-  maxiter: int = 100
+  maxiter: int = 30
   history_size: int = 5
   tol: float = 1e-4
   c_grid: Tuple[float, ...] = DEFAULT_C_GRID
@@ -405,9 +404,16 @@ def _boundary_rounds(apply_fn, opts: AttackOptions, params, x, label, best: Best
       lambda zz: (constraints(zz, lb), jax.jacrev(constraints)(zz, lb)), x0, z, *opts.box,
       2.0 * _refine_margin(opts), opts.projection_steps)
   # Blocks of examples, not one vmap over the batch: each FISTA step reads every Jacobian [k, n] of its
-  # block, which stays in cache (1.2x the whole attack's throughput at the defaults, notes/attack.md).
-  project = lambda x0, z, lb: jax.lax.map(lambda a: project_one(*a), (x0, z, lb),
-                                          batch_size=min(_PROJECTION_BLOCK, x0.shape[0]))
+  # block, which stays in cache (1.2x the whole attack's throughput at the defaults, notes/attack.md). The
+  # batch is padded to whole blocks (copies of example 0): a ragged last block would be a second copy of
+  # the projection in the program.
+  def project(x0, z, lb):
+    b = x0.shape[0]
+    block = min(_PROJECTION_BLOCK, b)
+    size = distributed.round_up(b, block)
+    pad = lambda a: (jnp.concatenate([a, jnp.broadcast_to(a[:1], (size - b,) + a.shape[1:])]) if size > b
+                     else a)
+    return jax.lax.map(lambda a: project_one(*a), (pad(x0), pad(z), pad(lb)), batch_size=block)[:b]
 
   def one_round(_, carry):
     z_cur, d_cur = carry
@@ -450,13 +456,28 @@ def _attack_impl(apply_fn, opts: AttackOptions, params, x: Array, label: Array, 
                       num_evals=best.evals)
 
 
-_program = jax.jit(_attack_impl, static_argnums=(0, 1))
+def _checked_impl(apply_fn, opts: AttackOptions, params, x: Array, label: Array, c_grid: Array
+                  ) -> Tuple[AttackResult, Array]:
+  """``_attack_impl`` and [B] bool: the logits at x are finite (``_raise_if_not_finite``, after the run)."""
+  finite = jnp.all(jnp.isfinite(apply_fn(params, x)), axis=-1)
+  return _attack_impl(apply_fn, opts, params, x, label, c_grid), finite
 
 
-# Input checks (on the host, before anything is compiled) and the public API.
+_program = jax.jit(_checked_impl, static_argnums=(0, 1))
+
+
+def _raise_if_not_finite(finite) -> None:
+  bad = ~np.asarray(finite)
+  if np.any(bad):
+    raise ValueError(f"apply_fn returned NaN/inf logits on x for {int(bad.sum())} of {len(bad)} examples "
+                     f"(first: example {int(np.argmax(bad))}); are params finite?")
+
+
+# Input checks (on the host, before anything is compiled; finite logits: after) and the public API.
 def _check_inputs(apply_fn, params, x, target, opts: AttackOptions) -> Tuple[np.ndarray, np.ndarray]:
-  """Validated (x float32 [B, ...], target int32 [B]); ValueError/TypeError naming the problem. apply_fn
-  runs on the first ``_PROBE`` examples: the input shape fits, logits are [B, K] and finite."""
+  """Validated (x float32 [B, ...], target int32 [B]); ValueError/TypeError naming the problem. apply_fn is
+  traced (``jax.eval_shape``, nothing computed): the input shape fits and the logits are [B, K]. Whether
+  they are finite is checked on the program's output (``_raise_if_not_finite``)."""
   if params is None:
     raise TypeError("params is None: call lbfgs_attack(apply_fn, params, x, target) with the model's "
                     "parameters (for Flax: apply_fn=model.apply, params=variables)")
@@ -474,20 +495,16 @@ def _check_inputs(apply_fn, params, x, target, opts: AttackOptions) -> Tuple[np.
   lo, hi = opts.box
   if np.any(x < lo) or np.any(x > hi):
     raise ValueError(f"x has values outside the box [{lo}, {hi}]: min {x.min()}, max {x.max()}")
-  probe = jnp.asarray(x[:_PROBE], jnp.float32)
+  spec = jax.ShapeDtypeStruct(x.shape, jnp.float32)
   try:
-    logits = np.asarray(apply_fn(params, probe))
+    logits = jax.eval_shape(apply_fn, params, spec)   # traced only: nothing is computed or compiled
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"apply_fn(params, x) fails on x of shape {x.shape} (input shape {x.shape[1:]}); does "
                      f"the model take this input shape, and are params its parameters? "
                      f"{type(e).__name__}: {e}") from e
-  if logits.ndim != 2 or logits.shape[0] != probe.shape[0]:
+  if getattr(logits, "ndim", None) != 2 or logits.shape[0] != x.shape[0]:
     raise ValueError(f"apply_fn must map [B, *input_shape] to logits [B, num_classes]; for x of shape "
-                     f"{probe.shape} it returned shape {logits.shape}")
-  bad = ~np.all(np.isfinite(logits), axis=1)
-  if np.any(bad):
-    raise ValueError(f"apply_fn returned NaN/inf logits for {int(bad.sum())} of the first {len(bad)} "
-                     f"examples (first: example {int(np.argmax(bad))}); are params finite?")
+                     f"{x.shape} it returned shape {getattr(logits, 'shape', type(logits).__name__)}")
   if np.any(target < 0) or np.any(target >= logits.shape[1]):
     raise ValueError(f"target values must be in [0, {logits.shape[1]}), got min {target.min()}, "
                      f"max {target.max()}")
@@ -520,35 +537,39 @@ def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array,
   size = distributed.round_up(n, mesh.size)
   xs, ts = distributed.put_batch(distributed.pad_batch((x, target), size), mesh)
   c_arr, params = distributed.put_replicated((c_arr, params), mesh)
-  res = _program(static_fn(apply_fn), options, params, xs, ts, c_arr)
+  res, finite = _program(static_fn(apply_fn), options, params, xs, ts, c_arr)
   if jax.process_count() > 1:
-    res = distributed.gather(res)
+    res, finite = distributed.gather((res, finite))
+  _raise_if_not_finite(finite)
   return distributed.unpad(res, n) if size != n else res
 
 
 def _run_workers(apply_fn, options: AttackOptions, params, x: np.ndarray, target: np.ndarray, c_arr: Array
                  ) -> AttackResult:
   """The program on ``_num_workers`` contiguous shares of the batch at once (padded with copies of example
-  0 to equal shares: one compiled program), results concatenated in order."""
+  0 to equal shares: one compiled program), results joined in order on the host (no eager device ops,
+  which would each compile on a first call)."""
   n = x.shape[0]
   workers = _num_workers(options, n)
   if workers == 1:
-    return _program(apply_fn, options, params, jnp.asarray(x), jnp.asarray(target), c_arr)
+    res, finite = _program(apply_fn, options, params, jnp.asarray(x), jnp.asarray(target), c_arr)
+    _raise_if_not_finite(finite)
+    return res
   size = distributed.round_up(n, workers)
   xs, ts = distributed.pad_batch((x, target), size)
   share = size // workers
 
   def run(i):
     part = slice(i * share, (i + 1) * share)
-    return jax.block_until_ready(_program(apply_fn, options, params, jnp.asarray(xs[part]),
-                                          jnp.asarray(ts[part]), c_arr))
+    return jax.device_get(_program(apply_fn, options, params, jnp.asarray(xs[part]), jnp.asarray(ts[part]),
+                                   c_arr))
 
   # Compiled once here (cached by jit), not by every thread at once.
   _program.lower(apply_fn, options, params, jnp.asarray(xs[:share]), jnp.asarray(ts[:share]), c_arr).compile()
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    parts = list(pool.map(run, range(workers)))
-  res = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
-  return distributed.unpad(res, n) if size != n else res
+    res, finite = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:n], *pool.map(run, range(workers)))
+  _raise_if_not_finite(finite)
+  return jax.device_put(res)
 
 
 def make_attack(apply_fn: Callable[[Any, Array], Array],

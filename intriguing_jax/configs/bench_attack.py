@@ -28,8 +28,9 @@ def get_config(arg=None):
                                      batches=(25, 100, 200, 1000, 4000)))
   c.budgets = {"default": {}, "refine=False": dict(refine=False), "num_bisection=0": dict(num_bisection=0),
                "num_bisection=1": dict(num_bisection=1), "num_bisection=6": dict(num_bisection=6),
-               "refine_rounds=2": dict(refine_rounds=2), "maxiter=30": dict(maxiter=30),
-               "ftol=1e-6": dict(ftol=1e-6), "history_size=10": dict(history_size=10),
+               "refine_rounds=2": dict(refine_rounds=2), "maxiter=20": dict(maxiter=20),
+               "maxiter=100": dict(maxiter=100), "ftol=1e-6": dict(ftol=1e-6),
+               "history_size=10": dict(history_size=10),
                "num_bisection=0, refine=False": dict(num_bisection=0, refine=False)}
   c.attack = dataclasses.asdict(attack.AttackOptions())
   if arg == "tiny":

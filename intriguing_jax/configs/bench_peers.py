@@ -22,7 +22,7 @@ def get_config(arg=None):
   """The config of preset ``arg`` (None or "tiny")."""
   c = ml_collections.ConfigDict(dict(model="fc100-100-10", seed=0, num_examples=200, repeats=3))
   c.budgets = {"default": {}, "refine=False": {"refine": False}, "num_bisection=0": {"num_bisection": 0},
-               "num_bisection=6": {"num_bisection": 6}, "maxiter=30": {"maxiter": 30}}
+               "num_bisection=6": {"num_bisection": 6}, "maxiter=20": {"maxiter": 20}}
   c.peers = {"ddn (defaults)": {"method": "ddn"}, "ddn 1000 steps": {"method": "ddn", "steps": 1000},
              "fmn (defaults)": {"method": "fmn"},
              "cw 9x1000": {"method": "cw", "binary_search_steps": 9, "steps": 1000}}
