@@ -8,7 +8,8 @@
 #   OUT=runs/device MNIST_DIR=.devdata/mnist WHEELS=.whl bash scripts/device_check.sh sweep    # phase D
 #
 # Phase "attack": the full 60,000-image attack of the trained FC100-100-10 (scripts/bench/scale.py :full),
-# bench/attack.py's convex check and engine-vs-scipy comparison, and the throughput curve vs batch size
+# bench/attack.py's convex check, engine-vs-scipy comparison and cold first call (fresh process, no
+# compilation cache), and the throughput curve vs batch size
 # (scale.py :gpu). Phase "pool": bench/pool_generation.py (refresh cost vs size) and one
 # adversarial-training seed with the default config (all three runs). Phase "tests": the attack and
 # adversarial-training tests on the accelerator. Phase "sweep": bench/pool_sweep.py (seconds per
@@ -59,12 +60,14 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs its outp
 data=(--data_dir="$MNIST_DIR")
 if [ "$SMALL" = 1 ]; then
   full_n=(--config.num_examples=600 --config.chunk_size=300); curve_b=64,128
-  cmp=(--config=intriguing_jax/configs/bench_attack.py:tiny); cmp_dir=$WORK/bench_attack_tiny
+  cmp=(--config=intriguing_jax/configs/bench_attack.py:tiny --config.parts="('compare','first_call')")
+  cmp_dir=$WORK/bench_attack_tiny
   sizes=4,16; repeats=3; adv=(--config=intriguing_jax/configs/adversarial_training.py:smoke)
   tests=(tests/test_attack.py -k "untargeted")
   ks=0,2; bench_n=(--config.num_train=2048 --config.epochs=2); SEEDS=${SEEDS:-0,1}
 else
-  full_n=(); curve_b=1024,4096,16384; cmp=(--config.num_baseline=100); cmp_dir=$MODELS
+  full_n=(); curve_b=1024,4096,16384; cmp_dir=$MODELS
+  cmp=(--config.num_baseline=100 --config.parts="('convex','compare','first_call')")
   sizes=4,16,64,256,1024; repeats=15; adv=(); tests=(tests/test_attack.py tests/test_adversarial_training.py)
   ks=0,16,64; bench_n=(--config.epochs=3); SEEDS=${SEEDS:-0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}
 fi

@@ -39,16 +39,31 @@ def test_refinement_evals_follow_the_options():
   assert bench.refinement_evals(AttackOptions(refine=False)) == dict(forward=1, jacobians=0)
 
 
+def _problem(name, n, seed):
+  """A freshly initialised model, n random images in the box and targets it does not predict yet."""
+  model = models.get_model(name)
+  x = np.random.RandomState(seed).uniform(0, 1, size=(n, 28, 28, 1)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]))
+  return model, variables, x, (np.argmax(np.asarray(model.apply(variables, x)), -1) + 1) % 10
+
+
 @pytest.mark.slow
 def test_reference_engine_runs_on_the_same_inputs_and_weights():
   # This checkout as its own reference: the subprocess gets the same weights and inputs, so it returns
   # what the attack returns here.
-  model = models.get_model("fc100-100-10")
-  x = np.random.RandomState(0).uniform(0, 1, size=(6, 28, 28, 1)).astype(np.float32)
-  variables = model.init(jax.random.PRNGKey(3), jnp.asarray(x[:1]))
-  target = (np.argmax(np.asarray(model.apply(variables, x)), -1) + 1) % 10
+  model, variables, x, target = _problem("fc100-100-10", 6, seed=3)
   here = lbfgs_attack(model.apply, variables, x, target)
   ref = bench.reference_attack(_REPO, "fc100-100-10", variables, x, target, repeats=1)
   np.testing.assert_array_equal(ref["success"], np.asarray(here.success))
   np.testing.assert_allclose(ref["distortion"], np.asarray(here.distortion), rtol=1e-4)
   assert ref["time_warm"] > 0
+
+
+@pytest.mark.slow
+def test_first_call_is_timed_in_fresh_processes_stage_by_stage():
+  _, variables, x, target = _problem("fc10", 4, seed=0)
+  f = bench.first_call(_REPO, "fc10", variables, x, target)
+  assert list(f["stages_s"]) == ["check", "trace", "lower", "compile", "run"]
+  assert all(v > 0 for v in f["stages_s"].values()) and f["time_s"] > 0
+  # Compiling the whole program dominates a cold first call; the program has many fusion kernels.
+  assert f["stages_s"]["compile"] > f["stages_s"]["run"] and f["fusions"] > 50, f

@@ -6,7 +6,9 @@ the exact optimum (``exact.linear_min_norm``); ``compare``, FC100-100-10 on the 
 images, the attack (median of ``repeats`` warm calls) vs another checkout's engine at its defaults on the
 same inputs (``reference``: a path; "" = none) and vs ``scipy_attack`` on the first ``num_baseline`` (0:
 none); ``budgets``, the same inputs under every ``budgets`` entry (option overrides): evaluations,
-time and distortion of each, the Pareto front; ``batch``, throughput against the batch (``batches``).
+time and distortion of each, the Pareto front; ``batch``, throughput against the batch (``batches``);
+``first_call``, the cold first call (fresh process, no compilation cache) on the compare inputs and its
+stages, of this checkout and of ``reference``.
 Every speed figure comes with the evaluations per example it took (``AttackResult.num_evals``, plus the
 refinement's fixed forward passes and Jacobians, :func:`refinement_evals`).
 """
@@ -29,7 +31,7 @@ from intriguing_jax import data, exact, train
 from intriguing_jax.attack.engine import AttackOptions, lbfgs_attack
 from intriguing_jax.attack.perturbations import random_targets
 
-PARTS = ("convex", "compare", "budgets", "batch")
+PARTS = ("convex", "compare", "budgets", "batch", "first_call")
 
 
 def scipy_attack(apply_fn, params, x, target, opts: AttackOptions):
@@ -228,17 +230,22 @@ def _part_batch(config, opts, model_fn, x, y) -> Dict[str, Any]:
   return figures
 
 
-_REFERENCE_SCRIPT = """
+_LOAD = """
 import sys, time
-import jax, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 from flax import serialization
 from intriguing_jax import models
-from intriguing_jax.attack import lbfgs_attack
+from intriguing_jax.attack import engine, lbfgs_attack
+from intriguing_jax.types import static_fn
 d = np.load(sys.argv[1])
 model = models.get_model(sys.argv[2])
 with open(sys.argv[3], "rb") as f:
-  v = serialization.from_bytes(model.init(jax.random.PRNGKey(0), d["x"][:1]), f.read())
-run = lambda: jax.block_until_ready(lbfgs_attack(model.apply, v, d["x"], d["target"]))
+  v = jax.block_until_ready(serialization.from_bytes(model.init(jax.random.PRNGKey(0), d["x"][:1]), f.read()))
+x, target, out = d["x"], d["target"], {}
+"""
+
+_REFERENCE_SCRIPT = _LOAD + """
+run = lambda: jax.block_until_ready(lbfgs_attack(model.apply, v, x, target))
 t0 = time.perf_counter(); r = run(); first = time.perf_counter() - t0
 ts = []
 for _ in range(int(sys.argv[5])):
@@ -247,11 +254,29 @@ np.savez(sys.argv[4], distortion=np.asarray(r.distortion), success=np.asarray(r.
          time_first=first, time_warm=float(np.median(ts)))
 """
 
+# The stages of a first call as lbfgs_attack runs them on one CPU device (engine internals), or the call.
+_FIRST_CALL_SCRIPT = _LOAD + """
+t = [time.perf_counter()]
+if sys.argv[5] == "call":
+  jax.block_until_ready(lbfgs_attack(model.apply, v, x, target)); t.append(time.perf_counter())
+else:
+  opts, fn = engine.AttackOptions(), static_fn(model.apply)
+  xc, tc = engine._check_inputs(model.apply, v, x, target, opts); t.append(time.perf_counter())
+  share, c = -(-len(xc) // engine._num_workers(opts, len(xc))), jnp.asarray(np.float32(opts.c_grid))
+  traced = engine._program.trace(fn, opts, v, jnp.asarray(xc[:share]), jnp.asarray(tc[:share]), c)
+  t.append(time.perf_counter())
+  lowered = traced.lower(); t.append(time.perf_counter())
+  compiled = lowered.compile(); t.append(time.perf_counter())
+  jax.block_until_ready(engine._run_workers(fn, opts, v, xc, tc, c)); t.append(time.perf_counter())
+  out["fusions"] = compiled.as_text().count(" fusion(")
+np.savez(sys.argv[4], times=np.diff(t), **out)
+"""
 
-def reference_attack(tree: str, model_name: str, variables, x, target, repeats: int) -> Dict[str, Any]:
-  """``lbfgs_attack`` at ITS defaults from another checkout ``tree`` of this repository (e.g. a git worktree
-  of an older commit), in a subprocess on the same inputs and weights: distortion, success, time_first,
-  time_warm (median of ``repeats``)."""
+
+def _in_subprocess(tree: str, script: str, model_name: str, variables, x, target, arg: str,
+                   env: Dict[str, str]) -> Dict[str, Any]:
+  """Runs ``script`` (argv: inputs, model name, weights, output .npz, ``arg``) with the package of checkout
+  ``tree`` in a fresh Python process on the given inputs and weights; returns the .npz it wrote."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(tree, "intriguing_jax")):
     raise ValueError(f"reference: {tree!r} is not a checkout of intriguing_jax")
@@ -260,11 +285,45 @@ def reference_attack(tree: str, model_name: str, variables, x, target, repeats: 
     np.savez(inp, x=np.asarray(x), target=np.asarray(target))
     with open(weights, "wb") as f:
       f.write(serialization.to_bytes(variables))
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
-    subprocess.run([sys.executable, "-c", _REFERENCE_SCRIPT, inp, model_name, weights, out, str(repeats)],
-                   env=env, check=True, cwd=tmp)
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), **env)
+    subprocess.run([sys.executable, "-c", script, inp, model_name, weights, out, arg], env=env, check=True,
+                   cwd=tmp)
     with np.load(out) as r:
       return {k: r[k] for k in r.files}
+
+
+def reference_attack(tree: str, model_name: str, variables, x, target, repeats: int) -> Dict[str, Any]:
+  """``lbfgs_attack`` at ITS defaults from another checkout ``tree`` of this repository (e.g. a git worktree
+  of an older commit), in a subprocess on the same inputs and weights: distortion, success, time_first,
+  time_warm (median of ``repeats``)."""
+  return _in_subprocess(tree, _REFERENCE_SCRIPT, model_name, variables, x, target, str(repeats), {})
+
+
+def first_call(tree: str, model_name: str, variables, x, target) -> Dict[str, Any]:
+  """The first call of ``lbfgs_attack`` (checkout ``tree``, its defaults) in a fresh process with the
+  persistent compilation cache off: ``time_s`` of the call, and (a second fresh process) its stages
+  check / trace / lower / compile / run and the compiled program's fusion kernels."""
+  cold = {"JAX_COMPILATION_CACHE_DIR": ""}
+  call = _in_subprocess(tree, _FIRST_CALL_SCRIPT, model_name, variables, x, target, "call", cold)
+  parts = _in_subprocess(tree, _FIRST_CALL_SCRIPT, model_name, variables, x, target, "stages", cold)
+  stages = dict(zip(("check", "trace", "lower", "compile", "run"), map(float, parts["times"])))
+  return dict(time_s=float(call["times"][0]), stages_s=stages, fusions=int(parts["fusions"]))
+
+
+def _part_first_call(config, opts, model_fn, x, y) -> Dict[str, Any]:
+  """Cold first calls (no compilation cache, fresh processes) of this checkout and of ``reference``."""
+  del opts  # each checkout at its own defaults
+  model, variables, x, target = _compare_inputs(config, model_fn, x, y, config.num_compare)
+  trees = {"this checkout": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
+  if config.reference:
+    trees["reference"] = config.reference
+  figures = {}
+  for name, tree in trees.items():
+    f = figures[name] = first_call(tree, "fc100-100-10", variables, x, target)
+    stages = ", ".join(f"{k} {v:.3f}" for k, v in f["stages_s"].items())
+    print(f"[first_call] {name} ({tree}), FC100-100-10, {len(x)} images, defaults, no compilation cache: "
+          f"first call {f['time_s']:.2f} s; stages (s): {stages}; {f['fusions']} fusion kernels")
+  return figures
 
 
 def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
@@ -289,7 +348,8 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
     return train.get_or_train(name, x_train[:n], y_train[:n], workdir=workdir, epochs=config.epochs or None,
                               run_name=None if n == len(x_train) else f"{name}-n{n}")
 
-  parts = {"convex": _part_convex, "compare": _part_compare, "budgets": _part_budgets, "batch": _part_batch}
+  parts = {"convex": _part_convex, "compare": _part_compare, "budgets": _part_budgets, "batch": _part_batch,
+           "first_call": _part_first_call}
   figures = {"devices": [str(d) for d in jax.devices()]}
   for part in config.parts:
     figures[part] = parts[part](config, opts, model_fn, x_test, y_test)

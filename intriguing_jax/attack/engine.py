@@ -524,7 +524,8 @@ def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array,
 
   Returns an AttackResult sized B: jax arrays (sharded when ``shard``); numpy arrays in a multi-process run.
   Bad inputs (params None, dtype, NaN, box, target shape/range, an input shape the model does not take,
-  logits not [B, K] or not finite) raise TypeError/ValueError before anything is compiled.
+  logits not [B, K]) raise TypeError/ValueError before anything is compiled (the model is traced, not run);
+  logits that are not finite on x raise ValueError after the run (they are an output of the program).
   """
   if not isinstance(options, AttackOptions):
     raise TypeError(f"options must be an AttackOptions, got {type(options).__name__}")

@@ -4,7 +4,7 @@ Presets (``--config=intriguing_jax/configs/bench_attack.py:<preset>``): (none) t
 convex and 200 compare images, every training image, the models' recipes; ``tiny``: 10 and 20 images, the
 baseline on 5, models trained 1 epoch on 2000 images (about a minute on 2 CPU cores, no figures to quote).
 
-Fields: ``parts`` (convex, compare, budgets, batch); ``seed`` (random targets); ``num_convex``;
+Fields: ``parts`` (convex, compare, budgets, batch, first_call); ``seed`` (random targets); ``num_convex``;
 ``num_compare``; ``num_baseline`` (compare images the scipy baseline attacks; 0 = none); ``reference`` (a
 checkout of another commit whose engine, at its defaults, the compare part runs on the same inputs; "" =
 none); ``repeats`` (warm calls, median); ``budgets`` (name -> ``AttackOptions`` overrides, the budgets
