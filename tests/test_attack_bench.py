@@ -53,10 +53,14 @@ def test_reference_engine_runs_on_the_same_inputs_and_weights():
   # what the attack returns here.
   model, variables, x, target = _problem("fc100-100-10", 6, seed=3)
   here = lbfgs_attack(model.apply, variables, x, target)
-  ref = bench.reference_attack(_REPO, "fc100-100-10", variables, x, target, repeats=1)
+  calls = []
+  ref = bench.reference_attack(_REPO, "fc100-100-10", variables, x, target, repeats=2,
+                               here=lambda: calls.append(1))
   np.testing.assert_array_equal(ref["success"], np.asarray(here.success))
   np.testing.assert_allclose(ref["distortion"], np.asarray(here.distortion), rtol=1e-4)
-  assert ref["time_warm"] > 0
+  # One call here before each of the reference's warm calls, each timed.
+  assert len(calls) == 2 and ref["times_here"].shape == ref["times_warm"].shape == (2,)
+  assert np.all(ref["times_warm"] > 0) and ref["time_first"] > ref["times_warm"].min()
 
 
 @pytest.mark.slow

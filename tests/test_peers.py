@@ -53,6 +53,28 @@ def test_validate_refuses_a_model_without_a_torch_copy_and_empty_counts():
   c.num_examples = 0
   with pytest.raises(ValueError, match="num_examples"):
     peers.validate(c)
+  c = bench_peers.get_config("tiny")
+  c.repeat_below_s = -1.0
+  with pytest.raises(ValueError, match="repeat_below_s"):
+    peers.validate(c)
+
+
+def test_methods_are_timed_in_rounds_and_the_median_kept():
+  calls = []
+
+  def timer(name, seconds):
+    def timed():
+      calls.append(name)
+      return seconds.pop(0)
+    return timed
+
+  methods = {"ours": dict(times_s=[9.0]), "ddn": dict(times_s=[1.0]), "cw": dict(times_s=[50.0])}
+  timers = {"ours": timer("ours", [2.0, 3.0]), "ddn": timer("ddn", [1.5, 4.0])}   # cw: timed once
+  peers._time_in_rounds(2, 10, methods, timers)
+  assert calls == ["ours", "ddn", "ours", "ddn"]   # one call of each per round, in turn
+  assert [methods[k]["timed_calls"] for k in ("ours", "ddn", "cw")] == [3, 3, 1]
+  np.testing.assert_allclose([methods[k]["s_per_example"] for k in ("ours", "ddn", "cw")], [0.3, 0.15, 5.0])
+  assert methods["ddn"]["examples_per_s"] == pytest.approx(10 / 1.5)
 
 
 def _linear_apply(params, x):

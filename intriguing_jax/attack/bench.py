@@ -4,9 +4,10 @@ Parts (``config.parts``): ``convex``, FC10(1e-4) on the first ``num_convex`` tes
 random targets, the attack with ``config.attack`` and with ``refine=False`` (the paper's method alone) vs
 the exact optimum (``exact.linear_min_norm``); ``compare``, FC100-100-10 on the first ``num_compare`` test
 images, the attack (median of ``repeats`` warm calls) vs another checkout's engine at its defaults on the
-same inputs (``reference``: a path; "" = none) and vs ``scipy_attack`` on the first ``num_baseline`` (0:
-none); ``budgets``, the same inputs under every ``budgets`` entry (option overrides): evaluations,
-time and distortion of each, the Pareto front; ``batch``, throughput against the batch (``batches``);
+same inputs (``reference``: a path; "" = none; their warm calls alternate, the throughput ratio is the
+median of the pairs) and vs ``scipy_attack`` on the first ``num_baseline`` (0: none); ``budgets``, the
+same inputs under every ``budgets`` entry (option overrides; their warm calls in turn): evaluations, time
+and distortion of each, the Pareto front; ``batch``, throughput against the batch (``batches``);
 ``first_call``, the cold first call (fresh process, no compilation cache) on the compare inputs, its
 stages, and the first call from a filled persistent cache, of this checkout and of ``reference``.
 Every speed figure comes with the evaluations per example it took (``AttackResult.num_evals``, plus the
@@ -15,7 +16,9 @@ refinement's fixed forward passes and Jacobians, :func:`refinement_evals`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -109,21 +112,36 @@ def reference_budget(budgets) -> str:
   return "default" if "default" in budgets else next(iter(budgets))
 
 
+def _figures(res, opts: AttackOptions, n: int, time_first: float, time_warm: float) -> Dict[str, Any]:
+  d, ok = np.asarray(res.distortion), np.asarray(res.success)
+  return dict(s_per_example=time_warm / n, examples_per_s=n / time_warm, time_first_s=time_first,
+              success=float(ok.mean()), mean_rms=float(d.mean()),
+              evals_per_example=float(np.mean(res.num_evals)),
+              refinement_evals=refinement_evals(opts), distortion=d, success_mask=ok,
+              x_adv=np.asarray(res.x_adv))
+
+
 def measure(apply_fn, params, x, target, opts: AttackOptions, repeats: int) -> Dict[str, Any]:
   """The attack on (x, target): first call (compile included) and the median of ``repeats`` warm calls.
 
   Returns s_per_example (warm), examples_per_s, time_first_s, success, mean_rms, evals_per_example (the c
   search's value-and-gradient evaluations, ``AttackResult.num_evals``), refinement_evals, and the result
   arrays distortion / success_mask / x_adv (numpy) for re-scoring."""
-  run = lambda: lbfgs_attack(apply_fn, params, x, target, opts)
-  res, t1 = _timed(run)
-  t2 = float(np.median([_timed(run)[1] for _ in range(repeats)]))
-  d, ok = np.asarray(res.distortion), np.asarray(res.success)
-  return dict(s_per_example=t2 / len(x), examples_per_s=len(x) / t2, time_first_s=t1,
-              success=float(ok.mean()), mean_rms=float(d.mean()),
-              evals_per_example=float(np.mean(res.num_evals)),
-              refinement_evals=refinement_evals(opts), distortion=d, success_mask=ok,
-              x_adv=np.asarray(res.x_adv))
+  return measure_each(apply_fn, params, x, target, {"": opts}, repeats)[""]
+
+
+def measure_each(apply_fn, params, x, target, options: Dict[str, AttackOptions], repeats: int
+                 ) -> Dict[str, Dict[str, Any]]:
+  """:func:`measure` for every entry of ``options`` (name -> options), their warm calls taken in turn
+  (round r times every entry once) so that a drift in the machine's speed touches them alike."""
+  runs = {k: functools.partial(lbfgs_attack, apply_fn, params, x, target, o) for k, o in options.items()}
+  first = {k: _timed(run) for k, run in runs.items()}
+  warm = {k: [] for k in runs}
+  for _ in range(repeats):
+    for k, run in runs.items():
+      warm[k].append(_timed(run)[1])
+  return {k: _figures(first[k][0], options[k], len(x), first[k][1], float(np.median(warm[k])))
+          for k in runs}
 
 
 def _part_convex(config, opts, model_fn, x, y) -> Dict[str, Any]:
@@ -175,18 +193,24 @@ def _part_compare(config, opts, model_fn, x, y) -> Dict[str, Any]:
   d, ok = m["distortion"], m["success_mask"]
   f = dict(n=n, **_scalars(m))
   if config.reference:
-    r = reference_attack(config.reference, "fc100-100-10", variables, x, target, config.repeats)
+    run = lambda: lbfgs_attack(model.apply, variables, x, target, opts)
+    r = reference_attack(config.reference, "fc100-100-10", variables, x, target, config.repeats, here=run)
     both = r["success"] & ok
-    f["reference"] = dict(tree=config.reference, examples_per_s=n / r["time_warm"],
+    ratios = r["times_warm"] / r["times_here"]
+    f["reference"] = dict(tree=config.reference, examples_per_s=n / float(np.median(r["times_warm"])),
+                          here_examples_per_s=n / float(np.median(r["times_here"])),
                           time_first_s=r["time_first"],
                           success=float(r["success"].mean()), mean_rms=float(r["distortion"].mean()),
-                          throughput_ratio=float(r["time_warm"] / (m["s_per_example"] * n)),
+                          throughput_ratio=float(np.median(ratios)),
+                          throughput_ratio_range=(float(ratios.min()), float(ratios.max())),
                           rms_ratio=float(d[both].mean() / r["distortion"][both].mean()))
-    print(f"[compare] reference engine ({config.reference}, its defaults), same inputs: "
-          f"{n / r['time_warm']:.1f} examples/s warm (first call {r['time_first']:.2f} s), success "
+    g = f["reference"]
+    print(f"[compare] reference engine ({config.reference}, its defaults), same inputs, {config.repeats} warm "
+          f"calls each alternating with this checkout's: {g['examples_per_s']:.1f} examples/s vs "
+          f"{g['here_examples_per_s']:.1f} here (medians; first call {r['time_first']:.2f} s), success "
           f"{r['success'].mean():.1%}, mean RMS {r['distortion'].mean():.5f}; ratios: throughput "
-          f"{f['reference']['throughput_ratio']:.2f}x, mean RMS {f['reference']['rms_ratio']:.5f} (on "
-          f"{int(both.sum())})")
+          f"{g['throughput_ratio']:.2f}x (median of the pairs; range {ratios.min():.2f}..{ratios.max():.2f}), "
+          f"mean RMS {g['rms_ratio']:.5f} (on {int(both.sum())})")
   if nb:
     (_, bok, bd), tb = _timed(lambda: scipy_attack(model.apply, variables, x[:nb], target[:nb], opts))
     both = bok & ok[:nb]
@@ -201,12 +225,12 @@ def _part_compare(config, opts, model_fn, x, y) -> Dict[str, Any]:
 
 def _part_budgets(config, opts, model_fn, x, y) -> Dict[str, Any]:
   """Distortion against evaluations: every ``config.budgets`` entry (option overrides) on the compare
-  inputs, its ratio to :func:`reference_budget`'s mean RMS, and whether it is on the Pareto front
+  inputs (warm calls in turn, :func:`measure_each`), its ratio to :func:`reference_budget`'s mean RMS, and whether it is on the Pareto front
   (s/example, RMS)."""
   model, variables, x, target = _compare_inputs(config, model_fn, x, y, config.num_compare)
+  options = {name: dataclasses.replace(opts, **o) for name, o in config.budgets.items()}
   figures = {}
-  for name, overrides in config.budgets.items():
-    m = measure(model.apply, variables, x, target, dataclasses.replace(opts, **overrides), config.repeats)
+  for name, m in measure_each(model.apply, variables, x, target, options, config.repeats).items():
     _print_measure("budgets", name, m, len(x), config.repeats)
     figures[name] = _scalars(m)
   first = figures[reference_budget(figures)]
@@ -244,14 +268,16 @@ with open(sys.argv[3], "rb") as f:
 x, target, out = d["x"], d["target"], {}
 """
 
+# A server: one timed warm call per "run" line on stdin (its seconds on stdout), the results on "end".
 _REFERENCE_SCRIPT = _LOAD + """
 run = lambda: jax.block_until_ready(lbfgs_attack(model.apply, v, x, target))
 t0 = time.perf_counter(); r = run(); first = time.perf_counter() - t0
-ts = []
-for _ in range(int(sys.argv[5])):
-  t0 = time.perf_counter(); r = run(); ts.append(time.perf_counter() - t0)
-np.savez(sys.argv[4], distortion=np.asarray(r.distortion), success=np.asarray(r.success),
-         time_first=first, time_warm=float(np.median(ts)))
+print("ready", flush=True)
+for line in sys.stdin:
+  if line.strip() != "run":
+    break
+  t0 = time.perf_counter(); r = run(); print("seconds", time.perf_counter() - t0, flush=True)
+np.savez(sys.argv[4], distortion=np.asarray(r.distortion), success=np.asarray(r.success), time_first=first)
 """
 
 # The stages of a first call as lbfgs_attack runs them on one CPU device (engine internals), or the call.
@@ -273,10 +299,13 @@ np.savez(sys.argv[4], times=np.diff(t), **out)
 """
 
 
-def _in_subprocess(tree: str, script: str, model_name: str, variables, x, target, arg: str,
-                   env: Dict[str, str]) -> Dict[str, Any]:
-  """Runs ``script`` (argv: inputs, model name, weights, output .npz, ``arg``) with the package of checkout
-  ``tree`` in a fresh Python process on the given inputs and weights; returns the .npz it wrote."""
+@contextlib.contextmanager
+def _subprocess(tree: str, script: str, model_name: str, variables, x, target, arg: str,
+                env: Dict[str, str]):
+  """Starts ``script`` (argv: inputs, model name, weights, output .npz, ``arg``) with the package of checkout
+  ``tree`` in a fresh Python process on the given inputs and weights (stdin and stdout piped, text); yields
+  (process, results): once the block ends, stdin is closed, the process awaited and ``results`` (a dict)
+  holds the .npz the script wrote."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(tree, "intriguing_jax")):
     raise ValueError(f"reference: {tree!r} is not a checkout of intriguing_jax")
@@ -286,17 +315,56 @@ def _in_subprocess(tree: str, script: str, model_name: str, variables, x, target
     with open(weights, "wb") as f:
       f.write(serialization.to_bytes(variables))
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), **env)
-    subprocess.run([sys.executable, "-c", script, inp, model_name, weights, out, arg], env=env, check=True,
-                   cwd=tmp)
+    results = {}
+    with subprocess.Popen([sys.executable, "-c", script, inp, model_name, weights, out, arg], env=env,
+                          cwd=tmp, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+      try:
+        yield proc, results
+      finally:
+        proc.stdin.close()
+        proc.stdout.read()
+        if proc.wait() != 0:
+          raise RuntimeError(f"benchmark subprocess ({tree}) failed with exit status {proc.returncode}")
     with np.load(out) as r:
-      return {k: r[k] for k in r.files}
+      results.update({k: r[k] for k in r.files})
 
 
-def reference_attack(tree: str, model_name: str, variables, x, target, repeats: int) -> Dict[str, Any]:
+def _in_subprocess(tree: str, script: str, model_name: str, variables, x, target, arg: str,
+                   env: Dict[str, str]) -> Dict[str, Any]:
+  """Runs ``script`` to its end (see :func:`_subprocess`); returns the .npz it wrote."""
+  with _subprocess(tree, script, model_name, variables, x, target, arg, env) as (_, results):
+    pass
+  return results
+
+
+def _reply(proc, word: str) -> str:
+  """The next stdout line of ``proc`` that starts with ``word`` (other output is skipped)."""
+  for line in proc.stdout:
+    if line.startswith(word):
+      return line[len(word):].strip()
+  raise RuntimeError(f"benchmark subprocess ended before it said {word!r}")
+
+
+def reference_attack(tree: str, model_name: str, variables, x, target, repeats: int,
+                     here: Callable[[], Any] = None) -> Dict[str, Any]:
   """``lbfgs_attack`` at ITS defaults from another checkout ``tree`` of this repository (e.g. a git worktree
   of an older commit), in a subprocess on the same inputs and weights: distortion, success, time_first,
-  time_warm (median of ``repeats``)."""
-  return _in_subprocess(tree, _REFERENCE_SCRIPT, model_name, variables, x, target, str(repeats), {})
+  times_warm [repeats]. With ``here`` (a call of this checkout's attack), each of the reference's warm
+  calls follows one timed call of ``here`` (``times_here`` [repeats]): the pairs share the machine's state,
+  so their ratios hold on a machine whose speed drifts."""
+  times, times_here = [], []
+  with _subprocess(tree, _REFERENCE_SCRIPT, model_name, variables, x, target, "", {}) as (proc, r):
+    _reply(proc, "ready")
+    for _ in range(repeats):
+      if here is not None:
+        times_here.append(_timed(here)[1])
+      proc.stdin.write("run\n")
+      proc.stdin.flush()
+      times.append(float(_reply(proc, "seconds")))
+  r.update(times_warm=np.asarray(times), time_first=float(r["time_first"]))
+  if here is not None:
+    r["times_here"] = np.asarray(times_here)
+  return r
 
 
 def first_call(tree: str, model_name: str, variables, x, target) -> Dict[str, Any]:

@@ -17,6 +17,7 @@ success can still fail the margin (its figures give both, ``success`` and ``succ
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from intriguing_jax import data, models, train
 from intriguing_jax.attack import bench
-from intriguing_jax.attack.engine import AttackOptions
+from intriguing_jax.attack.engine import AttackOptions, lbfgs_attack
 from intriguing_jax.attack.perturbations import random_targets
 
 # method -> (class in foolbox.attacks, keyword arguments a config may set)
@@ -61,12 +62,15 @@ def _check_peer(name: str, spec: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]
 
 def validate(config) -> None:
   """Raises ValueError (naming the entry) unless ``config`` (configs/bench_peers.py) can run: a
-  ``models.SigmoidMLP`` model, ``num_examples`` and ``repeats`` >= 1, at least one budget, every budget
+  ``models.SigmoidMLP`` model, ``num_examples`` and ``repeats`` >= 1, ``repeat_below_s`` >= 0, at least
+  one budget, every budget
   valid ``AttackOptions`` overrides, every peer a known method with keyword arguments it takes."""
   if not isinstance(models.get_model(config.model), models.SigmoidMLP):
     raise ValueError(f"bench_peers config: model {config.model!r} is not a SigmoidMLP (fc...)")
   if min(config.num_examples, config.repeats) < 1:
     raise ValueError("bench_peers config: num_examples and repeats must be >= 1")
+  if not config.repeat_below_s >= 0:
+    raise ValueError(f"bench_peers config: repeat_below_s must be >= 0, got {config.repeat_below_s}")
   if not config.budgets:
     raise ValueError("bench_peers config: budgets is empty (one is the reference)")
   for name, overrides in config.budgets.items():
@@ -192,8 +196,11 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
   The config is validated (:func:`validate`) before any data is read. Inputs: the first
   ``config.num_examples`` correctly classified MNIST test images, targets ``random_targets(PRNGKey(seed))``.
   The model is ``train.get_or_train(config.model)`` in ``workdir``; its torch copy must reproduce the JAX
-  logits to ``LOGIT_TOLERANCE`` (RuntimeError otherwise). Timing: ours, the median of ``config.repeats``
-  warm calls (``bench.measure``); a peer, one call after an untimed warm-up on ``WARMUP_EXAMPLES`` images.
+  logits to ``LOGIT_TOLERANCE`` (RuntimeError otherwise). Timing: the median of ``config.repeats`` timed
+  calls, taken in rounds (each round times every method once, so that a drift in the machine's speed
+  touches all alike): ours after an untimed first call (compile), a peer after an untimed warm-up on
+  ``WARMUP_EXAMPLES`` images; a peer whose first timed call takes longer than ``config.repeat_below_s``
+  seconds is timed once.
   Per method: success (:func:`rescore`), mean RMS over its successes, the ratio of the reference budget's
   (``bench.reference_budget``) mean RMS to the method's on the examples where both succeeded, gradient
   evaluations per example (ours: the c search's ``evals_per_example``, the refinement's fixed forward
@@ -212,15 +219,16 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
   print(f"[peers] {config.model}, first {n} correctly classified test images, random targets (seed "
         f"{config.seed}); torch {torch.__version__} ({torch.get_num_threads()} threads), foolbox "
         f"{foolbox.__version__}; torch vs JAX logits max |diff| {logit_diff:.1e}")
-  methods, outputs = {}, {}
-  _run_ours(config, model, variables, x, target, methods, outputs)
-  _run_peers(config, net, x, target, methods, outputs)
+  methods, outputs, timers = {}, {}, {}
+  _run_ours(config, model, variables, x, target, methods, outputs, timers)
+  _run_peers(config, net, x, target, methods, outputs, timers)
+  _time_in_rounds(config.repeats - 1, n, methods, timers)
   ref = bench.reference_budget(config.budgets)
   _score(model, variables, x, target, outputs, methods, ref)
   front = bench.pareto([(k, v["s_per_example"], v["mean_rms"]) for k, v in methods.items()])
   for name, f in methods.items():
     f["pareto"] = name in front
-  _print_table(methods, ref, config.repeats)
+  _print_table(methods, ref, config)
   return dict(model=config.model, n=n, seed=config.seed, reference=ref, methods=methods, pareto_front=front,
               logit_max_abs_diff=logit_diff, torch=torch.__version__, foolbox=foolbox.__version__,
               torch_num_threads=torch.get_num_threads(), jax=jax.__version__,
@@ -254,30 +262,54 @@ def _checked_torch_copy(model, variables, x: np.ndarray) -> Tuple[Any, float]:
   return net, logit_diff
 
 
-def _run_ours(config, model, variables, x, target, methods: Dict[str, Any], outputs: Dict[str, Any]) -> None:
-  """Our attack under every budget: timings and evaluations into methods, points into outputs."""
+def _timer(fn) -> Any:
+  """A function that calls ``fn`` once and returns its wall time in seconds (JAX results awaited)."""
+  def timed():
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+  return timed
+
+
+def _run_ours(config, model, variables, x, target, methods: Dict[str, Any], outputs: Dict[str, Any],
+              timers: Dict[str, Any]) -> None:
+  """Our attack under every budget: a first call (compile) and one timed call; evaluations into methods,
+  points into outputs, a timer of one more call into timers."""
   for name, overrides in config.budgets.items():
     opts = AttackOptions(**_plain(overrides))
-    m = bench.measure(model.apply, variables, x, target, opts, config.repeats)
+    m = bench.measure(model.apply, variables, x, target, opts, 1)
     outputs[name] = m["x_adv"]
-    methods[name] = dict(kind="ours", options=_plain(overrides), s_per_example=m["s_per_example"],
-                         examples_per_s=m["examples_per_s"], time_first_s=m["time_first_s"],
-                         timed_calls=config.repeats,
+    methods[name] = dict(kind="ours", options=_plain(overrides), times_s=[m["s_per_example"] * len(x)],
+                         time_first_s=m["time_first_s"],
                          engine_success=m["success"], grad_evals_per_example=m["evals_per_example"],
                          refinement_evals=m["refinement_evals"])
+    timers[name] = _timer(functools.partial(lbfgs_attack, model.apply, variables, x, target, opts))
 
 
-def _run_peers(config, net, x, target, methods: Dict[str, Any], outputs: Dict[str, Any]) -> None:
-  """Every Foolbox peer, timed once after a warm-up on ``WARMUP_EXAMPLES`` images."""
-  n = len(x)
+def _run_peers(config, net, x, target, methods: Dict[str, Any], outputs: Dict[str, Any],
+               timers: Dict[str, Any]) -> None:
+  """Every Foolbox peer: a warm-up on ``WARMUP_EXAMPLES`` images, one timed call; a timer of one more call
+  into timers if that call took at most ``config.repeat_below_s`` seconds."""
   for name, spec in config.peers.items():
     method, kw = _check_peer(name, _plain(spec))
-    warm = min(WARMUP_EXAMPLES, n)
+    warm = min(WARMUP_EXAMPLES, len(x))
     run_foolbox(net, x[:warm], target[:warm], method, **kw)
     outputs[name], seconds = run_foolbox(net, x, target, method, **kw)
-    methods[name] = dict(kind="foolbox", method=method, kwargs=kw, s_per_example=seconds / n,
-                         examples_per_s=n / seconds, timed_calls=1,
+    methods[name] = dict(kind="foolbox", method=method, kwargs=kw, times_s=[seconds],
                          grad_evals_per_example=gradient_evals(method, **kw))
+    if seconds <= config.repeat_below_s:
+      timers[name] = lambda method=method, kw=kw: run_foolbox(net, x, target, method, **kw)[1]
+
+
+def _time_in_rounds(rounds: int, n: int, methods: Dict[str, Any], timers: Dict[str, Any]) -> None:
+  """``rounds`` more timed calls of every method with a timer, one of each per round; then each method's
+  time per example from the median of its timed calls."""
+  for _ in range(rounds):
+    for name, timer in timers.items():
+      methods[name]["times_s"].append(float(timer()))
+  for f in methods.values():
+    t = float(np.median(f["times_s"]))
+    f.update(s_per_example=t / n, examples_per_s=n / t, timed_calls=len(f["times_s"]))
 
 
 def _score(model, variables, x, target, outputs, methods: Dict[str, Any], ref: str) -> None:
@@ -294,10 +326,11 @@ def _score(model, variables, x, target, outputs, methods: Dict[str, Any], ref: s
     f.update(rms_ratio_vs_reference=_mean(ref_d[both]) / _mean(masks[name][1][both]), n_both=int(both.sum()))
 
 
-def _print_table(methods: Dict[str, Any], ref: str, repeats: int) -> None:
+def _print_table(methods: Dict[str, Any], ref: str, config) -> None:
   print(f"[peers] success: the target wins by > 1e-3 logits in the JAX model, inside [0, 1]; mean RMS over "
         f"each method's successes; ratio: {ref}'s mean RMS / the method's on the examples both solved; "
-        f"time: ours the median of {repeats} warm call(s), a peer one call after a warm-up")
+        f"time: the median of {config.repeats} timed calls in rounds (a peer slower than "
+        f"{config.repeat_below_s:g} s: one), after a first call / warm-up")
   print(f"{'method':22s} {'s/example':>10s} {'examples/s':>10s} {'success':>8s} {'mean RMS':>9s} "
         f"{'ratio':>16s} {'grad evals/ex':>13s}  Pareto")
   for name, f in methods.items():

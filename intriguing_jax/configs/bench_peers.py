@@ -6,7 +6,8 @@ defaults only (checks the wiring; no figures to quote).
 
 Fields: ``model`` (a ``models.SigmoidMLP`` name, trained by ``train.get_or_train`` in the workdir with its
 recipe); ``seed`` (random targets); ``num_examples`` (the first correctly classified test images);
-``repeats`` (warm calls of our attack, median); ``budgets`` (name -> ``AttackOptions`` overrides;
+``repeats`` (timed calls of every method, in rounds, median); ``repeat_below_s`` (a peer whose
+first timed call takes longer is timed once); ``budgets`` (name -> ``AttackOptions`` overrides;
 "default" is the reference of the distortion ratios, ``attack.peers.reference_budget``); ``peers``
 (name -> ``method``, one of ``attack.peers.METHODS`` ("ddn", "fmn", "cw"), plus the attack's keyword
 arguments). The config is validated (``attack.peers.validate``, ValueError naming the entry) here and
@@ -20,7 +21,8 @@ from intriguing_jax.attack import peers
 
 def get_config(arg=None):
   """The config of preset ``arg`` (None or "tiny")."""
-  c = ml_collections.ConfigDict(dict(model="fc100-100-10", seed=0, num_examples=200, repeats=3))
+  c = ml_collections.ConfigDict(dict(model="fc100-100-10", seed=0, num_examples=200, repeats=5,
+                                     repeat_below_s=2.0))
   c.budgets = {"default": {}, "refine=False": {"refine": False}, "num_bisection=0": {"num_bisection": 0},
                "num_bisection=6": {"num_bisection": 6}, "maxiter=20": {"maxiter": 20}}
   c.peers = {"ddn (defaults)": {"method": "ddn"}, "ddn 1000 steps": {"method": "ddn", "steps": 1000},
