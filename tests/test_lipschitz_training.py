@@ -30,7 +30,12 @@ class _StridedNet(nn.Module):
 
 
 def _init(model, shape, seed=0):
-  return model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + shape))["params"]
+  """Random params of the model's shapes, as Flax draws them (kernels N(0, 1 / fan_in), biases 0), drawn by
+  numpy: compiling ``model.init`` costs ~1 s per model and the tests need only generic values."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + shape))["params"]
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+                                            if len(s.shape) > 1 else np.zeros(s.shape), jnp.float32), shapes)
 
 
 def _dense_matrix(fn, in_shape):
@@ -57,7 +62,8 @@ def test_layer_norms_equal_the_exact_norms_dense_and_strided_conv():
     kernel, w = params["conv"]["kernel"], params["output"]["kernel"]
     op = _dense_matrix(lambda x: spectral.conv_apply(kernel, jnp.asarray(x), (2, 2), "CIRCULAR"), shape)
     want = [np.linalg.svd(op, compute_uv=False)[0], np.linalg.svd(np.asarray(w), compute_uv=False)[0]]
-    np.testing.assert_allclose(np.asarray(train.layer_norms(params, layers)), want, rtol=1e-10)
+    norms = jax.jit(train.layer_norms, static_argnums=1)   # one compile, not one per op
+    np.testing.assert_allclose(np.asarray(norms(params, layers)), want, rtol=1e-10)
   # Zero-padded strided convs: σ equals the certified upper bound spectral.py reports (float32); SAME pads
   # 8 -> 9 here, so its grid is 5, not 4.
   for padding, grid in (("VALID", (4, 4)), ("SAME", (5, 5))):
@@ -65,7 +71,7 @@ def test_layer_norms_equal_the_exact_norms_dense_and_strided_conv():
     params = _init(model, shape, seed=1)
     layers = train.penalty_layers(model, shape)
     assert layers[0].grid == grid
-    got = train.layer_norms(params, layers)
+    got = norms(params, layers)
     conv = spectral.conv_operator_norm(params["conv"]["kernel"], input_shape=shape, strides=2, padding=padding)
     want = [conv.upper, spectral.dense_operator_norm(params["output"]["kernel"])]
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5)  # float32 Gram vs float32 SVD

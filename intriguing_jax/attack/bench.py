@@ -205,12 +205,12 @@ def _part_compare(config, opts, model_fn, x, y) -> Dict[str, Any]:
                           throughput_ratio_range=(float(ratios.min()), float(ratios.max())),
                           rms_ratio=float(d[both].mean() / r["distortion"][both].mean()))
     g = f["reference"]
-    print(f"[compare] reference engine ({config.reference}, its defaults), same inputs, {config.repeats} warm "
-          f"calls each alternating with this checkout's: {g['examples_per_s']:.1f} examples/s vs "
+    print(f"[compare] reference engine ({config.reference}, its defaults), same inputs, {config.repeats} "
+          f"warm calls each alternating with this checkout's: {g['examples_per_s']:.1f} examples/s vs "
           f"{g['here_examples_per_s']:.1f} here (medians; first call {r['time_first']:.2f} s), success "
           f"{r['success'].mean():.1%}, mean RMS {r['distortion'].mean():.5f}; ratios: throughput "
-          f"{g['throughput_ratio']:.2f}x (median of the pairs; range {ratios.min():.2f}..{ratios.max():.2f}), "
-          f"mean RMS {g['rms_ratio']:.5f} (on {int(both.sum())})")
+          f"{g['throughput_ratio']:.2f}x (median of the pairs; range {ratios.min():.2f}.."
+          f"{ratios.max():.2f}), mean RMS {g['rms_ratio']:.5f} (on {int(both.sum())})")
   if nb:
     (_, bok, bd), tb = _timed(lambda: scipy_attack(model.apply, variables, x[:nb], target[:nb], opts))
     both = bok & ok[:nb]
@@ -225,8 +225,8 @@ def _part_compare(config, opts, model_fn, x, y) -> Dict[str, Any]:
 
 def _part_budgets(config, opts, model_fn, x, y) -> Dict[str, Any]:
   """Distortion against evaluations: every ``config.budgets`` entry (option overrides) on the compare
-  inputs (warm calls in turn, :func:`measure_each`), its ratio to :func:`reference_budget`'s mean RMS, and whether it is on the Pareto front
-  (s/example, RMS)."""
+  inputs (warm calls in turn, :func:`measure_each`), its ratio to :func:`reference_budget`'s mean RMS, and
+  whether it is on the Pareto front (s/example, RMS)."""
   model, variables, x, target = _compare_inputs(config, model_fn, x, y, config.num_compare)
   options = {name: dataclasses.replace(opts, **o) for name, o in config.budgets.items()}
   figures = {}
