@@ -290,11 +290,12 @@ def test_bad_input_raises_before_compiling(bad, error, match):
 
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_non_finite_logits_are_named_after_the_run(num_workers):
-  # The logits' finiteness is read off the program's output (no probe call before compiling).
+  # The logits' finiteness is read off the program's output (no probe call before compiling); refine=False
+  # only makes the program smaller to compile.
   x = _data(4, seed=3)
   with pytest.raises(ValueError, match="NaN/inf logits on x for 4 of 4 examples"):
     attack.lbfgs_attack(_nan_apply, _linear_params(), x, np.zeros(4, np.int32),
-                        dataclasses.replace(FAST, num_workers=num_workers))
+                        dataclasses.replace(FAST, num_workers=num_workers, refine=False))
 
 
 @pytest.mark.parametrize("k, rank", [(10, 10), (10, 1), (3, 2), (1, 1)])
@@ -363,12 +364,19 @@ def test_random_targets_never_equal_labels_and_refuse_bad_labels():
   np.testing.assert_array_equal(np.asarray(traced), np.asarray(t))
 
 
-def test_workers_return_what_one_program_returns(linear_problem):
-  # Two programs at once on shares of the batch (7 examples: the second share padded) give every example
-  # the result of one program over the whole batch, in order, with the padding dropped.
+@pytest.fixture(scope="module")
+def seven(linear_problem):
+  """linear_problem's 6 examples and the first again, and one program's result on them (num_workers=1)."""
   params, x, target, _ = linear_problem
   x7, t7 = np.concatenate([x, x[:1]]), np.concatenate([target, target[:1]])
-  one = attack.lbfgs_attack(linear_apply, params, x7, t7, dataclasses.replace(FAST, num_workers=1))
+  return x7, t7, attack.lbfgs_attack(linear_apply, params, x7, t7, dataclasses.replace(FAST, num_workers=1))
+
+
+def test_workers_return_what_one_program_returns(linear_problem, seven):
+  # Two programs at once on shares of the batch (7 examples: the second share padded) give every example
+  # the result of one program over the whole batch, in order, with the padding dropped.
+  params = linear_problem[0]
+  x7, t7, one = seven
   two = attack.lbfgs_attack(linear_apply, params, x7, t7, dataclasses.replace(FAST, num_workers=2))
   assert two.x_adv.shape == x7.shape and two.num_evals.shape == (7,)
   np.testing.assert_array_equal(np.asarray(two.success), np.asarray(one.success))
@@ -376,11 +384,10 @@ def test_workers_return_what_one_program_returns(linear_problem):
   np.testing.assert_allclose(np.asarray(two.x_adv), np.asarray(one.x_adv), atol=1e-5)
 
 
-def test_num_evals_counts_every_solve_start_and_step(linear_problem):
+def test_num_evals_counts_every_solve_start_and_step(seven):
   # Every solve starts with one evaluation and every accepted step is one: at least
   # num_iter + (grid solves >= 1) + num_bisection of them, and at most the loop's trips.
-  params, x, target, _ = linear_problem
-  res = attack.lbfgs_attack(linear_apply, params, x, target, dataclasses.replace(FAST, num_workers=1))
+  res = seven[2]
   evals, iters = np.asarray(res.num_evals), np.asarray(res.num_iter)
   assert np.all(evals >= iters + 1 + FAST.num_bisection), (evals, iters)
   assert np.all(evals <= (len(FAST.c_grid) + FAST.num_bisection) * (FAST.maxiter + 31))
@@ -400,13 +407,14 @@ def test_restart_carries_the_step_scale_across_a_hessian_shift(carry):
 
   rs = solver.row_solver(fun, -10.0, 10.0, solver="projected", maxiter=100, history_size=3, tol=1e-9,
                          ftol=0.0)
+  step = jax.jit(rs.step)   # one compile, not one per operation
   st = rs.init(jnp.zeros((1, n)), (b, jnp.zeros((1,))))
   for _ in range(3):
-    st = rs.step(st, (b, jnp.zeros((1,))))
+    st = step(st, (b, jnp.zeros((1,))))
   shift = jnp.asarray([d if carry else jnp.nan])
-  st = rs.restart(st, jnp.ones((1,), bool), jnp.zeros((1, n)), shift, jnp.asarray([1.0 / a]))
+  st = jax.jit(rs.restart)(st, jnp.ones((1,), bool), jnp.zeros((1, n)), shift, jnp.asarray([1.0 / a]))
   args = (b, jnp.full((1,), d))
-  st = rs.step(rs.step(st, args), args)       # the start's evaluation, then the first step
+  st = step(step(st, args), args)       # the start's evaluation, then the first step
   z_star = a * b / (a + d)
   err = float(jnp.max(jnp.abs(st.z - z_star)))
   assert (err < 1e-5) if carry else (err > 1e-2), err
