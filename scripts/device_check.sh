@@ -67,7 +67,8 @@ if [ "$SMALL" = 1 ]; then
   ks=0,2; bench_n=(--config.num_train=2048 --config.epochs=2); SEEDS=${SEEDS:-0,1}
 else
   full_n=(); curve_b=1024,4096,16384; cmp_dir=$MODELS
-  cmp=(--config.num_baseline=100 --config.parts="('convex','compare','first_call')")
+  cmp=(--config.num_baseline=100 --config.parts="('convex','compare','first_call')"
+       --config.first_call_rounds=1)
   sizes=4,16,64,256,1024; repeats=15; adv=(); tests=(tests/test_attack.py tests/test_adversarial_training.py)
   ks=0,16,64; bench_n=(--config.epochs=3); SEEDS=${SEEDS:-0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}
 fi

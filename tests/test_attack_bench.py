@@ -71,3 +71,24 @@ def test_first_call_is_timed_in_fresh_processes_stage_by_stage():
   assert all(v > 0 for v in f["stages_s"].values()) and f["time_s"] > 0 and f["time_cached_s"] > 0
   # Compiling the whole program dominates a cold first call; the program has many fusion kernels.
   assert f["stages_s"]["compile"] > f["stages_s"]["run"] and f["fusions"] > 50, f
+
+
+def test_first_call_part_alternates_the_checkouts_in_rounds_and_keeps_medians(monkeypatch):
+  calls = []
+
+  def fake_first_call(tree, model_name, variables, x, target):
+    calls.append(tree)
+    t = float(len(calls) ** 2)   # 1, 4, 9, 16, ...: this checkout 1, 9, 25; the reference 4, 16, 36
+    return dict(time_s=t, time_cached_s=t / 10, fusions=7, stages_s=dict(check=t, compile=2 * t))
+
+  monkeypatch.setattr(bench, "first_call", fake_first_call)
+  config = bench_attack.get_config()
+  config.reference, config.first_call_rounds, config.num_compare = "/ref", 3, 4
+  x, y = np.zeros((6, 28, 28, 1), np.float32), np.arange(6) % 10
+  figures = bench._part_first_call(config, None, lambda name: (None, {}), x, y)
+  here = calls[0]
+  assert calls == [here, "/ref"] * 3                 # one of each per round, in turn
+  assert figures["this checkout"]["time_s"] == 9.0 and figures["reference"]["time_s"] == 16.0   # medians
+  assert figures["reference"]["stages_s"] == dict(check=16.0, compile=32.0)
+  assert figures["this checkout"]["time_cached_s"] == pytest.approx(0.9)
+  assert len(figures["reference"]["rounds"]) == 3 and figures["reference"]["fusions"] == 7

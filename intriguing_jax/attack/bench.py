@@ -384,19 +384,33 @@ def first_call(tree: str, model_name: str, variables, x, target) -> Dict[str, An
 
 
 def _part_first_call(config, opts, model_fn, x, y) -> Dict[str, Any]:
-  """Cold first calls (no compilation cache, fresh processes) of this checkout and of ``reference``."""
+  """Cold first calls (no compilation cache, fresh processes) of this checkout and of ``reference``, in
+  ``first_call_rounds`` rounds (each round measures every checkout once); per checkout the rounds and the
+  median of each figure."""
   del opts  # each checkout at its own defaults
   model, variables, x, target = _compare_inputs(config, model_fn, x, y, config.num_compare)
   trees = {"this checkout": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
   if config.reference:
     trees["reference"] = config.reference
+  rounds = {name: [] for name in trees}
+  for r in range(config.first_call_rounds):
+    for name, tree in trees.items():
+      f = first_call(tree, "fc100-100-10", variables, x, target)
+      rounds[name].append(f)
+      stages = ", ".join(f"{k} {v:.3f}" for k, v in f["stages_s"].items())
+      print(f"[first_call] round {r + 1}, {name} ({tree}), FC100-100-10, {len(x)} images, defaults, no "
+            f"compilation cache: first call {f['time_s']:.2f} s; stages (s): {stages}; {f['fusions']} fusion "
+            f"kernels; from the persistent compilation cache: {f['time_cached_s']:.2f} s")
   figures = {}
-  for name, tree in trees.items():
-    f = figures[name] = first_call(tree, "fc100-100-10", variables, x, target)
-    stages = ", ".join(f"{k} {v:.3f}" for k, v in f["stages_s"].items())
-    print(f"[first_call] {name} ({tree}), FC100-100-10, {len(x)} images, defaults, no compilation cache: "
-          f"first call {f['time_s']:.2f} s; stages (s): {stages}; {f['fusions']} fusion kernels; from the "
-          f"persistent compilation cache: {f['time_cached_s']:.2f} s")
+  for name, runs in rounds.items():
+    med = lambda get: float(np.median([get(f) for f in runs]))
+    figures[name] = dict(rounds=runs, fusions=runs[0]["fusions"], time_s=med(lambda f: f["time_s"]),
+                         time_cached_s=med(lambda f: f["time_cached_s"]),
+                         stages_s={k: med(lambda f, k=k: f["stages_s"][k]) for k in runs[0]["stages_s"]})
+    g = figures[name]
+    print(f"[first_call] {name}, median of {len(runs)}: first call {g['time_s']:.2f} s (range "
+          f"{min(f['time_s'] for f in runs):.2f}..{max(f['time_s'] for f in runs):.2f}), compile "
+          f"{g['stages_s']['compile']:.2f} s, from the persistent cache {g['time_cached_s']:.2f} s")
   return figures
 
 
@@ -411,9 +425,9 @@ def run(config, workdir: str, data_dir=None) -> Dict[str, Any]:
   if not config.batches or min(config.batches) < 1:
     raise ValueError(f"bench_attack config: batches must be sizes >= 1, got {config.batches}")
   bad = [p for p in config.parts if p not in PARTS]
-  if bad or min(config.num_convex, config.num_compare, config.repeats) < 1:
+  if bad or min(config.num_convex, config.num_compare, config.repeats, config.first_call_rounds) < 1:
     raise ValueError(f"bench_attack config: parts must be among {PARTS} (got {bad}); num_convex, "
-                     f"num_compare and repeats must be >= 1")
+                     f"num_compare, repeats and first_call_rounds must be >= 1")
   x_train, y_train = data.load_mnist("train", data_dir)
   x_test, y_test = data.load_mnist("test", data_dir)
   n = config.train_examples or len(x_train)
