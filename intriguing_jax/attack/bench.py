@@ -81,7 +81,8 @@ def scipy_attack(apply_fn, params, x, target, opts: AttackOptions):
   return tuple(np.asarray(v) for v in zip(*out))
 
 
-def _timed(fn: Callable[[], Any]):
+def timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
+  """(``fn()`` with its JAX arrays awaited, the call's wall time in seconds)."""
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn())
   return out, time.perf_counter() - t0
@@ -121,6 +122,16 @@ def _figures(res, opts: AttackOptions, n: int, time_first: float, time_warm: flo
               x_adv=np.asarray(res.x_adv))
 
 
+def in_rounds(fns: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, List[Any]]:
+  """Calls every function of ``fns`` (name -> function) once per round, in turn, for ``rounds`` rounds;
+  returns each one's results in order. Timings taken this way share the machine's drifts alike."""
+  out = {k: [] for k in fns}
+  for _ in range(rounds):
+    for k, fn in fns.items():
+      out[k].append(fn())
+  return out
+
+
 def measure(apply_fn, params, x, target, opts: AttackOptions, repeats: int) -> Dict[str, Any]:
   """The attack on (x, target): first call (compile included) and the median of ``repeats`` warm calls.
 
@@ -135,11 +146,8 @@ def measure_each(apply_fn, params, x, target, options: Dict[str, AttackOptions],
   """:func:`measure` for every entry of ``options`` (name -> options), their warm calls taken in turn
   (round r times every entry once) so that a drift in the machine's speed touches them alike."""
   runs = {k: functools.partial(lbfgs_attack, apply_fn, params, x, target, o) for k, o in options.items()}
-  first = {k: _timed(run) for k, run in runs.items()}
-  warm = {k: [] for k in runs}
-  for _ in range(repeats):
-    for k, run in runs.items():
-      warm[k].append(_timed(run)[1])
+  first = {k: timed(run) for k, run in runs.items()}
+  warm = in_rounds({k: functools.partial(lambda run: timed(run)[1], run) for k, run in runs.items()}, repeats)
   return {k: _figures(first[k][0], options[k], len(x), first[k][1], float(np.median(warm[k])))
           for k in runs}
 
@@ -148,7 +156,7 @@ def _part_convex(config, opts, model_fn, x, y) -> Dict[str, Any]:
   model, variables = model_fn("fc10-1e-4")
   x, y = x[:config.num_convex], y[:config.num_convex]
   target = np.asarray(random_targets(jax.random.PRNGKey(config.seed), y))
-  sol, t_exact = _timed(lambda: exact.linear_min_norm(*exact.dense_kernel_bias(variables), x, target))
+  sol, t_exact = timed(lambda: exact.linear_min_norm(*exact.dense_kernel_bias(variables), x, target))
   keep = sol.distortion > 0
   print(f"[convex] FC10(1e-4), {len(x)} test images: exact optimum (float64 dual QP, {t_exact:.1f} s) mean "
         f"RMS {sol.distortion.mean():.5f}, max duality gap {np.max(sol.distortion - sol.lower_bound):.2e}")
@@ -212,7 +220,7 @@ def _part_compare(config, opts, model_fn, x, y) -> Dict[str, Any]:
           f"{g['throughput_ratio']:.2f}x (median of the pairs; range {ratios.min():.2f}.."
           f"{ratios.max():.2f}), mean RMS {g['rms_ratio']:.5f} (on {int(both.sum())})")
   if nb:
-    (_, bok, bd), tb = _timed(lambda: scipy_attack(model.apply, variables, x[:nb], target[:nb], opts))
+    (_, bok, bd), tb = timed(lambda: scipy_attack(model.apply, variables, x[:nb], target[:nb], opts))
     both = bok & ok[:nb]
     f.update(n_baseline=nb, baseline_examples_per_s=nb / tb, baseline_success=float(bok.mean()),
              throughput_ratio=m["examples_per_s"] / (nb / tb),
@@ -332,8 +340,8 @@ def _subprocess(tree: str, script: str, model_name: str, variables, x, target, a
 def _in_subprocess(tree: str, script: str, model_name: str, variables, x, target, arg: str,
                    env: Dict[str, str]) -> Dict[str, Any]:
   """Runs ``script`` to its end (see :func:`_subprocess`); returns the .npz it wrote."""
-  with _subprocess(tree, script, model_name, variables, x, target, arg, env) as (_, results):
-    pass
+  with _subprocess(tree, script, model_name, variables, x, target, arg, env) as (proc, results):
+    proc.stdin.close()   # no input: the script runs to its end
   return results
 
 
@@ -357,7 +365,7 @@ def reference_attack(tree: str, model_name: str, variables, x, target, repeats: 
     _reply(proc, "ready")
     for _ in range(repeats):
       if here is not None:
-        times_here.append(_timed(here)[1])
+        times_here.append(timed(here)[1])
       proc.stdin.write("run\n")
       proc.stdin.flush()
       times.append(float(_reply(proc, "seconds")))
@@ -392,17 +400,15 @@ def _part_first_call(config, opts, model_fn, x, y) -> Dict[str, Any]:
   trees = {"this checkout": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
   if config.reference:
     trees["reference"] = config.reference
-  rounds = {name: [] for name in trees}
-  for r in range(config.first_call_rounds):
-    for name, tree in trees.items():
-      f = first_call(tree, "fc100-100-10", variables, x, target)
-      rounds[name].append(f)
-      stages = ", ".join(f"{k} {v:.3f}" for k, v in f["stages_s"].items())
-      print(f"[first_call] round {r + 1}, {name} ({tree}), FC100-100-10, {len(x)} images, defaults, no "
-            f"compilation cache: first call {f['time_s']:.2f} s; stages (s): {stages}; {f['fusions']} fusion "
-            f"kernels; from the persistent compilation cache: {f['time_cached_s']:.2f} s")
+  rounds = in_rounds({name: functools.partial(first_call, tree, "fc100-100-10", variables, x, target)
+                      for name, tree in trees.items()}, config.first_call_rounds)
   figures = {}
   for name, runs in rounds.items():
+    for r, f in enumerate(runs):
+      stages = ", ".join(f"{k} {v:.3f}" for k, v in f["stages_s"].items())
+      print(f"[first_call] round {r + 1}, {name} ({trees[name]}), FC100-100-10, {len(x)} images, defaults, "
+            f"no compilation cache: first call {f['time_s']:.2f} s; stages (s): {stages}; {f['fusions']} "
+            f"fusion kernels; from the persistent compilation cache: {f['time_cached_s']:.2f} s")
     med = lambda get: float(np.median([get(f) for f in runs]))
     figures[name] = dict(rounds=runs, fusions=runs[0]["fusions"], time_s=med(lambda f: f["time_s"]),
                          time_cached_s=med(lambda f: f["time_cached_s"]),

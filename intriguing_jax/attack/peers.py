@@ -63,8 +63,8 @@ def _check_peer(name: str, spec: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]
 def validate(config) -> None:
   """Raises ValueError (naming the entry) unless ``config`` (configs/bench_peers.py) can run: a
   ``models.SigmoidMLP`` model, ``num_examples`` and ``repeats`` >= 1, ``repeat_below_s`` >= 0, at least
-  one budget, every budget
-  valid ``AttackOptions`` overrides, every peer a known method with keyword arguments it takes."""
+  one budget, every budget valid ``AttackOptions`` overrides, every peer a known method with keyword
+  arguments it takes."""
   if not isinstance(models.get_model(config.model), models.SigmoidMLP):
     raise ValueError(f"bench_peers config: model {config.model!r} is not a SigmoidMLP (fc...)")
   if min(config.num_examples, config.repeats) < 1:
@@ -262,15 +262,6 @@ def _checked_torch_copy(model, variables, x: np.ndarray) -> Tuple[Any, float]:
   return net, logit_diff
 
 
-def _timer(fn) -> Any:
-  """A function that calls ``fn`` once and returns its wall time in seconds (JAX results awaited)."""
-  def timed():
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - t0
-  return timed
-
-
 def _run_ours(config, model, variables, x, target, methods: Dict[str, Any], outputs: Dict[str, Any],
               timers: Dict[str, Any]) -> None:
   """Our attack under every budget: a first call (compile) and one timed call; evaluations into methods,
@@ -283,7 +274,8 @@ def _run_ours(config, model, variables, x, target, methods: Dict[str, Any], outp
                          time_first_s=m["time_first_s"],
                          engine_success=m["success"], grad_evals_per_example=m["evals_per_example"],
                          refinement_evals=m["refinement_evals"])
-    timers[name] = _timer(functools.partial(lbfgs_attack, model.apply, variables, x, target, opts))
+    run = functools.partial(lbfgs_attack, model.apply, variables, x, target, opts)
+    timers[name] = lambda run=run: bench.timed(run)[1]
 
 
 def _run_peers(config, net, x, target, methods: Dict[str, Any], outputs: Dict[str, Any],
@@ -304,9 +296,8 @@ def _run_peers(config, net, x, target, methods: Dict[str, Any], outputs: Dict[st
 def _time_in_rounds(rounds: int, n: int, methods: Dict[str, Any], timers: Dict[str, Any]) -> None:
   """``rounds`` more timed calls of every method with a timer, one of each per round; then each method's
   time per example from the median of its timed calls."""
-  for _ in range(rounds):
-    for name, timer in timers.items():
-      methods[name]["times_s"].append(float(timer()))
+  for name, times in bench.in_rounds(timers, rounds).items():
+    methods[name]["times_s"].extend(map(float, times))
   for f in methods.values():
     t = float(np.median(f["times_s"]))
     f.update(s_per_example=t / n, examples_per_s=n / t, timed_calls=len(f["times_s"]))
