@@ -566,7 +566,7 @@ def _add_robustness(rows, name, stacked, exp, config, eval_set, attacked, workdi
       continue
     m = tables.Model(model.apply, variables)
     rec = reproduce.attack_cached(m, attacked[0], attacked[2], options=exp.eval_attack,
-                                  cache_dir=os.path.join(workdir, name, "attack"),
+                                  cache_dir=os.path.join(workdir, name, "attack", f"seed_{seed}"),
                                   chunk_size=config.chunk_size, name=f"{name} seed {seed}")
     ok = rec.success
     adv = tables.AdversarialSet(*attacked, rec.x_adv, ok, rec.distortion, rec.c, clean_correct=ok)

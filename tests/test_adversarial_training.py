@@ -7,6 +7,7 @@ attack program compiles once per file: the epoch function is cached on the setti
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -572,6 +573,28 @@ def test_lipschitz_verdict_compares_each_strength_with_weight_decay():
   mean["lipschitz_0.01"]["eval_error"] = 0.015
   assert at.lipschitz_verdict(mean)[2].startswith("Lower test error than weight decay: yes")
   assert at.lipschitz_verdict({"weight_decay": mean["weight_decay"]}) == []
+
+
+def test_evaluation_attacks_are_cached_per_seed(tmp_path, monkeypatch):
+  # Two seeds' models, each attacked in two chunks: a rerun reuses all four chunks (one cache directory per
+  # seed; in a shared one each seed's chunks overwrote the other's, and a rerun attacked everything again).
+  from intriguing_jax import attack  # pylint: disable=g-import-not-at-top
+  model = models.get_model("fc16-16-10")
+  x = np.random.RandomState(0).uniform(0, 1, (4, 28, 28, 1)).astype(np.float32)
+  y = np.arange(4, dtype=np.int32)
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *(model.init(jax.random.PRNGKey(s), x[:1]) for s in (0, 1)))
+  exp = types.SimpleNamespace(seeds=[0, 1], eval_attack=attack.AttackOptions(maxiter=3, num_bisection=0,
+                                                                             refine=False))
+  config = types.SimpleNamespace(model="fc16-16-10", chunk_size=2)
+  calls, real = [], attack.lbfgs_attack
+  monkeypatch.setattr(attack, "lbfgs_attack", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+  runs = []
+  for _ in range(2):
+    runs.append([{}, {}])
+    at._add_robustness(runs[-1], "weight_decay", stacked, exp, config, (x, y), (x, y, (y + 1) % 10),
+                       str(tmp_path))
+  assert calls == [2, 2, 2, 2], calls          # the first pass only
+  assert json.dumps(runs[0]) == json.dumps(runs[1]) and runs[0][0] != runs[0][1]   # (nan: no success)
 
 
 @pytest.mark.slow

@@ -66,20 +66,25 @@ def test_reference_engine_runs_on_the_same_inputs_and_weights():
 @pytest.mark.slow
 def test_first_call_is_timed_in_fresh_processes_stage_by_stage():
   _, variables, x, target = _problem("fc10", 4, seed=0)
-  f = bench.first_call(_REPO, "fc10", variables, x, target)
+  f = bench.first_call(_REPO, "fc10", variables, x, target, programs=True)
   assert list(f["stages_s"]) == ["check", "trace", "lower", "compile", "run"]
   assert all(v > 0 for v in f["stages_s"].values()) and f["time_s"] > 0 and f["time_cached_s"] > 0
   # Compiling the whole program dominates a cold first call; the program has many fusion kernels.
   assert f["stages_s"]["compile"] > f["stages_s"]["run"] and f["fusions"] > 50, f
+  # The nested programs, smallest first: each holds the one before; the last is the attack's own program.
+  assert list(f["programs"]) == list(bench.PROGRAMS) and all(s > 0 for s, _ in f["programs"].values())
+  kernels = [k for _, k in f["programs"].values()]
+  assert kernels == sorted(set(kernels)) and kernels[-1] == f["fusions"], f["programs"]
 
 
 def test_first_call_part_alternates_the_checkouts_in_rounds_and_keeps_medians(monkeypatch):
   calls = []
 
-  def fake_first_call(tree, model_name, variables, x, target):
+  def fake_first_call(tree, model_name, variables, x, target, programs):
     calls.append(tree)
     t = float(len(calls) ** 2)   # 1, 4, 9, 16, ...: this checkout 1, 9, 25; the reference 4, 16, 36
-    return dict(time_s=t, time_cached_s=t / 10, fusions=7, stages_s=dict(check=t, compile=2 * t))
+    out = dict(time_s=t, time_cached_s=t / 10, fusions=7, stages_s=dict(check=t, compile=2 * t))
+    return dict(out, programs={"a": (t / 2, 3), "b": (t, 7)}) if programs else out
 
   monkeypatch.setattr(bench, "first_call", fake_first_call)
   config = bench_attack.get_config()
@@ -92,3 +97,6 @@ def test_first_call_part_alternates_the_checkouts_in_rounds_and_keeps_medians(mo
   assert figures["reference"]["stages_s"] == dict(check=16.0, compile=32.0)
   assert figures["this checkout"]["time_cached_s"] == pytest.approx(0.9)
   assert len(figures["reference"]["rounds"]) == 3 and figures["reference"]["fusions"] == 7
+  # The nested programs (engine internals) are measured for this checkout only.
+  assert figures["this checkout"]["programs"] == {"a": (4.5, 3), "b": (9.0, 7)}
+  assert "programs" not in figures["reference"]

@@ -9,7 +9,8 @@ median of the pairs) and vs ``scipy_attack`` on the first ``num_baseline`` (0: n
 same inputs under every ``budgets`` entry (option overrides; their warm calls in turn): evaluations, time
 and distortion of each, the Pareto front; ``batch``, throughput against the batch (``batches``);
 ``first_call``, the cold first call (fresh process, no compilation cache) on the compare inputs, its
-stages, and the first call from a filled persistent cache, of this checkout and of ``reference``.
+stages, and the first call from a filled persistent cache, of this checkout and of ``reference``, and the
+compile of the programs nested in this checkout's attack (:data:`PROGRAMS`).
 Every speed figure comes with the evaluations per example it took (``AttackResult.num_evals``, plus the
 refinement's fixed forward passes and Jacobians, :func:`refinement_evals`).
 """
@@ -306,6 +307,44 @@ else:
 np.savez(sys.argv[4], times=np.diff(t), **out)
 """
 
+# The compile of the programs nested in the attack on one CPU device, smallest first (engine internals of
+# this checkout): the objective's value and gradient at the c search's rows, the projected L-BFGS loop at
+# one c, the attack without the refinement, the whole attack.
+_PROGRAMS_SCRIPT = _LOAD + """
+import dataclasses
+from intriguing_jax.attack import solver
+opts, fn = engine.AttackOptions(), static_fn(model.apply)
+xc, tc = engine._check_inputs(model.apply, v, x, target, opts)
+share, c = -(-len(xc) // engine._num_workers(opts, len(xc))), jnp.asarray(np.float32(opts.c_grid))
+rows = engine._num_slots(opts, share)
+z0, lb, c1 = jnp.asarray(xc[:rows].reshape(rows, -1)), jnp.asarray(tc[:rows]), jnp.ones((rows,), jnp.float32)
+
+def objective(params):
+  def f(z, x0, label, cc):
+    logits = model.apply(params, z.reshape((1,) + xc.shape[1:]))[0]
+    return cc * engine._penalty(z - x0, opts) + engine._loss(logits, label, opts), logits
+  return f
+
+def value_and_grad(params, z, label, cc):
+  return jax.vmap(jax.value_and_grad(objective(params), has_aux=True))(z, z, label, cc)
+
+def solver_loop(params, z, label, cc):
+  rs = solver.row_solver(objective(params), *opts.box, solver=opts.solver, maxiter=opts.maxiter,
+                         history_size=opts.history_size, tol=opts.tol, ftol=opts.ftol)
+  args = (z, label, cc)
+  return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: rs.step(s, args), rs.init(z, args)).z
+
+attack = lambda o: engine._program.lower(fn, o, v, jnp.asarray(xc[:share]), jnp.asarray(tc[:share]), c)
+lowered = [jax.jit(value_and_grad).lower(v, z0, lb, c1), jax.jit(solver_loop).lower(v, z0, lb, c1),
+           attack(dataclasses.replace(opts, refine=False)), attack(opts)]
+seconds, fusions = [], []
+for low in lowered:
+  t0 = time.perf_counter(); compiled = low.compile(); seconds.append(time.perf_counter() - t0)
+  fusions.append(compiled.as_text().count(" fusion("))
+np.savez(sys.argv[4], seconds=seconds, fusions=fusions)
+"""
+PROGRAMS = ("value_and_grad", "solver_loop", "refine=False", "attack")
+
 
 @contextlib.contextmanager
 def _subprocess(tree: str, script: str, model_name: str, variables, x, target, arg: str,
@@ -375,20 +414,26 @@ def reference_attack(tree: str, model_name: str, variables, x, target, repeats: 
   return r
 
 
-def first_call(tree: str, model_name: str, variables, x, target) -> Dict[str, Any]:
+def first_call(tree: str, model_name: str, variables, x, target, programs: bool = False) -> Dict[str, Any]:
   """The first call of ``lbfgs_attack`` (checkout ``tree``, its defaults) in a fresh process with the
   persistent compilation cache off: ``time_s`` of the call; (a second fresh process) its stages check /
   trace / lower / compile / run and the compiled program's fusion kernels; ``time_cached_s``, the first
-  call of a third fresh process whose persistent cache holds the program (filled by a fourth before)."""
-  run = lambda arg, env: _in_subprocess(tree, _FIRST_CALL_SCRIPT, model_name, variables, x, target, arg, env)
+  call of a third fresh process whose persistent cache holds the program (filled by a fourth before).
+  With ``programs`` (``tree`` must be this checkout: engine internals), ``programs``: name -> (compile
+  seconds, fusion kernels) of the programs nested in the attack (``PROGRAMS``, one more fresh process)."""
+  run = lambda script, arg, env: _in_subprocess(tree, script, model_name, variables, x, target, arg, env)
   cold = {"JAX_COMPILATION_CACHE_DIR": ""}
-  call, parts = run("call", cold), run("stages", cold)
+  call, parts = run(_FIRST_CALL_SCRIPT, "call", cold), run(_FIRST_CALL_SCRIPT, "stages", cold)
   with tempfile.TemporaryDirectory() as cache:
     warm = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    cached = [run("call", warm) for _ in range(2)][-1]
+    cached = [run(_FIRST_CALL_SCRIPT, "call", warm) for _ in range(2)][-1]
   stages = dict(zip(("check", "trace", "lower", "compile", "run"), map(float, parts["times"])))
-  return dict(time_s=float(call["times"][0]), stages_s=stages, fusions=int(parts["fusions"]),
-              time_cached_s=float(cached["times"][0]))
+  out = dict(time_s=float(call["times"][0]), stages_s=stages, fusions=int(parts["fusions"]),
+             time_cached_s=float(cached["times"][0]))
+  if programs:
+    p = run(_PROGRAMS_SCRIPT, "", cold)
+    out["programs"] = {k: (float(s), int(f)) for k, s, f in zip(PROGRAMS, p["seconds"], p["fusions"])}
+  return out
 
 
 def _part_first_call(config, opts, model_fn, x, y) -> Dict[str, Any]:
@@ -400,7 +445,8 @@ def _part_first_call(config, opts, model_fn, x, y) -> Dict[str, Any]:
   trees = {"this checkout": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
   if config.reference:
     trees["reference"] = config.reference
-  rounds = in_rounds({name: functools.partial(first_call, tree, "fc100-100-10", variables, x, target)
+  rounds = in_rounds({name: functools.partial(first_call, tree, "fc100-100-10", variables, x, target,
+                                              programs=name == "this checkout")
                       for name, tree in trees.items()}, config.first_call_rounds)
   figures = {}
   for name, runs in rounds.items():
@@ -417,6 +463,11 @@ def _part_first_call(config, opts, model_fn, x, y) -> Dict[str, Any]:
     print(f"[first_call] {name}, median of {len(runs)}: first call {g['time_s']:.2f} s (range "
           f"{min(f['time_s'] for f in runs):.2f}..{max(f['time_s'] for f in runs):.2f}), compile "
           f"{g['stages_s']['compile']:.2f} s, from the persistent cache {g['time_cached_s']:.2f} s")
+    if "programs" in runs[0]:   # compile seconds (median) and kernels of the programs nested in the attack
+      g["programs"] = {k: (med(lambda f, k=k: f["programs"][k][0]), kernels)
+                       for k, (_, kernels) in runs[0]["programs"].items()}
+      print(f"[first_call] {name}, compile of the nested programs, median of {len(runs)}: " + "; ".join(
+          f"{k} {s:.2f} s ({kernels} kernels)" for k, (s, kernels) in g["programs"].items()))
   return figures
 
 
