@@ -88,7 +88,7 @@ case $phase in
     step full_attack 180 "$PY" scripts/bench/scale.py --config=intriguing_jax/configs/scale.py:full \
       --workdir="$WORK/scale" --config.run_dir="$fc100" "${data[@]}" "${full_n[@]}"
     cp "$WORK/scale/results.json" "$OUT/full_attack.json" 2>/dev/null
-    step bench_attack 150 "$PY" scripts/bench/attack.py --workdir="$cmp_dir" "${data[@]}" "${cmp[@]}"
+    step bench_attack 240 "$PY" scripts/bench/attack.py --workdir="$cmp_dir" "${data[@]}" "${cmp[@]}"
     cp "$cmp_dir/bench_attack.json" "$OUT/bench_attack.json" 2>/dev/null
     step curve 150 "$PY" scripts/bench/scale.py --config=intriguing_jax/configs/scale.py:gpu \
       --config.batch_sizes="$curve_b" --config.run_dir="$fc100" --workdir="$WORK/curve" "${data[@]}"
