@@ -4,6 +4,8 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 # Catch accidental (batch x c) broadcasting bugs early.
@@ -63,6 +65,15 @@ def write_synthetic_idx(directory, *, num_train: int = 512, num_test: int = 128)
 def synthetic_idx_dir(tmp_path):
   """A local MNIST IDX directory holding tiny learnable synthetic data (512 train, 128 test images)."""
   return write_synthetic_idx(tmp_path / "synthetic_mnist")
+
+
+def random_variables(model, input_shape, *, seed: int = 0, scale: float = 0.5):
+  """Variables of a Flax ``model`` at its init shapes for inputs [1, *input_shape], every leaf drawn
+  N(0, scale^2) by numpy: compiling ``model.init`` (threefry, Flax's initialisers) costs 1-3 s per model on
+  a 2-core CPU, and the tests need only generic values."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(input_shape)))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), s.dtype), shapes)
 
 
 def dot_precisions(jaxpr):

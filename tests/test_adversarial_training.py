@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import random_variables
 from intriguing_jax import adversarial_training as at
 from intriguing_jax import data
 from intriguing_jax import metrics
@@ -582,12 +583,18 @@ def test_evaluation_attacks_are_cached_per_seed(tmp_path, monkeypatch):
   model = models.get_model("fc16-16-10")
   x = np.random.RandomState(0).uniform(0, 1, (4, 28, 28, 1)).astype(np.float32)
   y = np.arange(4, dtype=np.int32)
-  stacked = jax.tree.map(lambda *a: jnp.stack(a), *(model.init(jax.random.PRNGKey(s), x[:1]) for s in (0, 1)))
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *(random_variables(model, x.shape[1:], seed=s, scale=0.1)
+                                                     for s in (0, 1)))
   exp = types.SimpleNamespace(seeds=[0, 1], eval_attack=attack.AttackOptions(maxiter=3, num_bisection=0,
                                                                              refine=False))
   config = types.SimpleNamespace(model="fc16-16-10", chunk_size=2)
-  calls, real = [], attack.lbfgs_attack
-  monkeypatch.setattr(attack, "lbfgs_attack", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+  calls = []
+
+  def fake_attack(apply_fn, params, xb, tb, options):   # counts the examples attacked; no compile
+    calls.append(len(xb))
+    return types.SimpleNamespace(x_adv=xb, success=np.zeros(len(xb), bool), c=np.full(len(xb), np.nan))
+
+  monkeypatch.setattr(attack, "lbfgs_attack", fake_attack)
   runs = []
   for _ in range(2):
     runs.append([{}, {}])

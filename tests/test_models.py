@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from intriguing_jax import models
 
 # name -> (exact parameter count, per-example input shape, output width)
@@ -38,10 +39,8 @@ _ALEXNET_TABLE5 = [
 @functools.lru_cache(maxsize=None)
 def _variables(name, **kwargs):
   """Random variables of get_model(name) on the init shapes (numpy: no Flax init to compile)."""
-  model = models.get_model(name, **kwargs)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + _EXPECTED.get(name, _EXPECTED["fc10"])[1]))
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+  return random_variables(models.get_model(name, **kwargs), _EXPECTED.get(name, _EXPECTED["fc10"])[1],
+                          scale=0.1)
 
 
 def _feature_order(model, variables, shape):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from intriguing_jax import attack
 from intriguing_jax import models
 from intriguing_jax import reproduce
@@ -74,9 +75,7 @@ def test_run_experiment_on_synthetic_data_and_resume(tmp_path, monkeypatch):
     if run_name not in trained:
       rec = train.recipe(name)
       model = models.get_model(rec["model"], **rec.get("model_kwargs", {}))
-      shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), jnp.asarray(images[:1]))
-      rng = np.random.default_rng(len(trained))  # N(0, 0.1) weights: no eager per-layer init compiles
-      trained[run_name] = model, jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(a.dtype), shapes)
+      trained[run_name] = model, random_variables(model, images.shape[1:], seed=len(trained), scale=0.1)
     return trained[run_name]
 
   monkeypatch.setattr(attack, "lbfgs_attack", cheap)

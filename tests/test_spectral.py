@@ -9,6 +9,7 @@ from jax import lax
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from intriguing_jax import models
 from intriguing_jax import spectral
 
@@ -277,9 +278,7 @@ class _SmallConvNet(nn.Module):
 def _small_conv_net(**kwargs):
   """The model and random variables (numpy on the init shapes: no init to compile)."""
   model = _SmallConvNet(**kwargs)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 2)))
-  rng = np.random.default_rng(1)
-  return model, jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), jnp.float32), shapes)
+  return model, random_variables(model, (12, 12, 2), seed=1)
 
 
 def test_lipschitz_table_is_sound_against_empirical_lower_bounds():

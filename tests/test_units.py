@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from intriguing_jax import models
 from intriguing_jax import units
 
@@ -63,10 +64,7 @@ def test_dict_valued_phi_from_flax_model():
   # 16x16 inputs keep the test fast: conv1 12x12, pool1 6x6, conv2 2x2, pool2 1x1.
   model = models.get_model("mnist_conv", channels=(2, 3), hidden=8, image_shape=(16, 16, 1))
   x = _data(40, (16, 16, 1))
-  # Random weights from numpy on the init shapes: compiling Flax's init costs ~10 s on a loaded CPU.
-  rng = np.random.default_rng(0)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
-  variables = jax.tree.map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
+  variables = random_variables(model, (16, 16, 1))
   phi = models.feature_fn(model)
   dims = units.feature_dims(phi, variables, x[:1])
   # The model's own layer order survives (jax returns dicts with sorted keys).
