@@ -89,7 +89,7 @@ def test_mixed_batch_sizes_reject_an_empty_pool_share():
 def test_sample_mixed_batch_draws_from_each_pool(tiny):
   x, y, _, _ = tiny
   model = _model()
-  params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+  params = random_variables(model, x.shape[1:], scale=0.1)["params"]
   layers = at.model_pool_layers(model, POOL.layers)
   state = at.init_state(layers, params, train.make_optimizer(CONFIG, STEPS, params), jnp.asarray(x[:1]), POOL,
                         jax.random.PRNGKey(1))
@@ -108,7 +108,7 @@ def test_sample_mixed_batch_draws_from_each_pool(tiny):
 def test_pool_layers_are_the_network_above_the_layer(tiny):
   x, y, _, _ = tiny
   model = _model()
-  variables = model.init(jax.random.PRNGKey(0), x[:4])
+  variables = random_variables(model, x.shape[1:], scale=0.1)
   logits = model.apply(variables, x[:4])
   layers = {l.name: l for l in at.model_pool_layers(model, ("input", "hidden_0", "hidden_1"))}
   for layer in layers.values():
@@ -124,7 +124,7 @@ def test_pool_layers_are_the_network_above_the_layer(tiny):
   with pytest.raises(ValueError, match="head"):
     at.model_pool_layers(conv, ("input", "hidden_0"))
   (layer,) = at.model_pool_layers(conv, ("input",))
-  conv_vars = conv.init(jax.random.PRNGKey(0), x[:2])
+  conv_vars = random_variables(conv, x.shape[1:], scale=0.1)
   np.testing.assert_allclose(layer.head_fn(conv_vars["params"], layer.feature_fn(conv_vars["params"], x[:2])),
                              conv.apply(conv_vars, x[:2]), rtol=1e-5, atol=1e-5)
 

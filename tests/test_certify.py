@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from intriguing_jax import attack
 from intriguing_jax import certify
 from intriguing_jax import data
@@ -18,8 +19,7 @@ SHAPE = (6, 6, 1)
 
 
 def _init(model, seed=0, scale=1.0):
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + SHAPE))
-  return jax.tree.map(lambda a: a * scale, variables)
+  return random_variables(model, SHAPE, seed=seed, scale=0.2 * scale)   # ~Flax's N(0, 1 / fan_in), fan_in 36
 
 
 def test_radii_by_hand():
