@@ -76,15 +76,19 @@ def random_variables(model, input_shape, *, seed: int = 0, scale: float = 0.5):
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), s.dtype), shapes)
 
 
-def dot_precisions(jaxpr):
-  """The precision of every dot_general in a jaxpr, sub-jaxprs (while, cond, scan, pjit) included."""
+def equations(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (while, cond, scan, pjit) included, in order."""
   out = []
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      out.append(eqn.params["precision"])
+    out.append(eqn)
     for value in eqn.params.values():
       for sub in (value if isinstance(value, (tuple, list)) else (value,)):
         sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
         if hasattr(sub, "eqns"):
-          out.extend(dot_precisions(sub))
+          out.extend(equations(sub))
   return out
+
+
+def dot_precisions(jaxpr):
+  """The precision of every dot_general in a jaxpr, sub-jaxprs included."""
+  return [eqn.params["precision"] for eqn in equations(jaxpr) if eqn.primitive.name == "dot_general"]

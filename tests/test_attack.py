@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import dot_precisions
+from conftest import dot_precisions, equations
 from intriguing_jax import attack, exact
 from intriguing_jax.attack import engine, solver
 
@@ -362,6 +362,30 @@ def test_random_targets_never_equal_labels_and_refuse_bad_labels():
       attack.random_targets(jax.random.PRNGKey(0), np.asarray(bad))
   traced = jax.jit(lambda lb: attack.random_targets(jax.random.PRNGKey(0), lb))(labels)   # no host check
   np.testing.assert_array_equal(np.asarray(traced), np.asarray(t))
+
+
+@pytest.mark.slow
+def test_refinement_projects_in_blocks_on_cpu_and_in_one_vmap_on_accelerators(monkeypatch):
+  # 12 examples: on CPU two blocks of 8 (the second padded), a loop over blocks (a scan); on an accelerator
+  # one vmap over the batch, no such loop (blocks would launch every FISTA step's kernels batch / 8 times).
+  # Both give the same attack (the same rows: num_slots given).
+  params, x = _mlp_params(2), _data(12, seed=3)
+  target = _targets(mlp_apply, params, x)
+  opts = attack.AttackOptions(c_grid=(0.1, 1.0, 10.0), num_bisection=1, maxiter=20, refine_rounds=1,
+                              num_slots=12)
+
+  def run():
+    attack_fn = attack.make_attack(mlp_apply, opts)   # a new function: traced again
+    jaxpr = jax.make_jaxpr(attack_fn)(params, x, target).jaxpr
+    scans = sum(e.primitive.name == "scan" for e in equations(jaxpr))
+    return scans, jax.jit(attack_fn)(params, x, target)
+
+  scans_cpu, cpu = run()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  scans_gpu, gpu = run()
+  assert scans_cpu == scans_gpu + 1
+  np.testing.assert_array_equal(cpu.success, gpu.success)
+  np.testing.assert_allclose(cpu.distortion, gpu.distortion, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ SOLVERS = solver_lib.SOLVERS
 DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 DEFAULT_CPU_SLOTS = 32
 _CPU_EXAMPLES_PER_SLOT = 12   # auto rows on one CPU device: a worker's share / 12 (notes/attack.md)
-_PROJECTION_BLOCK = 8  # examples per block of the refinement's projections (their Jacobians stay in cache)
+_PROJECTION_BLOCK = 8  # on CPU: examples per block of the refinement's projections (Jacobians in cache)
 
 
 class AttackResult(NamedTuple):
@@ -403,11 +403,14 @@ def _boundary_rounds(apply_fn, opts: AttackOptions, params, x, label, best: Best
   project_one = lambda x0, z, lb: solver_lib.boundary_projection(
       lambda zz: (constraints(zz, lb), jax.jacrev(constraints)(zz, lb)), x0, z, *opts.box,
       2.0 * _refine_margin(opts), opts.projection_steps)
-  # Blocks of examples, not one vmap over the batch: each FISTA step reads every Jacobian [k, n] of its
-  # block, which stays in cache (1.2x the whole attack's throughput at the defaults, notes/attack.md). The
-  # batch is padded to whole blocks (copies of example 0): a ragged last block would be a second copy of
-  # the projection in the program.
+  # On CPU, blocks of examples, not one vmap over the batch: each FISTA step reads every Jacobian [k, n] of
+  # its block, which stays in cache (1.2x the whole attack's throughput at the defaults, notes/attack.md).
+  # The batch is padded to whole blocks (copies of example 0): a ragged last block would be a second copy
+  # of the projection in the program. On accelerators, one vmap: blocks would run one after another, each
+  # FISTA step's kernels launched batch / 8 times over.
   def project(x0, z, lb):
+    if jax.default_backend() != "cpu":
+      return jax.vmap(project_one)(x0, z, lb)
     b = x0.shape[0]
     block = min(_PROJECTION_BLOCK, b)
     size = distributed.round_up(b, block)
