@@ -592,16 +592,24 @@ def empirical_lipschitz(fn: Callable[[Any, Array], Array], params: Any, x: Array
     raise ValueError(f"x_adv shape {np.shape(x_adv)} differs from x shape {x.shape}")
   b, bs = x.shape[0], min(int(batch_size), x.shape[0])
   v0 = jax.random.normal(jax.random.PRNGKey(seed), x.shape, x.dtype)
-  xp, vp = (jnp.concatenate([a, jnp.repeat(a[:1], -b % bs, axis=0)]) for a in (x, v0))  # whole batches
+  # Whole batches, padded and cut on the host: eager device ops would each compile on first use.
+  xp, vp = (np.concatenate([a, np.repeat(a[:1], -b % bs, axis=0)]) for a in (np.asarray(x), np.asarray(v0)))
   jac = np.concatenate([np.asarray(_jacobian_norms(fn, params, xp[i:i + bs], vp[i:i + bs], int(num_steps)))
                         for i in range(0, b, bs)])[:b]
   ratios = np.zeros((0,), np.float64)
   if x_adv is not None:
-    x_adv = jnp.asarray(x_adv)
-    num = jnp.linalg.norm((fn(params, x_adv) - fn(params, x)).reshape(b, -1), axis=1)
-    den = jnp.linalg.norm((x_adv - x).reshape(b, -1), axis=1)
-    ratios = np.asarray(num / jnp.where(den > 0, den, 1.0))[np.asarray(den > 0)]
+    ratios, moved = map(np.asarray, _pair_ratios(fn, params, x, jnp.asarray(x_adv)))
+    ratios = ratios[moved]
   return EmpiricalLipschitz(jac, ratios, float(max(jac.max(initial=0.0), ratios.max(initial=0.0))))
+
+
+@functools.partial(jax.jit, static_argnames=("fn",))
+def _pair_ratios(fn, params, x, x_adv):
+  """||f(x') - f(x)|| / ||x' - x|| for each pair [B] (0 where x' == x), and [B] bool: x' != x."""
+  b = x.shape[0]
+  num = jnp.linalg.norm((fn(params, x_adv) - fn(params, x)).reshape(b, -1), axis=1)
+  den = jnp.linalg.norm((x_adv - x).reshape(b, -1), axis=1)
+  return num / jnp.where(den > 0, den, 1.0), den > 0
 
 
 # ----------------------------------------------------------------------------------------------------
