@@ -365,6 +365,24 @@ def test_random_targets_never_equal_labels_and_refuse_bad_labels():
 
 
 @pytest.mark.slow
+def test_float64_params_under_x64_attack_in_the_dtype_of_x():
+  # Under jax_enable_x64 float64 params give float64 logits; the attack still runs in x's dtype (float32) and
+  # finds what it finds with float32 params (before, the c search's loop failed on a carry dtype mismatch).
+  params, x = _mlp_params(4), _data(4, seed=5)
+  target = _targets(mlp_apply, params, x)
+  opts = attack.AttackOptions(c_grid=(0.1, 1.0, 10.0), maxiter=20, num_bisection=1, refine_rounds=1,
+                              num_workers=1)
+  with jax.enable_x64(True):
+    params64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    res = attack.lbfgs_attack(mlp_apply, params64, x, target, opts)
+    assert res.x_adv.dtype == jnp.float32 and res.distortion.dtype == jnp.float32
+  ref = attack.lbfgs_attack(mlp_apply, params, x, target, opts)
+  np.testing.assert_array_equal(res.success, ref.success)
+  assert np.all(np.asarray(res.success))
+  np.testing.assert_allclose(res.distortion, ref.distortion, rtol=1e-3)
+
+
+@pytest.mark.slow
 def test_refinement_projects_in_blocks_on_cpu_and_in_one_vmap_on_accelerators(monkeypatch):
   # 12 examples: on CPU two blocks of 8 (the second padded), a loop over blocks (a scan); on an accelerator
   # one vmap over the batch, no such loop (blocks would launch every FISTA step's kernels batch / 8 times).

@@ -429,12 +429,20 @@ def _boundary_rounds(apply_fn, opts: AttackOptions, params, x, label, best: Best
   return best._replace(z=z, d=d)
 
 
+def _logits_in_input_dtype(apply_fn):
+  """``apply_fn`` with its logits cast to the input's dtype: the attack runs in the dtype of x (float32 from
+  ``lbfgs_attack``), whatever the dtype of the params (e.g. float64 under ``jax_enable_x64``)."""
+  return jax.jit(lambda params, z: apply_fn(params, z).astype(z.dtype))
+
+
 def _attack_impl(apply_fn, opts: AttackOptions, params, x: Array, label: Array, c_grid: Array
                  ) -> AttackResult:
   """x: [B, *s]; label: [B] int32; c_grid: [G]. Traced under ``precision_lib.scope(opts.precision)``."""
   logging.vlog(1, "attack: tracing the program for %s, x %s, %s", apply_fn, x.shape, opts)
   apply_fn = jax.jit(apply_fn)   # traced once per input shape in this program, not at every call site
   with precision_lib.scope(opts.precision):
+    if jax.eval_shape(apply_fn, params, x).dtype != x.dtype:   # e.g. float64 params under jax_enable_x64
+      apply_fn = _logits_in_input_dtype(apply_fn)
     best = _c_search(apply_fn, opts, params, x, label, c_grid)
     margin_of = lambda z: _margin(apply_fn(params, z), label, opts.untargeted)
     ok_fn = lambda z: margin_of(z) > _refine_margin(opts)
@@ -521,7 +529,8 @@ def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array,
   ``apply_fn(params, x) -> logits`` maps [B, *input_shape] to [B, num_classes] and is hashable (a Flax
   ``model.apply``: equal modules count as one, ``types.static_fn``): one compiled program per (apply_fn,
   input shape, options); ``params``, any pytree, are traced (new parameters reuse it). ``x``: [B,
-  *input_shape] float32 (or float64) inside ``options.box``; ``target``: [B] int labels to reach (with
+  *input_shape] float32 (or float64: the attack runs in float32, logits of another dtype, e.g. of float64
+  params under ``jax_enable_x64``, are cast to it) inside ``options.box``; ``target``: [B] int labels to reach (with
   ``options.untargeted``: the TRUE labels to move away from). ``shard`` the batch over all devices (1-D data
   mesh, ragged batches padded, multi-host outputs gathered on every process); None = when several exist.
 
