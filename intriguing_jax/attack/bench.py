@@ -118,7 +118,7 @@ def _figures(res, opts: AttackOptions, n: int, time_first: float, time_warm: flo
   d, ok = np.asarray(res.distortion), np.asarray(res.success)
   return dict(s_per_example=time_warm / n, examples_per_s=n / time_warm, time_first_s=time_first,
               success=float(ok.mean()), mean_rms=float(d.mean()),
-              evals_per_example=float(np.mean(res.num_evals)),
+              evals_per_example=float(np.mean(res.num_evals)), evals_max=int(np.max(res.num_evals)),
               refinement_evals=refinement_evals(opts), distortion=d, success_mask=ok,
               x_adv=np.asarray(res.x_adv))
 
@@ -137,8 +137,9 @@ def measure(apply_fn, params, x, target, opts: AttackOptions, repeats: int) -> D
   """The attack on (x, target): first call (compile included) and the median of ``repeats`` warm calls.
 
   Returns s_per_example (warm), examples_per_s, time_first_s, success, mean_rms, evals_per_example (the c
-  search's value-and-gradient evaluations, ``AttackResult.num_evals``), refinement_evals, and the result
-  arrays distortion / success_mask / x_adv (numpy) for re-scoring."""
+  search's value-and-gradient evaluations, ``AttackResult.num_evals``; with all examples in flight, as on
+  accelerators, the loop's trips follow evals_max, the most any example took), refinement_evals, and the
+  result arrays distortion / success_mask / x_adv (numpy) for re-scoring."""
   return measure_each(apply_fn, params, x, target, {"": opts}, repeats)[""]
 
 
@@ -186,8 +187,8 @@ def _print_measure(tag: str, name: str, m: Dict[str, Any], n: int, repeats: int)
   ref = m["refinement_evals"]
   print(f"[{tag}] {name}, {n} images: {m['examples_per_s']:.1f} examples/s warm (median of {repeats}; first "
         f"call {m['time_first_s']:.2f} s incl. compile), success {m['success']:.1%}, mean RMS "
-        f"{m['mean_rms']:.5f}, evaluations per example: c search {m['evals_per_example']:.1f} + "
-        f"refinement {ref['forward']} forward, {ref['jacobians']} Jacobians")
+        f"{m['mean_rms']:.5f}, evaluations per example: c search {m['evals_per_example']:.1f} (the most: "
+        f"{m['evals_max']}) + refinement {ref['forward']} forward, {ref['jacobians']} Jacobians")
 
 
 def _scalars(m: Dict[str, Any]) -> Dict[str, Any]:
