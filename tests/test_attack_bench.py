@@ -1,6 +1,7 @@
 """Tests of the attack benchmark's pieces (intriguing_jax.attack.bench) that its figures rest on."""
 
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,15 @@ def test_refinement_evals_follow_the_options():
   opts = AttackOptions(refine_rounds=3, refine_steps=10)
   assert bench.refinement_evals(opts) == dict(forward=3 * 12 + 11 + 1, jacobians=3)
   assert bench.refinement_evals(AttackOptions(refine=False)) == dict(forward=1, jacobians=0)
+
+
+def test_figures_report_the_mean_and_the_most_evaluations():
+  res = types.SimpleNamespace(distortion=np.array([0.1, 0.3]), success=np.array([True, False]),
+                              num_evals=np.array([40, 120]), x_adv=np.zeros((2, 3)))
+  f = bench._figures(res, AttackOptions(refine=False), 2, time_first=3.0, time_warm=0.5)
+  assert f["evals_per_example"] == 80.0 and f["evals_max"] == 120     # all in flight: trips follow the most
+  assert f["s_per_example"] == 0.25 and f["examples_per_s"] == 4.0 and f["success"] == 0.5
+  assert f["mean_rms"] == pytest.approx(0.2)
 
 
 def _problem(name, n, seed):
