@@ -530,9 +530,10 @@ def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array,
   ``model.apply``: equal modules count as one, ``types.static_fn``): one compiled program per (apply_fn,
   input shape, options); ``params``, any pytree, are traced (new parameters reuse it). ``x``: [B,
   *input_shape] float32 (or float64: the attack runs in float32, logits of another dtype, e.g. of float64
-  params under ``jax_enable_x64``, are cast to it) inside ``options.box``; ``target``: [B] int labels to reach (with
-  ``options.untargeted``: the TRUE labels to move away from). ``shard`` the batch over all devices (1-D data
-  mesh, ragged batches padded, multi-host outputs gathered on every process); None = when several exist.
+  params under ``jax_enable_x64``, are cast to it) inside ``options.box``; ``target``: [B] int labels to
+  reach (with ``options.untargeted``: the TRUE labels to move away from). ``shard`` the batch over all
+  devices (1-D data mesh, ragged batches padded, multi-host outputs gathered on every process); None = when
+  several exist.
 
   Returns an AttackResult sized B: jax arrays (sharded when ``shard``); numpy arrays in a multi-process run.
   Bad inputs (params None, dtype, NaN, box, target shape/range, an input shape the model does not take,
@@ -587,9 +588,10 @@ def _run_workers(apply_fn, options: AttackOptions, params, x: np.ndarray, target
 
 def make_attack(apply_fn: Callable[[Any, Array], Array],
                 options: AttackOptions = AttackOptions()) -> Callable[[Any, Array, Array], AttackResult]:
-  """The attack as a pure, traceable ``attack_fn(params, x, target) -> AttackResult``, for your own
-  ``jit``/``scan`` (e.g. ``jax.jit(make_attack(model.apply, opts))(variables, x, target)`` in training): no
-  host-side checks (NaN logits give failed examples, not an error), no sharding, no compile cache."""
+  """The attack as a pure, traceable ``attack_fn(params, x, target) -> AttackResult``, run in the dtype of x,
+  for your own ``jit``/``scan`` (e.g. ``jax.jit(make_attack(model.apply, opts))(variables, x, target)`` in
+  training): no host-side checks (NaN logits give failed examples, not an error), no sharding, no compile
+  cache."""
   if not isinstance(options, AttackOptions):
     raise TypeError(f"options must be an AttackOptions, got {type(options).__name__}")
 
