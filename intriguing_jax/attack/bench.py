@@ -310,41 +310,33 @@ np.savez(sys.argv[4], times=np.diff(t), **out)
 
 # The compile of the programs nested in the attack on one CPU device, smallest first (engine internals of
 # this checkout): the objective's value and gradient at the c search's rows, the projected L-BFGS loop at
-# one c, the attack without the refinement, the whole attack.
+# one c, the attack without the refinement (the whole attack: the stages' process).
 _PROGRAMS_SCRIPT = _LOAD + """
 import dataclasses
-from intriguing_jax.attack import solver
 opts, fn = engine.AttackOptions(), static_fn(model.apply)
 xc, tc = engine._check_inputs(model.apply, v, x, target, opts)
 share, c = -(-len(xc) // engine._num_workers(opts, len(xc))), jnp.asarray(np.float32(opts.c_grid))
 rows = engine._num_slots(opts, share)
 z0, lb, c1 = jnp.asarray(xc[:rows].reshape(rows, -1)), jnp.asarray(tc[:rows]), jnp.ones((rows,), jnp.float32)
 
-def objective(params):
-  def f(z, x0, label, cc):
-    logits = model.apply(params, z.reshape((1,) + xc.shape[1:]))[0]
-    return cc * engine._penalty(z - x0, opts) + engine._loss(logits, label, opts), logits
-  return f
-
 def value_and_grad(params, z, label, cc):
-  return jax.vmap(jax.value_and_grad(objective(params), has_aux=True))(z, z, label, cc)
+  f = engine._objective(model.apply, opts, params, xc.shape[1:])
+  return jax.vmap(jax.value_and_grad(f, has_aux=True))(z, z, label, cc)
 
 def solver_loop(params, z, label, cc):
-  rs = solver.row_solver(objective(params), *opts.box, solver=opts.solver, maxiter=opts.maxiter,
-                         history_size=opts.history_size, tol=opts.tol, ftol=opts.ftol)
-  args = (z, label, cc)
+  rs, args = engine._row_solver(model.apply, opts, params, xc.shape[1:]), (z, label, cc)
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: rs.step(s, args), rs.init(z, args)).z
 
-attack = lambda o: engine._program.lower(fn, o, v, jnp.asarray(xc[:share]), jnp.asarray(tc[:share]), c)
 lowered = [jax.jit(value_and_grad).lower(v, z0, lb, c1), jax.jit(solver_loop).lower(v, z0, lb, c1),
-           attack(dataclasses.replace(opts, refine=False)), attack(opts)]
+           engine._program.lower(fn, dataclasses.replace(opts, refine=False), v, jnp.asarray(xc[:share]),
+                                 jnp.asarray(tc[:share]), c)]
 seconds, fusions = [], []
 for low in lowered:
   t0 = time.perf_counter(); compiled = low.compile(); seconds.append(time.perf_counter() - t0)
   fusions.append(compiled.as_text().count(" fusion("))
 np.savez(sys.argv[4], seconds=seconds, fusions=fusions)
 """
-PROGRAMS = ("value_and_grad", "solver_loop", "refine=False", "attack")
+PROGRAMS = ("value_and_grad", "solver_loop", "refine=False", "attack")   # the last: the stages' compile
 
 
 @contextlib.contextmanager
@@ -421,7 +413,8 @@ def first_call(tree: str, model_name: str, variables, x, target, programs: bool 
   trace / lower / compile / run and the compiled program's fusion kernels; ``time_cached_s``, the first
   call of a third fresh process whose persistent cache holds the program (filled by a fourth before).
   With ``programs`` (``tree`` must be this checkout: engine internals), ``programs``: name -> (compile
-  seconds, fusion kernels) of the programs nested in the attack (``PROGRAMS``, one more fresh process)."""
+  seconds, fusion kernels) of the programs nested in the attack (``PROGRAMS``: one more fresh process
+  compiles all but the last, the attack itself, whose figures are the stages')."""
   run = lambda script, arg, env: _in_subprocess(tree, script, model_name, variables, x, target, arg, env)
   cold = {"JAX_COMPILATION_CACHE_DIR": ""}
   call, parts = run(_FIRST_CALL_SCRIPT, "call", cold), run(_FIRST_CALL_SCRIPT, "stages", cold)
@@ -434,6 +427,7 @@ def first_call(tree: str, model_name: str, variables, x, target, programs: bool 
   if programs:
     p = run(_PROGRAMS_SCRIPT, "", cold)
     out["programs"] = {k: (float(s), int(f)) for k, s, f in zip(PROGRAMS, p["seconds"], p["fusions"])}
+    out["programs"][PROGRAMS[-1]] = (stages["compile"], out["fusions"])
   return out
 
 

@@ -329,21 +329,32 @@ def _search_step(p: _Problem, s: SearchState) -> SearchState:
                      next_e=s.next_e + jnp.sum(finished, dtype=jnp.int32), trips=s.trips + 1)
 
 
+def _objective(apply_fn, opts: AttackOptions, params, shape: Tuple[int, ...]) -> Callable[..., Any]:
+  """One row's objective ``f(z [n], x0 [n], label, c) -> (c * penalty(z - x0) + loss, logits)``, z an
+  input of ``shape`` flattened."""
+
+  def objective(z, x0, lb, c):
+    logits = apply_fn(params, z.reshape((1,) + shape))[0]
+    return c * _penalty(z - x0, opts) + _loss(logits, lb, opts), logits
+
+  return objective
+
+
+def _row_solver(apply_fn, opts: AttackOptions, params, shape: Tuple[int, ...]) -> solver_lib.RowSolver:
+  """The c search's row solver of :func:`_objective` (args per row: x0 [R, n], label [R], c [R])."""
+  return solver_lib.row_solver(_objective(apply_fn, opts, params, shape), *opts.box, solver=opts.solver,
+                               maxiter=opts.maxiter, history_size=opts.history_size, tol=opts.tol,
+                               ftol=opts.ftol)
+
+
 def _c_search(apply_fn, opts: AttackOptions, params, x: Array, label: Array, c_grid: Array) -> Best:
   """The c search of every example, one loop over rows of the batched solver (Best sized B)."""
   b, shape, dt, num_c = x.shape[0], x.shape[1:], x.dtype, c_grid.shape[0]
   grid = jnp.sort(c_grid)[::-1]
   ratio = grid[0] / grid[-1] if num_c > 1 else jnp.asarray(10.0, dt)
   ratio = jnp.where(num_c > 1, ratio ** (1.0 / max(num_c - 1, 1)), 10.0)   # the grid's geometric step
-
-  def objective(z, x0, lb, c):
-    logits = apply_fn(params, z.reshape((1,) + shape))[0]
-    return c * _penalty(z - x0, opts) + _loss(logits, lb, opts), logits
-
-  rs = solver_lib.row_solver(objective, *opts.box, solver=opts.solver, maxiter=opts.maxiter,
-                             history_size=opts.history_size, tol=opts.tol, ftol=opts.ftol)
-  p = _Problem(rs=rs, opts=opts, xf=x.reshape(b, -1), label=label, grid=grid, ratio=ratio,
-               num_slots=_num_slots(opts, b))
+  p = _Problem(rs=_row_solver(apply_fn, opts, params, shape), opts=opts, xf=x.reshape(b, -1), label=label,
+               grid=grid, ratio=ratio, num_slots=_num_slots(opts, b))
   # At most num_c + num_bisection solves per example (each <= maxiter accepted steps plus rejected
   # trials); the cap only guards against a solver that never ends.
   cap = (num_c + opts.num_bisection) * (opts.maxiter + 2) * 4 * (-(-b // p.num_slots) + 1)
