@@ -1,5 +1,6 @@
 #!/bin/bash
-# Accelerator checks in one command per phase, sized for a short GPU lease (see BUILD_NOTES.md, "GPU").
+# Accelerator checks in one command per phase, sized for a short GPU lease (see BUILD_NOTES.md,
+# "Accelerator runs").
 #
 # usage (repository root of a GPU host; WHEELS=.whl where the host lacks ml_collections or jaxopt):
 #   OUT=runs/device MNIST_DIR=.devdata/mnist WHEELS=.whl bash scripts/device_check.sh attack   # phase A

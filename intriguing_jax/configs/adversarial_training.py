@@ -19,15 +19,16 @@ Presets, chosen with ``--config=intriguing_jax/configs/adversarial_training.py:<
   hidden layers at the decision boundary, 40 epochs at lr 1e-3); 1.9-3.3 % test error.
 
 Fields: ``model``; ``seed`` (init, batch order, attacked images); ``sweep_seeds`` (several seeds: one vmapped
-program per run, batch order of ``seed``); ``runs`` (a subset of weight_decay, dropout, adversarial; runs
-finished in the workdir by another process are reported too); ``num_train`` (first N training images, 0 =
-all); ``num_val`` (hold out N training images and report on them instead of the test set); ``train`` (every
-``train.TrainConfig`` field but ``trainable``); ``adversarial_weight_decay`` (λ of the adversarial run, ()
-= ``train.weight_decay``); ``dropout`` and ``adversarial_dropout``; ``pool`` (``PoolConfig`` fields,
-``warmup_epochs`` instead of steps, ``perturbation_rms`` 0 = off, ``pool.attack`` every ``AttackOptions``
-field); ``lipschitz`` (``penalty``: a ``train.TrainConfig.lipschitz_penalty`` form, ``strengths``: one run
-per μ, ``target``: the "hinge" form's threshold, ``dropout``: whether those runs use ``dropout`` too);
-``eval_attack`` (the distortion attack, every ``AttackOptions`` field); ``num_attack``; ``chunk_size``.
+program per run, batch order of ``seed``); ``runs`` (a subset of weight_decay, dropout, adversarial,
+lipschitz; runs finished in the workdir by another process are reported too); ``num_train`` (first N training
+images, 0 = all); ``num_val`` (hold out N training images and report on them instead of the test set);
+``train`` (every ``train.TrainConfig`` field but ``trainable``); ``adversarial_weight_decay`` (λ of the
+adversarial run, () = ``train.weight_decay``); ``dropout`` and ``adversarial_dropout``; ``pool``
+(``PoolConfig`` fields, ``warmup_epochs`` instead of steps, ``perturbation_rms`` 0 = off, ``pool.attack``
+every ``AttackOptions`` field); ``lipschitz`` (``penalty``: a ``train.TrainConfig.lipschitz_penalty`` form,
+``strengths``: one run per μ, ``target``: the "hinge" form's threshold, ``dropout``: whether those runs use
+``dropout`` too); ``eval_attack`` (the distortion attack, every ``AttackOptions`` field); ``num_attack``;
+``chunk_size``.
 E.g. ``--config.pool.attack.maxiter=20 --config.sweep_seeds="(0,1,2,3)"``.
 """
 
@@ -44,7 +45,7 @@ def _options(options):
 
 
 def get_config(arg=None):
-  """The config of preset ``arg`` (None, "smoke" or "paper")."""
+  """The config of preset ``arg`` (None, "smoke", "paper" or "conv")."""
   c = ml_collections.ConfigDict()
   c.model = "fc100-100-10"
   c.seed = 0
