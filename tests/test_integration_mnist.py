@@ -57,3 +57,41 @@ def test_examples_of_fc10_1e2_fool_fc10_1e4_far_more_than_noise(fc10_models):
   noise = metrics.error_rate(dst.apply, dst_v, tables.noisy(0, 0, x, 0.1), y)
   clean = metrics.error_rate(dst.apply, dst_v, x, y)
   assert adversarial >= 0.6 and adversarial >= noise + 0.4, (adversarial, noise, clean)
+
+
+def test_jaxopt_rows_do_not_depend_on_the_batch(fc10_models):
+  """solver="jaxopt": each row of a batch takes the steps it takes alone. jaxopt 0.8.5's LBFGSB ``update``
+  under ``vmap`` gave other (even ascent) directions on this model from the second row on."""
+  from intriguing_jax.attack import engine, solver   # pylint: disable=g-import-not-at-top
+  models, x, _, targets = fc10_models
+  model, variables = models["fc10-1e-4"]
+  options = attack.AttackOptions(solver="jaxopt")
+  fun = engine._objective(model.apply, options, variables, x.shape[1:])   # pylint: disable=protected-access
+  rs = solver.row_solver(fun, 0.0, 1.0, solver="jaxopt", maxiter=30, history_size=5, tol=1e-4, ftol=1e-5)
+  step = jax.jit(rs.step)
+
+  def solve(rows):
+    z0 = x[rows].reshape(len(rows), -1)
+    args = (z0, targets[rows], np.ones(len(rows), np.float32))
+    st = rs.restart(rs.init(z0, args), np.ones(len(rows), bool), z0)
+    for _ in range(4):
+      st = step(st, args)
+    return np.asarray(st.z)
+
+  together = solve(np.arange(8))
+  alone = np.concatenate([solve(np.array([i])) for i in range(8)])
+  np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_jaxopt_solver_reaches_the_default_solvers_distortion(fc10_models):
+  """solver="jaxopt" (the paper's method alone, refine=False) lands within 3 % of the default solver's mean
+  distortion on the examples both solve, and solves at least 90 %. Before its failed line searches restarted
+  the memory (as scipy's) and its steps stayed in the box it was 6.6 % above (session 15)."""
+  models, x, _, targets = fc10_models
+  model, variables = models["fc10-1e-4"]
+  res = {s: attack.lbfgs_attack(model.apply, variables, x, targets,
+                                attack.AttackOptions(solver=s, refine=False)) for s in ("projected", "jaxopt")}
+  ok = np.asarray(res["projected"].success) & np.asarray(res["jaxopt"].success)
+  assert np.asarray(res["jaxopt"].success).mean() >= 0.9
+  mean = {s: np.mean(np.asarray(r.distortion)[ok]) for s, r in res.items()}
+  assert mean["jaxopt"] <= 1.03 * mean["projected"], mean

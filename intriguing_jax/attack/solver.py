@@ -208,14 +208,22 @@ def _rows_step(st: Rows, value_and_grad: Callable[[Array], Tuple[Tuple[Array, An
 
 
 def _jaxopt_solver(fun, lower, upper, *, maxiter, history_size, tol, ftol) -> RowSolver:
-  """``jaxopt.LBFGSB`` as a RowSolver: a fresh row gets ``init_state`` at its start, the others ``update``."""
+  """``jaxopt.LBFGSB`` as a RowSolver: a fresh row gets ``init_state`` at its start, the others ``update``.
+
+  The rows run one after another (``lax.map``), not vmapped: under ``vmap`` with two or more rows jaxopt
+  0.8.5's ``update`` returns other directions than for each row alone, ascent directions among them, even for
+  identical rows and in float64 (notes/attack.md, session 15)."""
   import jaxopt  # pylint: disable=g-import-not-at-top
+  # Line-search steps of at most 1 along d = (subspace minimiser - z) keep the iterate in the box (jaxopt's
+  # default starts at 1.5 and can leave it; its value and gradient were then not the clipped point's).
   lbfgsb = jaxopt.LBFGSB(fun=fun, has_aux=True, maxiter=maxiter, history_size=history_size, tol=tol,
-                         unroll=False, implicit_diff=False, jit=True)
+                         unroll=False, implicit_diff=False, jit=True, linesearch_init="max",
+                         max_stepsize=1.0)
 
   bounds = lambda z: (jnp.full_like(z, lower), jnp.full_like(z, upper))
-  init_one = jax.vmap(lambda z, *a: lbfgsb.init_state(z, bounds(z), *a))
-  update_one = jax.vmap(lambda z, s, *a: lbfgsb.update(z, s, bounds(z), *a))
+  per_row = lambda f: lambda *rows: jax.lax.map(lambda r: f(*r), rows)
+  init_one = per_row(lambda z, *a: lbfgsb.init_state(z, bounds(z), *a))
+  update_one = per_row(lambda z, s, *a: lbfgsb.update(z, s, bounds(z), *a))
 
   def init(z0, args):
     zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(init_one, z0, *args))
@@ -226,17 +234,23 @@ def _jaxopt_solver(fun, lower, upper, *, maxiter, history_size, tol, ftol) -> Ro
   def step(st, args):
     started = init_one(st.z, *args)
     z_upd, updated = update_one(st.z, st.state, *args)
-    moved = ~st.fresh & ~st.done
+    active = ~st.fresh & ~st.done
+    # A failed line search keeps its point only where it is lower. As scipy, a row with memory then starts
+    # again without it (fresh at the next call); a row without memory goes on if it moved, else it ends.
+    failed = active & updated.failed_linesearch
+    lower_f = updated.value < st.f
+    moved = active & (~failed | lower_f)
+    retry = failed & (st.state.num_updates > 0)
     pick = lambda a, b, c: jnp.where(st.fresh.reshape((-1,) + (1,) * (a.ndim - 1)), a,
                                      jnp.where(moved.reshape((-1,) + (1,) * (a.ndim - 1)), b, c))
     state = jax.tree_util.tree_map(pick, started, updated, st.state)
     z = jnp.where(moved[:, None], jnp.clip(z_upd, lower, upper), st.z)
     num_iter = st.num_iter + moved.astype(jnp.int32)
     f = state.value
-    done = (st.done | ((moved | st.fresh) & (state.error <= tol)) | (moved & _stalled(st.f, f, ftol))
+    done = (st.done | ((moved | st.fresh) & (state.error <= tol))
+            | (moved & ~failed & _stalled(st.f, f, ftol)) | (failed & ~retry & ~lower_f)
             | (num_iter >= maxiter) | ~jnp.isfinite(f))
-    return JaxoptRows(z=z, f=f, aux=state.aux, fresh=jnp.zeros_like(st.fresh), num_iter=num_iter,
-                      done=done, state=state)
+    return JaxoptRows(z=z, f=f, aux=state.aux, fresh=retry & ~done, num_iter=num_iter, done=done, state=state)
 
   def restart(st, mask, z_start, shift=None, scale=None):  # pylint: disable=unused-argument
     return st._replace(z=jnp.where(mask[:, None], z_start, st.z), fresh=st.fresh | mask,
