@@ -105,13 +105,22 @@ def certify(apply_fn: Callable, params: Any, x: Any, lipschitz: Any, *, target: 
   x = np.asarray(x, np.float32)
   if x.ndim < 2:
     raise ValueError(f"x must be [N, ...] inputs, got shape {x.shape}")
-  if target is not None and np.shape(target) != (x.shape[0],):
-    raise ValueError(f"target must have shape ({x.shape[0]},), got {np.shape(target)}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if target is not None:
+    target = np.asarray(target)
+    if target.shape != (x.shape[0],):
+      raise ValueError(f"target must have shape ({x.shape[0]},), got {target.shape}")
+    if not np.issubdtype(target.dtype, np.integer):
+      raise ValueError(f"target must be integer labels, got dtype {target.dtype}")
+    k = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)).shape[-1]
+    if target.size and (target.min() < 0 or target.max() >= k):
+      raise ValueError(f"target out of range [0, {k}): min {target.min()}, max {target.max()}")
   fn = _radii_fn(types.static_fn(apply_fn))
   lip = jnp.asarray(lipschitz.pairwise if isinstance(lipschitz, LipschitzMatrix) else lipschitz)
   parts = []
   for s in range(0, x.shape[0], batch_size):
-    t = None if target is None else jnp.asarray(np.asarray(target)[s:s + batch_size], jnp.int32)
+    t = None if target is None else jnp.asarray(target[s:s + batch_size], jnp.int32)
     parts.append(jax.tree.map(np.asarray, fn(params, jnp.asarray(x[s:s + batch_size]), lip, t)))
   return Certificate(*(np.concatenate(p) for p in zip(*parts)))
 

@@ -31,13 +31,14 @@ def rms_distortion(x: Array, x_adv: Array) -> Array:
   """Per-example RMS pixel change sqrt(mean((x_adv - x)^2)), the paper's distortion (paper.md §4.2, A8).
 
   Args:
-    x, x_adv: [batch, ...] arrays of the same shape.
+    x, x_adv: [batch, ...] arrays of the same shape; integer images (e.g. uint8) are taken as their values.
 
   Returns:
-    [batch] distortions.
+    [batch] distortions, in float32 or the inputs' wider float type.
   """
-  x = jnp.asarray(x)
-  x_adv = jnp.asarray(x_adv)
+  dtype = jnp.promote_types(jnp.result_type(x, x_adv), jnp.float32)
+  x = jnp.asarray(x, dtype)
+  x_adv = jnp.asarray(x_adv, dtype)
   if x.shape != x_adv.shape:
     raise ValueError(f"rms_distortion: shapes differ, x {x.shape} vs x_adv {x_adv.shape}")
   diff = (x_adv - x).reshape(x.shape[0], -1)

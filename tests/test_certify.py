@@ -72,6 +72,19 @@ def test_linear_radius_is_exact_without_the_box():
     assert int(jnp.argmax(beyond)) != i and int(jnp.argmax(before)) == i
 
 
+@pytest.mark.parametrize("target, match", [([0, 4], "out of range"), ([0, -1], "out of range"),
+                                           ([0.0, 2.9], "integer labels"), ([0], "shape")])
+def test_certify_refuses_bad_targets(target, match):
+  # A class >= K gave NaN radii, -1 wrapped to the last class (an infinite radius), floats were truncated.
+  fc10 = models.FC10(num_classes=4)
+  v = _init(fc10)
+  x = np.zeros((2,) + SHAPE, np.float32)
+  with pytest.raises(ValueError, match=match):
+    certify.certify(fc10.apply, v, x, np.ones((4, 4), np.float32), target=np.asarray(target))
+  with pytest.raises(ValueError, match="batch_size"):
+    certify.certify(fc10.apply, v, x, np.ones((4, 4), np.float32), batch_size=0)
+
+
 def test_no_perturbation_inside_the_radius_changes_a_sigmoid_network():
   mlp = models.SigmoidMLP(widths=(8,), num_classes=3)
   v = _init(mlp, seed=3, scale=0.2)

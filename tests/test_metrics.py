@@ -25,6 +25,10 @@ def test_rms_distortion_matches_numpy():
   np.testing.assert_allclose(metrics.rms_distortion(x, y), want, rtol=1e-6)
   with pytest.raises(ValueError, match="shapes differ"):
     metrics.rms_distortion(x, y[:, :2])
+  # Integer images count by their values (uint8 arithmetic would wrap: 0 vs 16 gave 0, 0 vs 255 gave 1).
+  zeros = np.zeros((2, 4), np.uint8)
+  np.testing.assert_allclose(metrics.rms_distortion(zeros, np.array([[16] * 4, [255] * 4], np.uint8)),
+                             [16.0, 255.0])
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7, 100])
