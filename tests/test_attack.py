@@ -312,7 +312,9 @@ def test_top_eigenvalue_bound_brackets_the_largest_eigenvalue(k, rank):
     ("maxiter", 0), ("c_grid", ()), ("c_grid", (1.0, -1.0)), ("penalty", "l1"), ("loss", "hinge"),
     ("box", (1.0, 0.0)), ("box", (0.0,)), ("num_slots", -1), ("num_workers", -1),
     ("precision", "fastest"), ("solver", "adam"),
-    ("tol", 0.0), ("ftol", float("nan")), ("success_margin", -1.0)])
+    ("tol", 0.0), ("ftol", float("nan")), ("success_margin", -1.0),
+    ("tol", float("inf")), ("maxiter", 2.5), ("num_bisection", True), ("untargeted", "no"), ("refine", 1),
+    ("c_grid", "1")])
 def test_options_are_validated_when_built(field, value):
   with pytest.raises(ValueError, match=field):
     dataclasses.replace(attack.AttackOptions(), **{field: value})
@@ -361,6 +363,10 @@ def test_random_targets_never_equal_labels_and_refuse_bad_labels():
       attack.random_targets(jax.random.PRNGKey(0), np.asarray(bad))
   traced = jax.jit(lambda lb: attack.random_targets(jax.random.PRNGKey(0), lb))(labels)   # no host check
   np.testing.assert_array_equal(np.asarray(traced), np.asarray(t))
+  with jax.enable_x64(True):   # int32 as documented (it was int64 under x64), the same draws
+    t64 = attack.random_targets(jax.random.PRNGKey(0), labels)
+  assert t64.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(t64), np.asarray(t))
 
 
 @pytest.mark.slow

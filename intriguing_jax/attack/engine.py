@@ -94,6 +94,8 @@ class AttackOptions:
 
   def __post_init__(self):
     # Sequences given as lists stay hashable (the options are a compilation key).
+    if isinstance(self.c_grid, str):
+      raise ValueError(f"c_grid must be a list of numbers, got the string {self.c_grid!r}")
     object.__setattr__(self, "c_grid", tuple(float(c) for c in self.c_grid))
     object.__setattr__(self, "box", tuple(float(v) for v in self.box))
     self.validate()
@@ -103,19 +105,25 @@ class AttackOptions:
     for name, allowed in (("penalty", PENALTIES), ("loss", LOSSES), ("solver", SOLVERS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    for name in ("untargeted", "warm_start", "refine"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
     lo, hi = self.box if len(self.box) == 2 else (math.nan, math.nan)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
       raise ValueError(f"box must be (lower, upper), finite with lower < upper, got {self.box}")
     for name, least in (("maxiter", 1), ("history_size", 1), ("num_bisection", 0), ("num_slots", 0),
                         ("num_workers", 0), ("refine_steps", 0), ("refine_rounds", 0),
                         ("projection_steps", 0)):
-      if int(getattr(self, name)) < least:
+      value = getattr(self, name)
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+      if value < least:
         raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
     for name in ("ftol", "success_margin", "margin_kappa"):
       if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
-    if not self.tol > 0:
-      raise ValueError(f"tol must be > 0, got {self.tol}")
+    if not (math.isfinite(self.tol) and self.tol > 0):
+      raise ValueError(f"tol must be finite and > 0, got {self.tol}")
     if not self.c_grid or any(not (math.isfinite(c) and c > 0) for c in self.c_grid):
       raise ValueError(f"c_grid must be a non-empty list of finite values > 0, got {self.c_grid}")
     precision_lib.validate(self.precision)

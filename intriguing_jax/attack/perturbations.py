@@ -40,7 +40,7 @@ def random_targets(key: PRNGKey, labels: Array, num_classes: int = 10) -> Array:
     raise ValueError(f"labels must be in [0, {num_classes}), got min {int(labels.min())}, "
                      f"max {int(labels.max())}")
   labels = labels.astype(jnp.int32)
-  shift = jax.random.randint(key, labels.shape, 1, num_classes)
+  shift = jax.random.randint(key, labels.shape, 1, num_classes, dtype=jnp.int32)
   return (labels + shift) % num_classes
 
 
