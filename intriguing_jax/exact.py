@@ -122,6 +122,7 @@ def linear_min_norm(kernel, bias, x, target, *, box: Tuple[float, float] = (0.0,
   first solve a small LP to detect targets unreachable in the box. Returns an ExactSolution; ValueError on
   a shape mismatch, non-finite input, x outside the box or a target out of range.
   """
+  x_dtype = np.asarray(x).dtype
   kernel, bias, x, target = (np.asarray(kernel, np.float64), np.asarray(bias, np.float64),
                              np.asarray(x, np.float64), np.asarray(target))
   if kernel.ndim != 2:
@@ -141,8 +142,11 @@ def linear_min_norm(kernel, bias, x, target, *, box: Tuple[float, float] = (0.0,
     raise ValueError(f"box must satisfy lower < upper, got {box}")
   if not (np.all(np.isfinite(x)) and np.all(np.isfinite(kernel)) and np.all(np.isfinite(bias))):
     raise ValueError("x, kernel and bias must be finite")
-  if np.any((x < lower) | (x > upper)):
+  # x on a bound in its own precision counts as inside (float32 0.8 is 0.800000012 in float64).
+  slack = 4 * np.finfo(x_dtype).eps * max(abs(lower), abs(upper), 1.0) if x_dtype.kind == "f" else 0.0
+  if np.any((x < lower - slack) | (x > upper + slack)):
     raise ValueError(f"x has values outside the box [{lower}, {upper}]")
+  x = np.clip(x, lower, upper)
 
   flat = x.reshape(b, m)
   lo_v, hi_v = np.full(m, lower), np.full(m, upper)

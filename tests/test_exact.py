@@ -85,6 +85,14 @@ def test_bad_input():
   kernel, bias, x, target = _problem(0)
   with pytest.raises(ValueError, match="outside the box"):
     exact.linear_min_norm(kernel, bias, x + 1.0, target)
+  # float32 inputs on the bounds of a box like (0.2, 0.8) are inside it (float32 0.8 > 0.8 in float64),
+  # and the solution is the one for x clipped exactly.
+  x32 = np.clip(x, 0.2, 0.8).astype(np.float32)
+  sol = exact.linear_min_norm(kernel, bias, x32, target, box=(0.2, 0.8))
+  ref = exact.linear_min_norm(kernel, bias, np.clip(x32.astype(np.float64), 0.2, 0.8), target, box=(0.2, 0.8))
+  np.testing.assert_array_equal(sol.distortion, ref.distortion)
+  with pytest.raises(ValueError, match="outside the box"):
+    exact.linear_min_norm(kernel, bias, x32 + np.float32(1e-3), target, box=(0.2, 0.8))
   with pytest.raises(ValueError, match="target out of range"):
     exact.linear_min_norm(kernel, bias, x, target + 10)
   with pytest.raises(ValueError, match="values per example"):
