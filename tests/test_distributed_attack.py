@@ -29,7 +29,7 @@ def test_attack_sharded_over_four_devices_equals_one_device():
   proc = subprocess.run([sys.executable, __file__, "four_devices"], env=_env(4), capture_output=True,
                         text=True, timeout=300, cwd=_ROOT)
   assert proc.returncode == 0, f"worker failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
-  assert "attack ok" in proc.stdout and "attack stream ok" in proc.stdout, proc.stdout
+  assert all(f"{what} ok" in proc.stdout for what in ("attack", "attack stream", "nan count")), proc.stdout
 
 
 @pytest.mark.slow
@@ -81,6 +81,13 @@ def _four_devices():
   np.testing.assert_array_equal(rs.success, np.asarray(r4.success))
   np.testing.assert_allclose(rs.x_adv, np.asarray(r4.x_adv), atol=1e-4)
   print("attack stream ok")
+  nan_params = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan), params)
+  try:     # the error counts the given examples, not the padding
+    attack.lbfgs_attack(apply_fn, nan_params, x, targets, opts, shard=True)
+    raise AssertionError("no error on NaN params")
+  except ValueError as e:
+    assert "for 13 of 13 examples" in str(e), str(e)
+  print("nan count ok")
 
 
 def _two_processes():

@@ -573,7 +573,7 @@ def lbfgs_attack(apply_fn: Callable[[Any, Array], Array], params: Any, x: Array,
   res, finite = _program(static_fn(apply_fn), options, params, xs, ts, c_arr)
   if jax.process_count() > 1:
     res, finite = distributed.gather((res, finite))
-  _raise_if_not_finite(finite)
+  _raise_if_not_finite(np.asarray(finite)[:n])
   return distributed.unpad(res, n) if size != n else res
 
 
