@@ -503,16 +503,22 @@ def _check_chain(model: nn.Module, variables: Params, calls: Sequence[models.Lay
   """Raises unless applying the traced layers one after the other reproduces ``model.apply`` (so that the
   product of their constants bounds the network: nothing runs between them that the table misses)."""
   x = h = jnp.asarray(np.random.default_rng(0).standard_normal((2,) + input_shape), jnp.float32)
-  for call in calls:
-    layer = call.module.clone(parent=None, name=None)
-    h = layer.apply({"params": models.get_param(variables, call.path)}
-                    if isinstance(layer, (nn.Dense, nn.Conv)) else {}, h)
+  reason = ""
+  try:
+    for call in calls:
+      layer = call.module.clone(parent=None, name=None)
+      h = layer.apply({"params": models.get_param(variables, call.path)}
+                      if isinstance(layer, (nn.Dense, nn.Conv)) else {}, h)
+  except (ValueError, TypeError, flax.errors.FlaxError) as e:   # e.g. a reshape the layers do not see
+    reason = f" (applied one after the other they fail: {type(e).__name__}: {str(e).splitlines()[0]})"
   want = model.apply(variables, x)
-  if h.shape != want.shape or not np.allclose(h, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want)))):
+  if reason or h.shape != want.shape or not np.allclose(
+      h, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want)))):
     raise ValueError(f"lipschitz_table: {type(model).__name__} is not the chain of its layers "
-                     f"{['/'.join(c.path) for c in calls]}: something else runs between or around them "
-                     "(e.g. nn.relu or nn.max_pool instead of models.Activation / models.MaxPool, a skip "
-                     f"connection, an unsupported layer); supported layers: {[t.__name__ for t, _ in _ROWS]}")
+                     f"{['/'.join(c.path) for c in calls]}{reason}: something else runs between or around "
+                     "them (e.g. nn.relu or nn.max_pool instead of models.Activation / models.MaxPool, "
+                     "x.reshape instead of models.Flatten, a skip connection, an unsupported layer); "
+                     f"supported layers: {[t.__name__ for t, _ in _ROWS]}")
 
 
 def lipschitz_table(model: nn.Module, variables: Params, input_shape: Sequence[int], *, method: str = "fft",

@@ -323,6 +323,10 @@ def test_lipschitz_table_refuses_a_model_that_is_not_the_chain_of_its_layers():
   model, variables = _small_conv_net(sigmoid_as_function=True)  # nn.sigmoid is invisible to the trace
   with pytest.raises(ValueError, match="not the chain of its layers"):
     spectral.lipschitz_table(model, variables, (12, 12, 2))
+  # The MNIST ConvNet takes flat [B, 784] inputs (it reshapes them itself), but its first layer does not.
+  mnist = models.get_model("mnist_conv")
+  with pytest.raises(ValueError, match="not the chain of its layers.*fail"):
+    spectral.lipschitz_table(mnist, random_variables(mnist, (28, 28, 1)), (784,))
 
 
 def test_single_dense_layer_bound_is_exact():
