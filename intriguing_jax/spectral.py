@@ -285,6 +285,9 @@ def conv_operator_norm(kernel: Array, *, input_shape: Sequence[int], strides: An
   kernel, hw = jnp.asarray(kernel), input_shape[:2]
   kh, kw = kernel.shape[:2]
   pads = resolve_padding(padding, hw, (kh, kw), strides)
+  if pads != "CIRCULAR" and any(n + lo + hi < k for n, (lo, hi), k in zip(hw, pads, (kh, kw))):
+    raise ValueError(f"the {kh}x{kw} kernel is larger than the padded {hw[0]}x{hw[1]} input "
+                     f"(padding {padding!r}): the convolution has no output")
   circ = paper = float("nan")
   if hw[0] % strides[0] == 0 and hw[1] % strides[1] == 0:
     circ, vec = _circular_norm_and_vector(kernel, (hw[0] // strides[0], hw[1] // strides[1]), strides)
@@ -417,8 +420,10 @@ def maxpool_lipschitz(window: Any, strides: Any = None, *, input_shape: Optional
 
 def avgpool_norm(window: Any, strides: Any = None, *, input_shape: Sequence[int],
                  padding: Padding = "VALID") -> float:
-  """Operator norm of (linear) average pooling, count_include_pad: a depthwise conv with kernel 1/(kh·kw);
-  ``input_shape`` (H, W) or (H, W, C) (the norm does not depend on C)."""
+  """A certified upper bound of the operator norm of (linear) average pooling, count_include_pad: a depthwise
+  conv with kernel 1/(kh·kw), bounded as ``conv_operator_norm(method="fft").upper`` (exact for circular
+  padding; e.g. 0.556 against the exact 0.490 for 3x3 / 2 VALID on 7x7); ``input_shape`` (H, W) or (H, W, C)
+  (the norm does not depend on C)."""
   (kh, kw), strides = _pool_args(window, strides, input_shape)
   kernel = jnp.full((kh, kw, 1, 1), 1.0 / (kh * kw), jnp.float32)
   return conv_operator_norm(kernel, input_shape=(int(input_shape[0]), int(input_shape[1]), 1),

@@ -371,6 +371,10 @@ def test_bad_inputs_raise_clear_errors():
     spectral.conv_operator_norm(k, input_shape=(8, 8, 2), strides=(0, 1))
   with pytest.raises(ValueError, match="NaN"):
     spectral.conv_operator_norm(k * np.nan, input_shape=(8, 8, 2))
+  for method in ("fft", "lanczos"):   # no output: the FFT bound (16.0) or NaN (Lanczos) before
+    with pytest.raises(ValueError, match="no output"):
+      spectral.conv_operator_norm(np.ones((11, 11, 2, 4), np.float32), input_shape=(8, 8, 2), strides=4,
+                                  padding="VALID", method=method)
   with pytest.raises(ValueError, match="2-D"):
     spectral.dense_operator_norm(np.ones(5))
   with pytest.raises(ValueError, match="epsilon"):

@@ -610,7 +610,8 @@ def make_attack(apply_fn: Callable[[Any, Array], Array],
   """The attack as a pure, traceable ``attack_fn(params, x, target) -> AttackResult``, run in the dtype of x,
   for your own ``jit``/``scan`` (e.g. ``jax.jit(make_attack(model.apply, opts))(variables, x, target)`` in
   training): no host-side checks (NaN logits give failed examples, not an error), no sharding, no compile
-  cache."""
+  cache. Not differentiable (its loops are ``lax.while_loop``s): inside a loss, pass its outputs through
+  ``jax.lax.stop_gradient`` (the adversarial examples are data)."""
   if not isinstance(options, AttackOptions):
     raise TypeError(f"options must be an AttackOptions, got {type(options).__name__}")
 
