@@ -143,6 +143,9 @@ def rms(radius: Any, input_size: int) -> np.ndarray:
 def certified_accuracy(cert: Certificate, labels: Any, radius: float) -> float:
   """Fraction of examples classified correctly with a certified L2 radius of at least ``radius``."""
   labels = np.asarray(labels)
+  if labels.shape != np.shape(cert.prediction):
+    raise ValueError(f"labels must have shape {np.shape(cert.prediction)} (one per certified example), "
+                     f"got {labels.shape}")
   return float(np.mean((np.asarray(cert.prediction) == labels) & (np.asarray(cert.radius) >= radius)))
 
 

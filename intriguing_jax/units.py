@@ -126,6 +126,8 @@ def feature_dims(feature_fn: FeatureFn, params: Any, example: Array) -> Dict[str
 def natural_directions(dim: int, units: Optional[Sequence[int]] = None) -> np.ndarray:
   """Natural-basis directions e_i as rows, [len(units), dim] float32 one-hot (default: all ``dim`` units)."""
   units = np.arange(dim) if units is None else np.asarray(units)
+  if units.size and not np.issubdtype(units.dtype, np.integer):
+    raise ValueError(f"natural_directions: units must be integer indices, got dtype {units.dtype}")
   if dim < 1 or units.ndim != 1 or units.size == 0 or units.min() < 0 or units.max() >= dim:
     raise ValueError(f"natural_directions: dim must be >= 1 and units must lie in [0, {dim}), a non-empty "
                      f"1-D list; got dim={dim}, units={units}")

@@ -83,6 +83,9 @@ def test_certify_refuses_bad_targets(target, match):
     certify.certify(fc10.apply, v, x, np.ones((4, 4), np.float32), target=np.asarray(target))
   with pytest.raises(ValueError, match="batch_size"):
     certify.certify(fc10.apply, v, x, np.ones((4, 4), np.float32), batch_size=0)
+  cert = certify.certify(fc10.apply, v, x, np.ones((4, 4), np.float32))
+  with pytest.raises(ValueError, match="one per certified example"):   # was numpy's broadcast error
+    certify.certified_accuracy(cert, np.zeros(3, np.int32), 0.3)
 
 
 def test_no_perturbation_inside_the_radius_changes_a_sigmoid_network():

@@ -119,6 +119,8 @@ def test_natural_directions_and_sample_units():
   np.testing.assert_array_equal(units.sample_units(0, 8, 20), np.arange(8))
   with pytest.raises(ValueError, match="units must lie"):
     units.natural_directions(5, [5])
+  with pytest.raises(ValueError, match="integer indices"):   # was numpy's IndexError
+    units.natural_directions(5, [1.0, 3.0])
 
 
 def test_coherence_known_values():
