@@ -83,6 +83,9 @@ class PoolConfig:
   attack: attack_lib.AttackOptions = POOL_ATTACK
 
   def __post_init__(self):
+    if isinstance(self.layers, str):
+      raise ValueError(f"PoolConfig.layers must be a list of layer names, got the string {self.layers!r} "
+                       f"(write ({self.layers!r},))")
     object.__setattr__(self, "layers", tuple(str(l) for l in self.layers))
     if not isinstance(self.attack, attack_lib.AttackOptions):
       object.__setattr__(self, "attack", attack_lib.AttackOptions(**self.attack))
@@ -405,15 +408,14 @@ def _check_inputs(model, images, labels, config, pool_config, who):
   if images.min() < 0 or images.max() > 1:
     raise ValueError(f"{who}: images must lie in [0, 1] (the attack box), got [{images.min()}, "
                      f"{images.max()}]")
-  x0 = jnp.zeros((1,) + images.shape[1:], jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)
-  num_classes = int(jax.eval_shape(model.apply, variables, x0).shape[-1])
-  known = [INPUT] + list(jax.eval_shape(functools.partial(model.apply, method="features"), variables, x0))
-  unknown = [n for n in pool_config.layers if n not in known]
-  if unknown:
-    raise ValueError(f"{who}: {type(model).__name__} has no feature {unknown}; known: {known}")
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f"{who}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+  num_classes = train_lib.check_label_range(model, images, labels, name=f"{who}: labels")
+  if any(n != INPUT for n in pool_config.layers):   # input pools need no features method
+    x0 = jnp.zeros((1,) + images.shape[1:], jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)
+    known = [INPUT] + list(jax.eval_shape(functools.partial(model.apply, method="features"), variables, x0))
+    unknown = [n for n in pool_config.layers if n not in known]
+    if unknown:
+      raise ValueError(f"{who}: {type(model).__name__} has no feature {unknown}; known: {known}")
   return images, labels, num_classes
 
 

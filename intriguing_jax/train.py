@@ -98,10 +98,13 @@ class TrainConfig:
     wd = np.atleast_1d(np.asarray(self.weight_decay, np.float64))
     object.__setattr__(self, "weight_decay", tuple(float(v) for v in wd))
     if self.trainable is not None:
+      if isinstance(self.trainable, str):
+        raise ValueError(f"TrainConfig.trainable must be a list of param names, got the string "
+                         f"{self.trainable!r} (write ({self.trainable!r},))")
       object.__setattr__(self, "trainable", tuple(self.trainable))
     for name in ("epochs", "batch_size", "checkpoint_every", "eval_batch_size"):
       value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or value < 1:
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
     for name, choices in _CHOICES.items():
       if getattr(self, name) not in choices:
@@ -352,6 +355,8 @@ def program_parts(model, config: TrainConfig, input_shape: Tuple[int, ...], num_
   x0 = jnp.zeros((1,) + input_shape, jnp.float32)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)["params"]
   paths = decay_layer_paths(model, input_shape, config.task)
+  if num_train < config.batch_size:   # before the schedule, which would fail on 0 steps per epoch
+    raise ValueError(f"batch_size {config.batch_size} is larger than the {num_train} training examples")
   tx = make_optimizer(config, num_train // config.batch_size, params)
   return paths, tx, lambda key: model.init(key, x0)["params"]
 
@@ -546,8 +551,23 @@ def fit(model, images, labels, config: TrainConfig, program: Program, *, stacked
                      mus)
 
 
+def check_label_range(model, images, labels, name="labels") -> int:
+  """The number of classes K of ``model`` (its logits' last axis, by ``jax.eval_shape``); ValueError unless
+  every label lies in [0, K)."""
+  x0 = jax.ShapeDtypeStruct((1,) + tuple(images.shape[1:]), jnp.float32)
+  k = int(jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.PRNGKey(0), x0), x0).shape[-1])
+  if labels.size and (labels.min() < 0 or labels.max() >= k):
+    raise ValueError(f"{name} must lie in [0, {k}) for a model of {k} classes, got [{labels.min()}, "
+                     f"{labels.max()}]")
+  return k
+
+
 def _train(model, images, labels, config: TrainConfig, stacked: bool, **kw):
   images, labels = check_data(images, labels)
+  if config.task == "classify":
+    check_label_range(model, images, labels)
+    if kw.get("eval_data") is not None:
+      check_label_range(model, *check_data(*kw["eval_data"], name="eval_data"), name="eval_data labels")
   program = _compiled(model, static_config(config), tuple(images.shape[1:]), images.shape[0], stacked)
   return fit(model, images, labels, config, program, stacked=stacked, **kw)
 

@@ -9,6 +9,7 @@ import json
 import os
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,7 +140,8 @@ def test_pool_schedule():
     (dict(layers=()), "at least one"), (dict(layers=("input", "input")), "duplicates"),
     (dict(pool_size=0), "pool_size"), (dict(refresh_fraction=0.0), "refresh_fraction"),
     (dict(mix_ratio=1.0), "mix_ratio"), (dict(attack=dict(c_grid=())), "c_grid"),
-    (dict(attack=dict(maxiter=0)), "maxiter"), (dict(warmup_steps=-1), "warmup_steps")])
+    (dict(attack=dict(maxiter=0)), "maxiter"), (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(layers="input"), "list of layer names")])
 def test_pool_config_rejects_bad_values(kwargs, match):
   with pytest.raises(ValueError, match=match):
     at.PoolConfig(**kwargs)
@@ -159,10 +161,21 @@ def test_train_with_pool_rejects_bad_input_before_compiling(tiny):
     at.train_with_pool(_model(), x, y, CONFIG, at.PoolConfig(layers=("hidden_9",)))
   with pytest.raises(ValueError, match="task"):
     at.train_with_pool(_model(), x, y, dataclasses.replace(CONFIG, task="autoencode"), POOL)
+  # A model with only __call__ takes an input pool (it failed on its missing features method).
+  input_pool = at.PoolConfig(layers=("input",))
+  assert at._check_inputs(_Plain(), x, y, CONFIG, input_pool, "t")[2] == 10  # pylint: disable=W0212
   with pytest.raises(ValueError, match=r"weight_decays \(2\) and seeds \(3\)"):
     at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, seeds=(0, 1, 2), weight_decays=(1e-4, 1e-3))
   with pytest.raises(ValueError, match="weight_decays\\[1\\]"):
     at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, seeds=(0, 1), weight_decays=(1e-4, [1e-4, 1e-4]))
+
+
+class _Plain(nn.Module):
+  """Logits only: no head or features methods."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -164,6 +164,20 @@ def test_bad_inputs_raise_clear_errors(tiny):
     train.TrainConfig(epochs=0)
   with pytest.raises(ValueError, match="λ"):
     train.TrainConfig(weight_decay=(-1.0,))
+  # Labels outside the model's classes (trained to NaN losses or quietly before); the train/eval sets.
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+    train.train_model(model, x, y + 1, cfg)
+  with pytest.raises(ValueError, match="eval_data labels"):
+    train.train_model(model, x, y, cfg, eval_data=(x, y - 1))
+  with pytest.raises(ValueError, match=r"labels must lie"):
+    train.train_sweep(model, x, y + 1, cfg, weight_decays=[1e-4], seeds=[0])
+  # A batch larger than the data: named, not the cosine schedule's "decay_steps=0".
+  with pytest.raises(ValueError, match="larger than the"):
+    train.train_model(model, x[:16], y[:16], cfg)
+  with pytest.raises(ValueError, match="list of param names"):   # was split into characters
+    train.TrainConfig(trainable="output")
+  with pytest.raises(ValueError, match="epochs"):
+    train.TrainConfig(epochs=True)
 
 
 def _set_ae_recipe(monkeypatch, *, pretrain_epochs, epochs):
