@@ -700,13 +700,16 @@ def run_experiment(config, workdir: str, data_dir: Optional[str] = None) -> Dict
   steps = train_set[0].shape[0] // exp.train["adversarial"].batch_size
   pool = dataclasses.replace(exp.pool, warmup_steps=int(round(config.pool.warmup_epochs * steps)))
   results = {}
+  data_fingerprint = [train_lib.data_fingerprint(*train_set), train_lib.data_fingerprint(*eval_set)]
   for name in exp.train:
     run_dir = os.path.join(workdir, name)
     if _run_kind(name) not in config.runs and not os.path.exists(os.path.join(run_dir, "result.json")):
       continue
-    settings = {"train_config": exp.train[name].to_dict(), "model_kwargs": exp.model_kwargs[name],
+    settings = {"model": config.model, "train_config": exp.train[name].to_dict(),
+                "model_kwargs": exp.model_kwargs[name],
                 "pool_config": pool.to_dict() if name == "adversarial" else None, "seeds": exp.seeds,
-                "data_seed": config.seed, "num_train": int(train_set[0].shape[0]), "num_val": config.num_val}
+                "data_seed": config.seed, "num_train": int(train_set[0].shape[0]), "num_val": config.num_val,
+                "data_fingerprint": data_fingerprint}   # the training and evaluation sets
     results[name] = driver.restore_or_run(run_dir, settings, functools.partial(
         _train_run, name, exp, pool, config, train_set, eval_set, run_dir), who=name)
   idx = tables.select_examples(eval_set[1].shape[0], min(config.num_attack, eval_set[1].shape[0]) or None,

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from conftest import write_synthetic_idx
+
 _SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -37,6 +39,11 @@ def test_adversarial_training_script_end_to_end(synthetic_idx_dir, tmp_path):
   assert (workdir / "weight_decay" / "final.msgpack").stat().st_mode & 0o044  # readable by others (umask 022)
   bad = _run("adversarial_training.py", f"--workdir={workdir}", "--config.pool.attack.bogus=1")
   assert bad.returncode != 0 and "bogus" in bad.stderr and "restored" not in bad.stderr
+  # Other data (here a smaller test set) or another model in the same workdir: refused, not restored.
+  other = write_synthetic_idx(tmp_path / "other_mnist", num_test=64)
+  for changed, named in ((f"--data_dir={other}", "data_fingerprint"), ("--config.model=fc200-200-10", "model")):
+    proc = _run("adversarial_training.py", *args, changed)
+    assert proc.returncode != 0 and f"other settings ({named}" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
