@@ -32,6 +32,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint file is missing, truncated, corrupted or does not fit the target."""
 
 
+class CorruptFileError(CheckpointError):
+  """A checkpoint or JSON file that cannot be read back (truncated, bad header, checksum, not JSON)."""
+
+
 def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
@@ -91,7 +95,7 @@ def read_json(path: PathLike) -> Any:
   except FileNotFoundError as e:
     raise FileNotFoundError(f"JSON file not found: {path}") from e
   except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    raise CorruptFileError(f"{path}: not valid JSON ({e})") from e
 
 
 def _shapes(tree: Any) -> dict:
@@ -126,10 +130,10 @@ def load_pytree(path: PathLike, target: Any = None) -> Any:
   with open(path, "rb") as f:
     data = f.read()
   if len(data) < len(_MAGIC) + 32 or data[: len(_MAGIC)] != _MAGIC:
-    raise CheckpointError(f"{path}: not an intriguing_jax checkpoint (bad header or truncated file)")
+    raise CorruptFileError(f"{path}: not an intriguing_jax checkpoint (bad header or truncated file)")
   payload = data[len(_MAGIC) + 32:]
   if hashlib.sha256(payload).digest() != data[len(_MAGIC): len(_MAGIC) + 32]:
-    raise CheckpointError(f"{path}: checksum mismatch (file truncated or corrupted)")
+    raise CorruptFileError(f"{path}: checksum mismatch (file truncated or corrupted)")
   state = serialization.msgpack_restore(payload)
   if target is None:
     return state
@@ -155,8 +159,8 @@ def latest_step(ckpt_dir: PathLike) -> Optional[int]:
   """The step named by ``LAST`` (or the newest checkpoint file), or None if there is none."""
   last = os.path.join(os.fspath(ckpt_dir), "LAST")
   if os.path.isfile(last):
-    with open(last, "r", encoding="utf-8") as f:
-      m = _NAME_RE.match(f.read().strip())
+    with open(last, "rb") as f:   # anything but a checkpoint's name: the newest file instead
+      m = _NAME_RE.match(f.read().decode("utf-8", "replace").strip())
     if m and os.path.isfile(os.path.join(os.fspath(ckpt_dir), m.group(0))):
       return int(m.group(1))
   steps = all_steps(ckpt_dir)

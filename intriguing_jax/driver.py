@@ -181,18 +181,24 @@ def restore_or_run(run_dir: str, settings: Dict[str, Any],
   "settings" and must equal the stored ones for a finished run to be restored. ``target``: the variables'
   structure (e.g. ``jax.eval_shape(model.init, ...)``), whose shapes the restored file must have.
 
+  A ``result.json`` or ``final.msgpack`` that cannot be read back (truncated, corrupted) is reported and
+  the run computed again (``run_fn`` resumes from the run's intact checkpoints where it keeps them).
+
   Raises:
     ValueError: ``run_dir`` holds a finished run with other settings (named).
-    checkpoint.CheckpointError: ``final.msgpack`` is corrupted or holds another architecture (shapes named).
+    checkpoint.CheckpointError: ``final.msgpack`` holds another architecture (shapes named).
   """
   result_path, final_path = os.path.join(run_dir, "result.json"), os.path.join(run_dir, "final.msgpack")
   want = checkpoint.jsonable(settings)
   if os.path.exists(result_path) and os.path.exists(final_path):
-    result = checkpoint.read_json(result_path)
-    checkpoint.check_settings(run_dir, result.get("settings") or {}, want, "a finished run")
-    variables = jax.tree.map(jnp.asarray, checkpoint.load_pytree(final_path, target))
-    logging.info("%srestored from %s", f"{who}: " if who else "", run_dir)
-    return variables, result
+    try:
+      result = checkpoint.read_json(result_path)
+      checkpoint.check_settings(run_dir, result.get("settings") or {}, want, "a finished run")
+      variables = jax.tree.map(jnp.asarray, checkpoint.load_pytree(final_path, target))
+      logging.info("%srestored from %s", f"{who}: " if who else "", run_dir)
+      return variables, result
+    except checkpoint.CorruptFileError as e:
+      logging.warning("%s%s; computing the run again", f"{who}: " if who else "", e)
   variables, result = run_fn()
   result = {**result, "settings": want}
   checkpoint.save_pytree(final_path, variables)

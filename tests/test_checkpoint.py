@@ -51,6 +51,8 @@ def test_checkpoint_dir_keeps_latest_and_last_pointer(tmp_path):
   tree, step = checkpoint.restore_checkpoint(d)
   assert step == 3 and np.all(tree["x"] == 3)
   assert np.all(checkpoint.load_pytree(d / "ckpt_00000002.msgpack")["x"] == 2)
+  (d / "LAST").write_bytes(b"\xd8\xff garbage")   # not UTF-8 (it raised UnicodeDecodeError): the newest file
+  assert checkpoint.latest_step(d) == 3
 
 
 def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):

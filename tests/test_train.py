@@ -130,6 +130,15 @@ def test_get_or_train_restores_and_checks_settings_data_and_shapes(tiny, tmp_pat
   assert 0.0 <= result["train_error"] <= 1.0 and result["settings"]["config"]["epochs"] == 4
   _, again = train.get_or_train("fc16-16-10", x, y, **kw)
   _tree_allclose(again, variables, rtol=0, atol=0)
+  # A corrupted final.msgpack or result.json is reported and the run finished again from its intact
+  # checkpoints: the same variables (it was a CheckpointError traceback).
+  flip_last_bit = lambda b: b[:-1] + bytes([b[-1] ^ 1])
+  for name, damage in (("final.msgpack", flip_last_bit), ("result.json", lambda b: b[:9])):
+    path = tmp_path / run_dirs[0] / name
+    path.write_bytes(damage(path.read_bytes()))
+    _, recovered = train.get_or_train("fc16-16-10", x, y, **kw)
+    _tree_allclose(recovered, variables, rtol=0, atol=0)
+    checkpoint.load_pytree(tmp_path / run_dirs[0] / "final.msgpack")   # intact again
   kw["run_name"] = run_dirs[0]
   with pytest.raises(ValueError, match=r"other settings \(data_fingerprint\)"):
     train.get_or_train("fc16-16-10", x[:128], y[:128], **kw)
