@@ -127,13 +127,28 @@ def _record(stats: np.ndarray, summarise: Callable, members: Optional[int]) -> D
   return {name: [m[name] for m in per_member] for name in per_member[0]}
 
 
+def _earlier_records(path: str, start: int, prefix: str) -> List[Dict[str, Any]]:
+  """The history of epochs 1..start of a resumed run, from its ``metrics.jsonl`` (newest record per
+  epoch, without the writer's "time"); a warning names the epochs it lacks."""
+  by_epoch = {}
+  for record in progress.read_metrics(path):
+    epoch = record.get("epoch")
+    if isinstance(epoch, int) and 1 <= epoch <= start:
+      by_epoch[epoch] = {k: v for k, v in record.items() if k != "time"}
+  missing = sorted(set(range(1, start + 1)) - set(by_epoch))
+  if missing:
+    logging.warning("%sno metrics of epochs %s in %s: the history starts without them", prefix, missing, path)
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
 def run(state, epoch_fn: Callable, images, labels, hyper, *, epochs: int, data_seed: int,
         summarise: Callable[[np.ndarray], Dict[str, Any]], evaluate: Optional[Callable] = None,
         checkpoint_every: int = 1, workdir: Optional[str] = None, run_info: Any = None,
         stop_after_epoch: Optional[int] = None, members: Optional[int] = None, mesh: Optional[Mesh] = None,
         prefix: str = "") -> Tuple[Any, List[Dict[str, Any]]]:
   """The epoch loop: resume, train epochs ``[state.epoch, last)``, log, evaluate, checkpoint; returns (final
-  state on the host devices, history: one record per epoch run in this call).
+  state on the host devices, history: one record per epoch up to ``last``; those of epochs before a resume
+  are read back from ``metrics.jsonl``, the newest record of each).
 
   ``state``: the fresh state (the checkpoint target), a leading [k] axis with ``members=k`` sweep members
   (sharded over ``mesh``, default all devices; ``epoch_fn`` then ``stacked``). ``summarise``: one member's
@@ -153,7 +168,7 @@ def run(state, epoch_fn: Callable, images, labels, hyper, *, epochs: int, data_s
   images, labels = shared((np.asarray(images), np.asarray(labels)))
   writer = progress.MetricWriter(workdir, prefix=prefix)
   data_key = jax.random.PRNGKey(int(data_seed))
-  history = []
+  history = _earlier_records(writer.path, start, prefix) if writer.path and start else []
   last = epochs if stop_after_epoch is None else stop_after_epoch
   for epoch in range(start, last):
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from absl import logging
 import numpy as np
@@ -62,9 +62,33 @@ class MetricWriter:
     record.setdefault("time", time.time())
     logging.info("%s%s", self.prefix, ", ".join(_fmt(k, v) for k, v in record.items() if k != "time"))
     if self.path:
-      with open(self.path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+      with open(self.path, "ab") as f:
+        torn = f.tell() > 0 and _last_byte(self.path) != b"\n"   # a write cut off by a kill
+        f.write(("\n" if torn else "").encode() + (json.dumps(record) + "\n").encode())
         f.flush()
+
+
+def _last_byte(path: str) -> bytes:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1)
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+  """The records of a ``MetricWriter`` file in order; lines that are not JSON objects (a write cut off by a
+  kill) are skipped. [] if the file does not exist."""
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path, "rb") as f:
+    for line in f:
+      try:
+        record = json.loads(line.decode("utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError):
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
 
 
 class Timer:

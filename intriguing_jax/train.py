@@ -152,7 +152,7 @@ def _check_strengths(name, values, form):
 
 class TrainResult(NamedTuple):
   """Output of :func:`train_model` (and ``adversarial_training.train_with_pool``): ``variables`` =
-  {"params": ...} for ``model.apply``; ``history``: one record per epoch run in the call."""
+  {"params": ...} for ``model.apply``; ``history``: one record per epoch (``driver.run``)."""
   variables: Params
   state: TrainState
   history: List[Dict[str, Any]]

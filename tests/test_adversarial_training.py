@@ -239,7 +239,7 @@ def test_resume_mid_run_matches_the_uninterrupted_run(full_run, tiny, tmp_path):
   assert os.path.exists(os.path.join(workdir, "ckpt", "LAST"))
   # A fresh call restores params, optimiser, pools and rng from the checkpoint and finishes the run.
   rest = at.train_with_pool(_model(), x, y, CONFIG, POOL, seed=0, workdir=workdir, eval_data=(xt, yt))
-  assert [h["epoch"] for h in rest.history] == [3, 4]
+  assert [h["epoch"] for h in rest.history] == [1, 2, 3, 4]   # 1-2 read back from metrics.jsonl
   _trees_equal(rest.state, res.state)
   assert at._compiled.cache_info().hits >= hits + 2  # pylint: disable=protected-access
   # Other settings in the same workdir are refused.
@@ -498,7 +498,7 @@ def test_sweep_resumes_mid_run_and_checks_its_inputs(sweep_run, tiny, tmp_path):
   part = at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, stop_after_epoch=2, **kw)
   assert [int(e) for e in part.state.epoch] == [2, 2, 2]
   rest = at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, **kw)
-  assert [h["epoch"] for h in rest.history] == [3, 4]
+  assert [h["epoch"] for h in rest.history] == [1, 2, 3, 4]
   _trees_equal(rest.state, res.state)
   with pytest.raises(ValueError, match="other settings"):  # other seeds, same workdir
     at.train_with_pool_sweep(_model(), x, y, CONFIG, POOL, **{**kw, "seeds": (0, 1, 2)})
