@@ -635,7 +635,8 @@ def recipe(name: str) -> Dict[str, Any]:
   key = name.lower()
   if key in RECIPES:
     return RECIPES[key]
-  if models_lib.model_name_widths(key):
+  widths = models_lib.model_name_widths(key)
+  if widths and len(widths) == 2 and key.endswith("-10"):   # its λ: two hidden layers, 10 classes
     return {"model": key, "config": dict(_SIGMOID)}
   raise ValueError(f"no training recipe for {name!r}; known: {', '.join(sorted(RECIPES))} or any "
                    "'fc<w1>-<w2>-10'")

@@ -185,6 +185,10 @@ def test_bad_inputs_raise_clear_errors(tiny):
   # A batch larger than the data: named, not the cosine schedule's "decay_steps=0".
   with pytest.raises(ValueError, match="larger than the"):
     train.train_model(model, x[:16], y[:16], cfg)
+  for name in ("fc16-10", "fc16-16-16-10", "fc16-16-5"):   # a recipe only for "fc<w1>-<w2>-10"
+    with pytest.raises(ValueError, match="no training recipe"):
+      train.recipe(name)
+  assert train.recipe("fc16-16-10")["model"] == "fc16-16-10"
   with pytest.raises(ValueError, match="list of param names"):   # was split into characters
     train.TrainConfig(trainable="output")
   with pytest.raises(ValueError, match="epochs"):
