@@ -587,6 +587,16 @@ def test_lipschitz_verdict_compares_each_strength_with_weight_decay():
   mean["lipschitz_0.01"]["eval_error"] = 0.015
   assert at.lipschitz_verdict(mean)[2].startswith("Lower test error than weight decay: yes")
   assert at.lipschitz_verdict({"weight_decay": mean["weight_decay"]}) == []
+  # An attack without a success (mean distortion NaN) leaves the distortion claims undetermined, not false.
+  mean["lipschitz_0.1"]["av_min_distortion"] = float("nan")
+  assert at.lipschitz_verdict(mean)[3].startswith("Larger minimum distortion than weight decay: undetermined")
+  claims = at._claims(mean, "")   # pylint: disable=protected-access
+  assert claims["lipschitz_0.1_distortion_at_least_1.5x_weight_decay"] is None
+  assert claims["lipschitz_0.1_meets_the_goal"] is False                 # its error, 2.2 %, misses anyway
+  assert claims["lipschitz_0.01_distortion_at_least_1.5x_weight_decay"] is True
+  mean["lipschitz_0.1"]["eval_error"] = 0.015
+  mean["lipschitz_0.1"]["certified_accuracy_0.3"] = 0.95
+  assert at._claims(mean, "")["lipschitz_0.1_meets_the_goal"] is None   # pylint: disable=protected-access
 
 
 def test_evaluation_attacks_are_cached_per_seed(tmp_path, monkeypatch):
