@@ -83,13 +83,14 @@ def check_no_args(argv: Sequence[str]) -> None:
 
 def start(argv: Sequence[str], flags_: Flags, validate: Optional[Callable[[Any], Any]] = None) -> None:
   """An experiment script's start: :func:`check_no_args`, ``validate(config)`` (before the workdir is
-  created), the config logged at ``--v=1``, the devices logged (``progress.log_run_start``)."""
+  created), the config logged at ``--v=1``, the devices logged and the command and flags saved to
+  ``<workdir>/flags.txt`` (``progress.log_run_start``)."""
   check_no_args(argv)
   if validate is not None:
     validate(flags_.config.value)
   logging.vlog(1, "config:\n%s", flags_.config.value)
   from intriguing_jax import progress  # pylint: disable=g-import-not-at-top  (imports jax)
-  progress.log_run_start(flags_.workdir.value)
+  progress.log_run_start(flags_.workdir.value, flags.FLAGS)
 
 
 def parse_flags(argv: Sequence[str]):

@@ -37,6 +37,8 @@ def test_adversarial_training_script_end_to_end(synthetic_idx_dir, tmp_path):
   assert list(res["per_seed"]) == ["weight_decay"] and res["num_attacked"] == 2
   assert res["config"]["train"]["epochs"] == 1 and (workdir / "report.html").is_file()
   assert (workdir / "weight_decay" / "final.msgpack").stat().st_mode & 0o044  # readable by others (umask 022)
+  flags_txt = (workdir / "flags.txt").read_text()   # the command and every flag's value
+  assert "--config.num_train=256" in flags_txt.splitlines()[0] and "--workdir=" in flags_txt
   bad = _run("adversarial_training.py", f"--workdir={workdir}", "--config.pool.attack.bogus=1")
   assert bad.returncode != 0 and "bogus" in bad.stderr and "restored" not in bad.stderr
   # Other data (here a smaller test set) or another model in the same workdir: refused, not restored.
