@@ -112,7 +112,9 @@ class TrainConfig:
     lr = self.learning_rate
     checks = (("learning_rate", math.isfinite(lr) and lr > 0, "finite and > 0"),
               ("final_lr_fraction", 0.0 <= self.final_lr_fraction <= 1.0, "in [0, 1]"),
-              ("warmup_epochs", 0.0 <= self.warmup_epochs < self.epochs, "in [0, epochs)"),
+              ("warmup_epochs", 0.0 <= self.warmup_epochs < self.epochs
+               and (self.warmup_epochs == 0 or self.schedule == "cosine"),
+               "in [0, epochs), and 0 unless schedule='cosine' (the only schedule with a warm-up)"),
               ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
               ("sparsity_target", 0.0 < self.sparsity_target < 1.0, "in (0, 1)"),
               ("sparsity_weight", self.sparsity_weight >= 0, ">= 0"),

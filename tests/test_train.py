@@ -193,6 +193,8 @@ def test_bad_inputs_raise_clear_errors(tiny):
     train.TrainConfig(trainable="output")
   with pytest.raises(ValueError, match="epochs"):
     train.TrainConfig(epochs=True)
+  with pytest.raises(ValueError, match="warmup_epochs"):   # was silently ignored
+    train.TrainConfig(schedule="constant", warmup_epochs=1.0)
 
 
 def _set_ae_recipe(monkeypatch, *, pretrain_epochs, epochs):
