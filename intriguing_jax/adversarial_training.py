@@ -306,7 +306,8 @@ def _regenerate(layers, config, num_classes, state, images, labels, key):
 
 def _mixed_loss(layers, config, loss_fn, apply_fn, penalty_fn, params, x, y, pool_batch, pool_weight, key,
                 hyper):
-  """(loss, [data_loss, clean_loss, pool_loss, clean_error, pool_error]) of a mixed batch."""
+  """(loss, [data_loss, clean_loss, pool_loss, clean_error, pool_error]) of a mixed batch; the pool's
+  figures are NaN before the pool is filled (``pool_weight`` 0: its placeholder entries are no data)."""
   logits_clean = apply_fn(params, x, key)
   clean = loss_fn(logits_clean, y)
   pool_sum, pool_count, pool_err = 0.0, 0, 0.0
@@ -321,8 +322,9 @@ def _mixed_loss(layers, config, loss_fn, apply_fn, penalty_fn, params, x, y, poo
   data_loss = (jnp.sum(clean) + w * pool_sum) / (clean.shape[0] + w * pool_count)
   penalty = 0.0 if penalty_fn is None else penalty_fn(params, hyper)
   clean_err = jnp.mean((jnp.argmax(logits_clean, -1) != y).astype(jnp.float32))
-  return data_loss + penalty, jnp.stack([data_loss, jnp.mean(clean), pool_sum / pool_count, clean_err,
-                                         pool_err / pool_count])
+  unfilled = lambda v: jnp.where(pool_weight > 0, v, jnp.nan)
+  return data_loss + penalty, jnp.stack([data_loss, jnp.mean(clean), unfilled(pool_sum / pool_count),
+                                         clean_err, unfilled(pool_err / pool_count)])
 
 
 def _salted(rng, salt, step):
@@ -371,7 +373,9 @@ def make_epoch_fn(apply_fn: Callable[[Params, Array, PRNGKey], Array], layers: S
 def _summarise(names: Sequence[str], stats: np.ndarray) -> Dict[str, Any]:
   """One member's epoch summary: means of the step stats, pool stats averaged over the refresh steps."""
   base = len(STEP_STATS)
-  out = {n: float(np.mean(stats[:, i])) for i, n in enumerate(STEP_STATS) if n != "refreshed"}
+  # Means over the steps where a figure exists (the pool's: once it is filled; NaN for an epoch before).
+  finite_mean = lambda v: float(np.mean(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
+  out = {n: finite_mean(stats[:, i]) for i, n in enumerate(STEP_STATS) if n != "refreshed"}
   refreshed = stats[:, base - 1] > 0
   out["num_refreshes"] = int(np.sum(refreshed))
   for j, name in enumerate(names):

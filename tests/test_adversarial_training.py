@@ -670,3 +670,24 @@ def test_run_experiment_trains_attacks_restores_and_sweeps(full_run, sweep_run, 
   assert abs(sweep["per_seed"]["adversarial"][0]["eval_error"] - single[0]["eval_error"]) <= 1 / 128 + 1e-9
   assert sweep["mean"]["adversarial"]["eval_error"] == pytest.approx(
       np.mean([r["eval_error"] for r in sweep["per_seed"]["adversarial"]]))
+
+
+def test_pool_figures_exist_only_once_the_pool_is_filled():
+  # Before the fill the pool holds placeholder entries (label 0) with weight 0: their loss and error are
+  # no data (they were logged as ~2.5 and 100 %), so they are NaN and an epoch's means skip them.
+  layer = at.PoolLayer("input", lambda p, x: x, lambda p, h: h @ p)
+  args = (tuple([layer]), POOL, optax.softmax_cross_entropy_with_integer_labels,
+          lambda p, x, key: x @ p, None, jnp.eye(3), jnp.eye(3), jnp.arange(3))
+  pool_batch = {"input": (jnp.eye(3), jnp.zeros(3, jnp.int32))}
+  key = jax.random.PRNGKey(0)
+  for weight, finite in ((0.0, False), (1.0, True)):
+    _, stats = at._mixed_loss(*args, pool_batch, weight, key, None)   # pylint: disable=protected-access
+    assert np.isfinite(np.asarray(stats)[[2, 4]]).tolist() == [finite, finite]
+  cols = [at.STEP_STATS.index("pool_loss"), at.STEP_STATS.index("pool_error")]
+  stats = np.zeros((4, len(at.STEP_STATS) + len(at.POOL_STATS)))
+  stats[:2, cols] = np.nan                        # steps 1-2 before the fill
+  stats[2:, cols[0]], stats[2:, cols[1]] = [1.0, 3.0], 0.5
+  out = at._summarise(["input"], stats)           # pylint: disable=protected-access
+  assert out["pool_loss"] == 2.0 and out["pool_error"] == 0.5 and out["loss"] == 0.0
+  stats[2:, cols] = np.nan
+  assert np.isnan(at._summarise(["input"], stats)["pool_loss"])   # pylint: disable=protected-access
