@@ -90,6 +90,14 @@ def _check_batched(x: Array, name: str, image_shape: Optional[Tuple[int, ...]] =
 class _Net(nn.Module):
   """``__call__`` and ``features`` from ``_forward(x, train) -> (logits, features)``."""
 
+  def __post_init__(self):
+    # A list given for a sequence field (widths=[16]) becomes a tuple: modules are hashed as static
+    # arguments and cache keys, and a list field made them unhashable.
+    for field in dataclasses.fields(self):
+      if isinstance(getattr(self, field.name, None), list):
+        object.__setattr__(self, field.name, tuple(getattr(self, field.name)))
+    super().__post_init__()
+
   def __call__(self, x: Array, train: bool = False) -> Array:
     """x: [B, H, W, C] or [B, H*W*C] -> logits [B, num_classes]."""
     return self._forward(x, train)[0]
@@ -338,10 +346,15 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
   """The model called ``name`` (case-insensitive; ``MODEL_NAMES`` or any "fc<w1>-...-<classes>"), with
   ``kwargs`` overriding module attributes (e.g. ``dropout_rate=0.5``); ValueError for an unknown name."""
   key = name.lower().strip()
+  named = {"num_classes", "widths", "code_size"} & set(kwargs)
+  if named and key not in ("mnist_conv", "alexnet"):
+    raise ValueError(f"get_model: {sorted(named)} of {name!r} are set by its name; change the name instead")
   if key in ("mnist_conv", "alexnet"):
     return {"mnist_conv": MnistConvNet, "alexnet": AlexNet}[key](**kwargs)
   m = re.match(r"^ae(\d+)-(\d+)$", key)
   if m:
+    if int(m.group(1)) < 1 or int(m.group(2)) < 1:
+      raise ValueError(f"get_model: code size and classes must be >= 1 in {name!r}")
     return AutoencoderClassifier(code_size=int(m.group(1)), num_classes=int(m.group(2)), **kwargs)
   sizes = _fc_sizes(key)
   if sizes:

@@ -105,7 +105,9 @@ def _check_sets(models: Mapping[str, Model], adversarial: Mapping[str, Adversari
 
 
 def noisy(seed: int, k: int, x: np.ndarray, stddev: float, clip: bool = False) -> np.ndarray:
-  """x plus Gaussian noise of ``stddev`` drawn with the key ``fold_in(PRNGKey(seed), k)``."""
+  """x (float images) plus Gaussian noise of ``stddev`` drawn with the key ``fold_in(PRNGKey(seed), k)``."""
+  if not np.issubdtype(np.asarray(x).dtype, np.floating):
+    raise ValueError(f"noisy: x must be float images (e.g. in [0, 1]), got dtype {np.asarray(x).dtype}")
   key = jax.random.fold_in(jax.random.PRNGKey(seed), k)
   return np.asarray(attack.gaussian_noise(key, jax.numpy.asarray(x), stddev, clip=clip), np.float32)
 

@@ -517,6 +517,16 @@ def unstack(tree: Any, k: int) -> List[Any]:
   return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(k)]
 
 
+def _check_fits(model, params: Params, want: Params) -> None:
+  """ValueError naming the first difference unless ``params`` has the structure and shapes of ``want``."""
+  got_paths = {jax.tree_util.keystr(p): np.shape(a) for p, a in jax.tree_util.tree_leaves_with_path(params)}
+  want_paths = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(want)}
+  diff = [f"{k}: {got_paths.get(k, 'missing')} given, {want_paths.get(k, 'none')} expected"
+          for k in sorted(set(got_paths) | set(want_paths)) if got_paths.get(k) != want_paths.get(k)]
+  if diff:
+    raise ValueError(f"init_params do not fit {type(model).__name__}: {'; '.join(diff[:4])}")
+
+
 def fit(model, images, labels, config: TrainConfig, program: Program, *, stacked: bool, weight_decays, seeds,
         data_seed: int, workdir, eval_data, stop_after_epoch, mesh, who: str, prefix: str = "",
         init_params: Optional[Params] = None, run_info: Optional[Dict[str, Any]] = None,
@@ -530,6 +540,10 @@ def fit(model, images, labels, config: TrainConfig, program: Program, *, stacked
   if stacked:
     state = jax.vmap(program.make_state)(program.init(keys[:, 0]), keys[:, 1])
   else:
+    if init_params and "params" not in init_params:   # bare params, as a Flax init's ["params"]
+      init_params = {"params": init_params}
+    if init_params:
+      _check_fits(model, init_params["params"], jax.eval_shape(program.init, keys[0, 0]))
     params = jax.tree.map(jnp.copy, init_params["params"]) if init_params else program.init(keys[0, 0])
     state, decays, mus = program.make_state(params, keys[0, 1]), decays[0], mus[0]
   members = len(seeds) if stacked else None
@@ -582,7 +596,8 @@ def train_model(model, images, labels, config: TrainConfig, *, seed: int = 0, da
   resumes from ``workdir/ckpt`` when a checkpoint is there. ``seed``: init and dropout; ``data_seed``:
   per-epoch shuffling (default ``seed``); ``workdir``: checkpoints, ``metrics.jsonl``, ``run_config.json``
   (None: nothing written); ``eval_data``: (images, labels) evaluated each epoch; ``init_params``:
-  {"params": ...} instead of a random init; ``stop_after_epoch``: return after this epoch as if interrupted.
+  {"params": ...} or bare params (shapes checked) instead of a random init; ``stop_after_epoch``: return
+  after this epoch as if interrupted.
   ValueError on bad data, a λ list of the wrong length, or a workdir holding a run with other settings."""
   return _train(model, images, labels, config, False, weight_decays=[None], seeds=[seed],
                 data_seed=seed if data_seed is None else data_seed, workdir=workdir, eval_data=eval_data,

@@ -328,7 +328,7 @@ def test_train_val_split():
   assert not np.array_equal(yv, yv3)
   (_, _), (_, ylast) = data.train_val_split(images, labels, num_val=10, seed=None)
   np.testing.assert_array_equal(ylast, np.arange(40, 50))
-  for bad in (0, n, -1):
+  for bad in (0, n, -1, 3.5):   # 3.5: was a TypeError from slicing
     with pytest.raises(ValueError, match="num_val"):
       data.train_val_split(images, labels, num_val=bad, seed=0)
 

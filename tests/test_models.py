@@ -204,6 +204,12 @@ def test_get_model_names_and_errors():
   assert isinstance(models.get_model("fc10"), models.FC10)
   with pytest.raises(ValueError, match="unknown model name"):
     models.get_model("resnet50")
+  with pytest.raises(ValueError, match="code size"):   # was ZeroDivisionError at init
+    models.get_model("ae0-10")
+  with pytest.raises(ValueError, match="set by its name"):   # was TypeError "multiple values"
+    models.get_model("fc10", num_classes=5)
+  listed = models.SigmoidMLP(widths=[16])   # a list field made the module unhashable for the trainers
+  assert listed == models.SigmoidMLP(widths=(16,)) and hash(listed) == hash(models.SigmoidMLP(widths=(16,)))
   with pytest.raises(ValueError, match="neither"):
     models.get_model("mnist_conv").apply(_variables("mnist_conv"), jnp.zeros((2, 27, 27, 1)))
   with pytest.raises(ValueError, match="batched"):

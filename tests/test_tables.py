@@ -165,6 +165,14 @@ def test_table1_rows_and_failures_reported():
   assert tables.table2(models, adv_f)[0]["m0"] < 1.0  # the diagonal shows the failures
 
 
+def test_noisy_refuses_integer_images():
+  # uint8 images failed inside jax with a dtype error; their scale is not the [0, 1] the noise rows assume.
+  with pytest.raises(ValueError, match="float images"):
+    tables.noisy(0, 0, np.zeros((2, 4), np.uint8), 0.1)
+  x = np.zeros((2, 4), np.float32)
+  np.testing.assert_array_equal(tables.noisy(0, 0, x, 0.1), tables.noisy(0, 0, x, 0.1))
+
+
 def test_table2_matrix_and_noise_rows():
   models = _models(3)
   adv = _adv(models, n=32)

@@ -193,6 +193,9 @@ def test_bad_inputs_raise_clear_errors(tiny):
     train.TrainConfig(trainable="output")
   with pytest.raises(ValueError, match="epochs"):
     train.TrainConfig(epochs=True)
+  with pytest.raises(ValueError, match="init_params do not fit"):   # was Flax's ScopeParamShapeError
+    other = models.get_model("fc8-10").init(jax.random.PRNGKey(0), x[:1])
+    train.train_model(model, x, y, cfg, init_params=other)
   with pytest.raises(ValueError, match="warmup_epochs"):   # was silently ignored
     train.TrainConfig(schedule="constant", warmup_epochs=1.0)
 
@@ -225,7 +228,7 @@ def test_get_or_train_two_stage_autoencoder_recipe(tiny, tmp_path, monkeypatch):
   # The classifier stage with trainable=("output",) on the whole model keeps the encoder frozen.
   cfg = train.TrainConfig(epochs=1, batch_size=64, learning_rate=1e-2, weight_decay=(0.0, 1e-6),
                           trainable=("output",))
-  clf = train.train_model(model, x, y, cfg, init_params={"params": pre["params"]})
+  clf = train.train_model(model, x, y, cfg, init_params=pre["params"])   # bare params (or {"params": ...})
   np.testing.assert_array_equal(clf.variables["params"]["encoder"]["kernel"], pre["params"]["encoder"]["kernel"])
   assert not np.allclose(clf.variables["params"]["output"]["kernel"], pre["params"]["output"]["kernel"])
 
