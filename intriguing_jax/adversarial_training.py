@@ -44,6 +44,7 @@ from intriguing_jax import report
 from intriguing_jax import reproduce
 from intriguing_jax import tables
 from intriguing_jax import train as train_lib
+from intriguing_jax import types
 from intriguing_jax.types import Array, Params, PRNGKey
 
 __all__ = [
@@ -93,7 +94,7 @@ class PoolConfig:
       raise ValueError(f"PoolConfig.layers must name at least one layer, no duplicates; got {self.layers}")
     for name, lower in (("pool_size", 1), ("refresh_every", 1), ("warmup_steps", 0)):
       v = getattr(self, name)
-      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lower:
+      if not types.is_integer(v) or v < lower:
         raise ValueError(f"PoolConfig.{name} must be an integer >= {lower}, got {v!r}")
     if not 0.0 < self.refresh_fraction <= 1.0:
       raise ValueError(f"PoolConfig.refresh_fraction must be in (0, 1], got {self.refresh_fraction}")

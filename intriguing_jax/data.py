@@ -141,6 +141,7 @@ def train_val_split(images, labels, *, num_val: int, seed: Optional[int] = 0) ->
   out, drawn by a permutation of ``seed`` (None: the last ``num_val``), both in their original order."""
   _check_pair(images, labels)
   n = images.shape[0]
+  # (types.is_integer, inline: this module does not import jax)
   integer = isinstance(num_val, (int, np.integer)) and not isinstance(num_val, (bool, np.bool_))
   if not integer or not 0 < num_val < n:
     raise ValueError(f"num_val must be in (0, {n}) for {n} examples, got {num_val}")

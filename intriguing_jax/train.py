@@ -43,6 +43,7 @@ from intriguing_jax import metrics
 from intriguing_jax import models as models_lib
 from intriguing_jax import precision as precision_lib
 from intriguing_jax.driver import TrainState
+from intriguing_jax import types
 from intriguing_jax.types import Array, Params
 
 __all__ = [
@@ -104,7 +105,7 @@ class TrainConfig:
       object.__setattr__(self, "trainable", tuple(self.trainable))
     for name in ("epochs", "batch_size", "checkpoint_every", "eval_batch_size"):
       value = getattr(self, name)
-      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+      if not types.is_integer(value) or value < 1:
         raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
     for name, choices in _CHOICES.items():
       if getattr(self, name) not in choices:

@@ -5,6 +5,7 @@ import inspect
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 Array = jax.Array
 PRNGKey = jax.Array
@@ -12,6 +13,11 @@ Params = Any  # a pytree, usually Flax variables {"params": ...}
 PyTree = Any
 # apply_fn(params, x) -> logits, as Flax's `model.apply`: the library's one calling convention.
 ApplyFn = Callable[[Params, Array], Array]
+
+
+def is_integer(value: Any) -> bool:
+  """Whether ``value`` is a Python or numpy integer and not a bool (for validating counts)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from absl import logging
 from intriguing_jax import distributed
 from intriguing_jax import precision as precision_lib
 from intriguing_jax.attack import solver as solver_lib
-from intriguing_jax.types import Array, static_fn
+from intriguing_jax.types import Array, is_integer, static_fn
 
 PENALTIES = ("l2_squared", "l2")
 LOSSES = ("cross_entropy", "margin")
@@ -115,7 +115,7 @@ class AttackOptions:
                         ("num_workers", 0), ("refine_steps", 0), ("refine_rounds", 0),
                         ("projection_steps", 0)):
       value = getattr(self, name)
-      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+      if not is_integer(value):
         raise ValueError(f"{name} must be an integer, got {value!r}")
       if value < least:
         raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")

@@ -221,29 +221,36 @@ def _jaxopt_solver(fun, lower, upper, *, maxiter, history_size, tol, ftol) -> Ro
                          max_stepsize=1.0)
 
   bounds = lambda z: (jnp.full_like(z, lower), jnp.full_like(z, upper))
-  per_row = lambda f: lambda *rows: jax.lax.map(lambda r: f(*r), rows)
-  init_one = per_row(lambda z, *a: lbfgsb.init_state(z, bounds(z), *a))
-  update_one = per_row(lambda z, s, *a: lbfgsb.update(z, s, bounds(z), *a))
+  init_one = lambda z, *a: lbfgsb.init_state(z, bounds(z), *a)
+
+  def row_step(row):
+    """One row: a fresh one starts (``init_state`` at z), an active one takes jaxopt's ``update``, a done
+    one stays: only its own branch runs (``lax.map`` runs the rows one after another)."""
+    z, state, branch, *a = row
+    return jax.lax.switch(branch, (lambda: (z, init_one(z, *a)),
+                                   lambda: tuple(lbfgsb.update(z, state, bounds(z), *a)),
+                                   lambda: (z, state)))
 
   def init(z0, args):
-    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(init_one, z0, *args))
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                   jax.eval_shape(jax.vmap(init_one), z0, *args))
     r = z0.shape[0]
     return JaxoptRows(z=z0, f=zeros.value, aux=zeros.aux, fresh=jnp.ones((r,), bool),
                       num_iter=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool), state=zeros)
 
   def step(st, args):
-    started = init_one(st.z, *args)
-    z_upd, updated = update_one(st.z, st.state, *args)
     active = ~st.fresh & ~st.done
+    z_upd, new = jax.lax.map(row_step, (st.z, st.state, jnp.where(st.fresh, 0, jnp.where(active, 1, 2)),
+                                        *args))
     # A failed line search keeps its point only where it is lower. As scipy, a row with memory then starts
     # again without it (fresh at the next call); a row without memory goes on if it moved, else it ends.
-    failed = active & updated.failed_linesearch
-    lower_f = updated.value < st.f
+    failed = active & new.failed_linesearch
+    lower_f = new.value < st.f
     moved = active & (~failed | lower_f)
     retry = failed & (st.state.num_updates > 0)
-    pick = lambda a, b, c: jnp.where(st.fresh.reshape((-1,) + (1,) * (a.ndim - 1)), a,
-                                     jnp.where(moved.reshape((-1,) + (1,) * (a.ndim - 1)), b, c))
-    state = jax.tree_util.tree_map(pick, started, updated, st.state)
+    keep = st.fresh | moved
+    state = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, st.state)
     z = jnp.where(moved[:, None], jnp.clip(z_upd, lower, upper), st.z)
     num_iter = st.num_iter + moved.astype(jnp.int32)
     f = state.value
